@@ -1,0 +1,180 @@
+"""Backend selection and input validation shared by every op.
+
+Every public op follows the same three steps (DESIGN §3):
+
+1. validate its inputs with the helpers below (each raises ``ValueError``/``TypeError`` naming the
+   argument, the shape or dtype expected and what it got);
+2. pick a backend with :func:`resolve_backend`: CUDA tensors go to Triton, CPU tensors to the
+   pure-PyTorch reference, ``backend=`` or ``FEDLORA_BACKEND`` override;
+3. call the Triton ``triton_op`` or the function in :mod:`fedlora_kernels.reference`.
+
+With ``TRITON_INTERPRET=1`` the Triton kernels run on CPU tensors (slowly): that is how the tests
+check the kernels on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+BACKENDS = ("triton", "torch")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``.
+
+    Order: the explicit ``backend`` argument, then the ``FEDLORA_BACKEND`` environment variable,
+    then the device (CUDA -> Triton, anything else -> torch). Asking for Triton on CPU tensors is
+    allowed only under the Triton interpreter.
+    """
+    choice = backend if backend is not None else os.environ.get("FEDLORA_BACKEND") or None
+    if choice is None:
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {choice!r}")
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if device.type != "cuda" and not interpreting():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got device {device}); set "
+                "TRITON_INTERPRET=1 before importing fedlora_kernels to run the kernels on CPU "
+                "in the interpreter"
+            )
+    return choice
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: int | Sequence[int] | None = None,
+    dtypes: Sequence[torch.dtype] | None = FLOAT_DTYPES,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor with an allowed rank and dtype; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> None:
+    """Check ``t.shape`` against ``expected`` (``None`` entries match any size)."""
+    ok = t.dim() == len(expected) and all(
+        e is None or s == e for s, e in zip(t.shape, expected, strict=True)
+    )
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Check that all given tensors live on one device; return it."""
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    first = next(iter(devices.values()))
+    for n, d in devices.items():
+        if d != first:
+            listing = ", ".join(f"{k}={v}" for k, v in devices.items())
+            raise ValueError(f"all tensors must be on one device; {n} is on {d} ({listing})")
+    return first
+
+
+def check_finite_scalar(name: str, value: object) -> float:
+    """Check that ``value`` is a real finite number; return it as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_segments(
+    seg_offsets: torch.Tensor | None,
+    seg_adapter: torch.Tensor | None,
+    num_rows: int,
+    num_slots: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate and normalise the segment description of a batched call.
+
+    ``seg_offsets`` (int, ``[S+1]``) must start at 0, never decrease and end at ``num_rows``;
+    ``seg_adapter`` (int, ``[S]``) holds slot indices in ``[0, num_slots)``. Omitted, the whole
+    input is one segment using slot 0. Returns int64 tensors on ``device``. Value checks are
+    skipped while ``torch.compile`` traces (they would need a device sync and a graph break).
+    """
+    if seg_offsets is None and seg_adapter is None:
+        offsets = torch.tensor([0, num_rows], dtype=torch.int64, device=device)
+        adapter = torch.zeros(1, dtype=torch.int64, device=device)
+        return offsets, adapter
+    int_types = (torch.int32, torch.int64)
+    if seg_offsets is None:
+        if num_rows and seg_adapter is not None and seg_adapter.numel() != 1:
+            raise ValueError("seg_offsets is required when seg_adapter has more than one segment")
+        offsets = torch.tensor([0, num_rows], dtype=torch.int64, device=device)
+    else:
+        check_tensor("seg_offsets", seg_offsets, ndim=1, dtypes=int_types)
+        if seg_offsets.numel() < 2:
+            raise ValueError(
+                "seg_offsets must have at least 2 entries ([S+1]), "
+                f"got shape {list(seg_offsets.shape)}"
+            )
+        offsets = seg_offsets.to(device=device, dtype=torch.int64)
+    num_segs = offsets.numel() - 1
+    if seg_adapter is None:
+        if num_slots != 1 and num_segs != num_slots:
+            raise ValueError(
+                f"seg_adapter is required when there are {num_slots} adapter slots and "
+                f"{num_segs} segments"
+            )
+        adapter = torch.arange(num_segs, dtype=torch.int64, device=device)
+        if num_slots == 1:
+            adapter = torch.zeros_like(adapter)
+    else:
+        check_tensor("seg_adapter", seg_adapter, ndim=1, dtypes=int_types)
+        check_shape("seg_adapter", seg_adapter, [num_segs])
+        adapter = seg_adapter.to(device=device, dtype=torch.int64)
+    if not torch.compiler.is_compiling():
+        if int(offsets[0]) != 0 or int(offsets[-1]) != num_rows:
+            raise ValueError(
+                f"seg_offsets must start at 0 and end at the number of rows {num_rows}, "
+                f"got {offsets.tolist()}"
+            )
+        if bool((offsets[1:] < offsets[:-1]).any()):
+            raise ValueError(f"seg_offsets must be non-decreasing, got {offsets.tolist()}")
+        if num_segs and (int(adapter.min()) < 0 or int(adapter.max()) >= num_slots):
+            raise ValueError(
+                f"seg_adapter entries must lie in [0, {num_slots}) (the number of adapter slots), "
+                f"got {adapter.tolist()}"
+            )
+    return offsets, adapter
+
+
+def row_slots(offsets: torch.Tensor, adapter: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Slot index of every row, ``[num_rows]`` int64 (traceable: no data-dependent shapes)."""
+    rows = torch.arange(num_rows, device=offsets.device)
+    seg = torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
+    return adapter[seg.clamp_max(adapter.numel() - 1)]

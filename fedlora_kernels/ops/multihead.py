@@ -1,0 +1,124 @@
+"""Multi-head LoRA (Ravan): ``y = scale · Σ_i s[c,i] · ((x A_iᵀ) H[c,i]ᵀ) B_iᵀ``.
+
+The bases ``A`` ``[h, r, d_in]`` and ``B`` ``[h, d_out, r]`` are frozen and shared by every
+adapter slot; each slot ``c`` has its own cores ``H[c]`` ``[h, r, r]`` and scalars ``s[c]``
+``[h]``. Seen as ordinary LoRA of rank ``R = h·r`` with ``A_cat = [A_1; …; A_h]`` and
+``B_cat = [B_1 … B_h]``, the core is block-diagonal, so the whole adapter is
+
+    S = x A_catᵀ            [N, R]   (shrink: the only pass over x)
+    T = s ⊙ (S H_bd[c]ᵀ)    [N, R]   (per-row slot core, applied on chip)
+    y = scale · T B_catᵀ    [N, d_out]
+
+Forward kernel: one program per tile of rows computes S over the whole of d_in, applies the core
+of every segment that overlaps the tile, stores S (float32, kept for backward: x is never saved)
+and streams the output tiles of d_out. Backward kernel: one program per row tile reads dy once to
+form ``P = scale · dy B_cat``, writes per-(tile, segment) partials of ``dH`` and ``ds`` (summed
+afterwards in a fixed order: deterministic, no atomics) and streams ``dx = dS A_cat``. A and B get
+no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedlora_kernels import reference
+from fedlora_kernels._dispatch import (
+    FLOAT_DTYPES,
+    check_finite_scalar,
+    check_same_device,
+    check_segments,
+    check_shape,
+    check_tensor,
+    resolve_backend,
+)
+
+__all__ = ["multihead_lora"]
+
+
+def multihead_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    H: torch.Tensor,
+    s: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    seg_offsets: torch.Tensor | None = None,
+    seg_adapter: torch.Tensor | None = None,
+    head_mask: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Adapter output of a multi-head LoRA layer (add it to the base layer's output).
+
+    Args:
+        x: input ``[..., d_in]``.
+        A: frozen down-projection bases ``[h, r, d_in]`` (same dtype as ``x``).
+        B: frozen up-projection bases ``[h, d_out, r]`` (same dtype as ``x``).
+        H: trainable cores ``[C, h, r, r]``, one set per adapter slot.
+        s: trainable head scalars ``[C, h]``.
+        scale: constant factor (``alpha / R``).
+        seg_offsets: int ``[S+1]``; rows ``seg_offsets[t]:seg_offsets[t+1]`` of the flattened
+            input form segment ``t``. Omitted: one segment.
+        seg_adapter: int ``[S]``, the slot used by each segment. Omitted: segment ``t`` uses
+            slot ``t`` (or slot 0 when ``C == 1``).
+        head_mask: ``[C, h]`` of 0/1: heads with 0 get exactly zero ``H``/``s`` gradient.
+        backend: ``"triton"`` or ``"torch"``; default by device (see ``FEDLORA_BACKEND``).
+
+    Returns:
+        ``[..., d_out]`` in ``x.dtype``. Differentiable in ``x``, ``H`` and ``s``.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension [..., d_in], got shape {list(x.shape)}")
+    check_tensor("A", A, ndim=3)
+    h, r, d_in = A.shape
+    check_tensor("B", B, ndim=3)
+    check_tensor("H", H, ndim=4)
+    check_tensor("s", s, ndim=2)
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"x must have last dimension d_in={d_in} (A is [h, r, d_in] = {list(A.shape)}), "
+            f"got x of shape {list(x.shape)}"
+        )
+    check_shape("B", B, [h, None, r])
+    d_out = B.shape[1]
+    num_slots = H.shape[0]
+    check_shape("H", H, [None, h, r, r])
+    check_shape("s", s, [num_slots, h])
+    if num_slots < 1:
+        raise ValueError("H must have at least one adapter slot, got shape [0, ...]")
+    for name, t in (("A", A), ("B", B)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    if head_mask is not None:
+        check_tensor("head_mask", head_mask, dtypes=None)
+        check_shape("head_mask", head_mask, [num_slots, h])
+    scale = check_finite_scalar("scale", scale)
+    device = check_same_device(x=x, A=A, B=B, H=H, s=s, head_mask=head_mask)
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, d_in)
+    n = x2.shape[0]
+    offsets, adapter = check_segments(seg_offsets, seg_adapter, n, num_slots, device)
+    if head_mask is not None:
+        head_mask = head_mask.to(torch.float32)
+
+    if resolve_backend(backend, device) == "torch":
+        y = reference.multihead_lora(
+            x2,
+            A,
+            B,
+            H,
+            s,
+            scale=scale,
+            seg_offsets=offsets,
+            seg_adapter=adapter,
+            head_mask=head_mask,
+        )
+    else:
+        from fedlora_kernels.ops import _multihead_triton as impl
+
+        y, _ = impl.multihead_lora_fwd(
+            x2, A.detach(), B.detach(), H, s, offsets, adapter, head_mask, scale
+        )
+    return y.reshape(*lead, d_out)
