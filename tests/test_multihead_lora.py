@@ -41,9 +41,17 @@ def check_against_naive(
     dtype = x.dtype
     xr, Hr, sr = (t.detach().clone().requires_grad_(True) for t in (x, H, s))
     y = fk.multihead_lora(
-        xr, A, B, Hr, sr, scale=scale, seg_offsets=offsets, seg_adapter=adapter,
-        head_mask=head_mask, backend=backend,
-    )  # fmt: skip
+        xr,
+        A,
+        B,
+        Hr,
+        sr,
+        scale=scale,
+        seg_offsets=offsets,
+        seg_adapter=adapter,
+        head_mask=head_mask,
+        backend=backend,
+    )
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], B.shape[1])
     g = torch.randn_like(y) if grad_out is None else grad_out
     gx, gH, gs = torch.autograd.grad(y, (xr, Hr, sr), g)
@@ -153,9 +161,17 @@ def test_kernels_write_every_output_element(monkeypatch):
     monkeypatch.setattr(_multihead_triton, "alloc_output", poisoned)
     x, A, B, H, s = make(37, 45, 29, 3, 5, 2, torch.float32)
     check_against_naive(
-        x, A, B, H, s, 1.0, torch.tensor([0, 17, 37]), torch.tensor([1, 0]), "triton",
+        x,
+        A,
+        B,
+        H,
+        s,
+        1.0,
+        torch.tensor([0, 17, 37]),
+        torch.tensor([1, 0]),
+        "triton",
         TOL[torch.float32],
-    )  # fmt: skip
+    )
 
 
 def test_frozen_bases_get_no_gradient():

@@ -1,0 +1,99 @@
+"""What every adapter layer shares: wrapping a frozen base layer, merging, batched segments."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _is_conv1d(layer: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2 style: weight stored ``[d_in, d_out]``)."""
+    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and hasattr(layer, "weight")
+
+
+def base_features(layer: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or transformers ``Conv1D``; TypeError otherwise."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if _is_conv1d(layer):
+        d_in, d_out = layer.weight.shape
+        return int(d_in), int(d_out)
+    raise TypeError(
+        f"base must be an nn.Linear or a transformers Conv1D, got {type(layer).__name__}"
+    )
+
+
+class AdapterLayer(nn.Module):
+    """A frozen base linear layer plus a low-rank adapter with ``num_clients`` slots.
+
+    Subclasses provide :meth:`adapter_output` and :meth:`delta_weight`. The base layer's
+    parameters are frozen. Batched simulation sets per-call segments with :meth:`set_segments`
+    (rows ``seg_offsets[t]:seg_offsets[t+1]`` of the flattened input use slot ``seg_adapter[t]``).
+    """
+
+    def __init__(self, base: nn.Module, num_clients: int = 1) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base_features(base)
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")
+        self.base_layer = base
+        self.fan_in_fan_out = _is_conv1d(base)
+        self.num_clients = num_clients
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.merged = False
+        self.seg_offsets: torch.Tensor | None = None
+        self.seg_adapter: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- batched segments
+    def set_segments(
+        self, seg_offsets: torch.Tensor | None, seg_adapter: torch.Tensor | None = None
+    ) -> None:
+        """Route rows of the next calls to adapter slots (``None`` clears: everything slot 0)."""
+        if seg_offsets is not None and self.merged:
+            raise RuntimeError("cannot serve several slots while slot 0 is merged: unmerge() first")
+        self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
+
+    # ---------------------------------------------------------------- forward
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self, slot: int = 0) -> torch.Tensor:  # pragma: no cover - abstract
+        """Dense ``ΔW`` of a slot in ``nn.Linear`` layout ``[d_out, d_in]`` (float32)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        return y + self.adapter_output(x).to(y.dtype)
+
+    # ---------------------------------------------------------------- merging
+    def _check_slot(self, slot: int) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_clients:
+            raise ValueError(f"slot must be an int in [0, {self.num_clients}), got {slot!r}")
+        return slot
+
+    def _add_to_base(self, delta: torch.Tensor) -> None:
+        w = self.base_layer.weight
+        if self.fan_in_fan_out:
+            delta = delta.T
+        with torch.no_grad():
+            w.copy_((w.float() + delta).to(w.dtype))
+
+    def merge(self, slot: int = 0) -> None:
+        """Add slot ``slot``'s ``ΔW`` into the frozen base weight (forward then skips the adapter)."""
+        if self.merged:
+            raise RuntimeError("adapter is already merged")
+        if self.seg_offsets is not None:
+            raise RuntimeError("cannot merge while segments are set: set_segments(None) first")
+        self._merged_slot = self._check_slot(slot)
+        self._add_to_base(self.delta_weight(slot))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to the base dtype's rounding)."""
+        if not self.merged:
+            raise RuntimeError("adapter is not merged")
+        self._add_to_base(-self.delta_weight(self._merged_slot))
+        self.merged = False

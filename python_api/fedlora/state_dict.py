@@ -1,0 +1,95 @@
+"""The state-dict contract (DESIGN §2): flat ``dict[str, Tensor]`` with PEFT-style keys.
+
+Every adapter layer at module path ``p`` contributes ``p.<name>`` for each tensor of its
+``adapter_state()`` (``p.lora_A.weight``/``p.lora_B.weight`` for LoRA, ``p.lora_H``/``p.lora_s``
+for Ravan). ``modules_to_save`` adds whole ordinary modules (e.g. a classifier head) under their
+own parameter names. Exported tensors are float32 by default: numpy and Flower cannot carry bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from fedlora.layers._base import AdapterLayer
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """``(module path, layer)`` of every adapter layer in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def _saved_modules(model: nn.Module, modules_to_save: Iterable[str]) -> dict[str, nn.Module]:
+    found = {}
+    for want in modules_to_save:
+        module = dict(model.named_modules()).get(want)
+        if module is None:
+            raise ValueError(f"modules_to_save: model has no module named {want!r}")
+        found[want] = module
+    return found
+
+
+def get_adapter_state_dict(
+    model: nn.Module,
+    *,
+    slot: int = 0,
+    modules_to_save: Iterable[str] = (),
+    dtype: torch.dtype | None = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Adapter tensors of ``slot`` (plus ``modules_to_save``) as a flat, detached, copied dict.
+
+    ``dtype=None`` keeps each tensor's own dtype.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in adapter_layers(model):
+        for name, t in layer.adapter_state(slot).items():
+            out[f"{path}.{name}"] = t
+    for path, module in _saved_modules(model, modules_to_save).items():
+        for name, t in module.state_dict().items():
+            out[f"{path}.{name}"] = t
+    if not out:
+        raise ValueError("model has no adapter layers: call fedlora.inject(...) first")
+    return {
+        k: (v.detach().to(dtype) if dtype is not None else v.detach()).clone()
+        for k, v in out.items()
+    }
+
+
+def set_adapter_state_dict(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    slot: int = 0,
+    modules_to_save: Iterable[str] = (),
+    strict: bool = True,
+) -> list[str]:
+    """Load a dict made by :func:`get_adapter_state_dict` (or an aggregation) into ``slot``.
+
+    Returns the keys of ``state`` that were not used. With ``strict`` (default) unused keys or an
+    adapter layer missing from ``state`` raise ``KeyError``; shapes are checked by each layer.
+    """
+    used: set[str] = set()
+    for path, layer in adapter_layers(model):
+        prefix = f"{path}."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        wanted = set(layer.adapter_state(slot))
+        sub = {k: v for k, v in sub.items() if k in wanted}
+        if not sub:
+            if strict:
+                raise KeyError(f"state has no entries for adapter layer {path!r}")
+            continue
+        layer.load_adapter_state(sub, slot)
+        used.update(prefix + k for k in sub)
+    for path, module in _saved_modules(model, modules_to_save).items():
+        prefix = f"{path}."
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        module.load_state_dict(sub, strict=strict)
+        used.update(prefix + k for k in sub)
+    unused = sorted(set(state) - used)
+    if strict and unused:
+        raise KeyError(f"state has keys the model does not use: {unused[:5]}")
+    return unused
