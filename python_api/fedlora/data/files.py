@@ -1,0 +1,213 @@
+"""Load a user's text-classification data set from a CSV or JSON Lines file (`--data`).
+
+Formats:
+    CSV / TSV: a header row with (at least) the columns ``text`` and ``label``.
+    JSONL:     one JSON object per line with (at least) the keys ``text`` and ``label``.
+
+An optional ``split`` column/key (``train`` or ``test``; ``validation``, ``valid``, ``val``,
+``dev`` and ``eval`` count as test) chooses the split; without it about `test_fraction` of the
+texts go to the test split, chosen by a stable hash of the text. Labels may be strings or
+integers; classes are named by the label's string form and sorted (numerically when every label is
+an integer, otherwise alphabetically), which fixes the class indices.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .dataset import TextDataset, hash_split
+
+_TEST_SPLIT_NAMES = frozenset({"test", "validation", "valid", "val", "dev", "eval"})
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+@dataclass
+class _Row:
+    text: str
+    label: str
+    split: str | None
+    where: str  # "line N", for error messages
+
+
+def _fail(path: Path, problem: str) -> ValueError:
+    return ValueError(f"{path}: {problem}")
+
+
+def _norm_split(path: Path, value: Any, where: str) -> str:
+    s = str(value).strip().lower()
+    if s == "train":
+        return "train"
+    if s in _TEST_SPLIT_NAMES:
+        return "test"
+    raise _fail(path, f"{where}: split must be 'train' or 'test', got {value!r}")
+
+
+def _label_str(path: Path, value: Any, where: str) -> str:
+    if isinstance(value, bool) or value is None:
+        raise _fail(path, f"{where}: label must be a string or an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise _fail(path, f"{where}: label must be a string or an integer, got {value!r}")
+        value = int(value)
+    if not isinstance(value, (str, int)):
+        raise _fail(path, f"{where}: label must be a string or an integer, got {value!r}")
+    label = str(value).strip()
+    if not label:
+        raise _fail(path, f"{where}: empty label")
+    return label
+
+
+def _text_str(path: Path, value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(path, f"{where}: text must be a string, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise _fail(path, f"{where}: empty text")
+    return text
+
+
+def _read_delimited(path: Path, text_col: str, label_col: str, delimiter: str) -> list[_Row]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        while header is not None and not any(h.strip() for h in header):
+            header = next(reader, None)  # leading blank lines
+        if header is None:
+            raise _fail(path, "the file is empty (expected a header row with text and label)")
+        names = [h.strip() for h in header]
+        missing = [c for c in (text_col, label_col) if c not in names]
+        if missing:
+            raise _fail(
+                path,
+                f"missing column(s) {missing}; the header has {names} "
+                f"(expected columns {text_col!r} and {label_col!r})",
+            )
+        ti, li = names.index(text_col), names.index(label_col)
+        si = names.index("split") if "split" in names else None
+        need = max(ti, li, si if si is not None else -1)
+        rows = []
+        for record in reader:
+            if not record or not any(c.strip() for c in record):
+                continue
+            where = f"line {reader.line_num}"
+            if len(record) <= need:
+                raise _fail(path, f"{where}: {len(record)} field(s), expected {len(names)}")
+            rows.append(
+                _Row(
+                    text=_text_str(path, record[ti], where),
+                    label=_label_str(path, record[li], where),
+                    split=_norm_split(path, record[si], where) if si is not None else None,
+                    where=where,
+                )
+            )
+    return rows
+
+
+def _read_jsonl(path: Path, text_col: str, label_col: str) -> list[_Row]:
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _fail(path, f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise _fail(path, f"{where}: expected a JSON object, got {type(obj).__name__}")
+            missing = [k for k in (text_col, label_col) if k not in obj]
+            if missing:
+                raise _fail(
+                    path,
+                    f"{where}: missing key(s) {missing}; the object has {sorted(obj)} "
+                    f"(expected keys {text_col!r} and {label_col!r})",
+                )
+            split = obj.get("split")
+            rows.append(
+                _Row(
+                    text=_text_str(path, obj[text_col], where),
+                    label=_label_str(path, obj[label_col], where),
+                    split=_norm_split(path, split, where) if split is not None else None,
+                    where=where,
+                )
+            )
+    return rows
+
+
+def _sorted_label_names(labels: set[str]) -> list[str]:
+    try:
+        return sorted(labels, key=int)
+    except ValueError:
+        return sorted(labels)
+
+
+def load_text_file(
+    path: str | Path,
+    *,
+    test_fraction: float = 0.2,
+    text_column: str = "text",
+    label_column: str = "label",
+) -> TextDataset:
+    """Read a CSV/TSV/JSONL text-classification file into a `TextDataset`.
+
+    Args:
+        path: a ``.csv``, ``.tsv``, ``.jsonl`` or ``.ndjson`` file (UTF-8).
+        test_fraction: share of texts put in the test split by text hash when the file has no
+            ``split`` column; 0 keeps everything for training.
+        text_column, label_column: the column (CSV) or key (JSONL) names.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: (naming the file and the problem) unknown extension, empty file, missing
+            column/key, empty text or label, bad JSON line, bad split value, fewer than two
+            distinct labels, or no training example.
+    """
+    path = Path(path)
+    if not 0.0 <= test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise _fail(path, f"unsupported file type {path.suffix!r}; use one of {sorted(_FORMATS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    if fmt == "jsonl":
+        rows = _read_jsonl(path, text_column, label_column)
+    else:
+        rows = _read_delimited(path, text_column, label_column, "," if fmt == "csv" else "\t")
+    if not rows:
+        raise _fail(path, "the file has no examples")
+    label_names = _sorted_label_names({r.label for r in rows})
+    if len(label_names) < 2:
+        raise _fail(
+            path,
+            f"only one label ({label_names[0]!r}) in {len(rows)} example(s); "
+            "classification needs at least two",
+        )
+    has_split = any(r.split is not None for r in rows)
+    if has_split:
+        unset = next((r for r in rows if r.split is None), None)
+        if unset is not None:
+            raise _fail(path, f"{unset.where}: no split value while other rows have one")
+        splits = [r.split or "train" for r in rows]
+    else:
+        splits = [hash_split(r.text, test_fraction) for r in rows]
+    if "train" not in splits:
+        raise _fail(path, "no example is in the train split")
+    index = {name: i for i, name in enumerate(label_names)}
+    return TextDataset(
+        texts=[r.text for r in rows],
+        labels=[index[r.label] for r in rows],
+        label_names=label_names,
+        splits=splits,
+        name=path.stem,
+        info={
+            "source": str(path),
+            "format": fmt,
+            "split": "from file" if has_split else f"hash, test_fraction={test_fraction}",
+        },
+    )
