@@ -52,3 +52,135 @@ def multihead_lora(
         T = torch.einsum("nhk,nhjk->nhj", S, Hf[slot]) * sf[slot][:, :, None]
     y = (T.reshape(n, h * r) @ b_cat.T) * scale
     return y.to(x.dtype)
+
+
+def _row_segments(seg_offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Segment index of every row, ``[num_rows]`` int64 (traceable: no data-dependent shapes)."""
+    rows = torch.arange(num_rows, device=seg_offsets.device)
+    seg = torch.searchsorted(seg_offsets[1:].contiguous(), rows, right=True)
+    return seg.clamp_max(seg_offsets.numel() - 2)
+
+
+def masked_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    *,
+    scale: float,
+    rank_mask: torch.Tensor | None,
+    grad_mask: torch.Tensor | None,
+    seg_offsets: torch.Tensor,
+    seg_adapter: torch.Tensor,
+) -> torch.Tensor:
+    """Masked LoRA adapter output, ``scale · ((x A_cᵀ) ⊙ m_t) B_cᵀ`` per row.
+
+    ``x`` ``[N, d_in]``; ``A`` ``[C, R, d_in]`` and ``B`` ``[C, d_out, R]`` hold one adapter per
+    slot (PEFT layout); row ``n`` of segment ``t`` uses slot ``c = seg_adapter[t]`` and the rank
+    mask ``m_t = rank_mask[t]`` (``[S, R]`` of 0/1, float; ``None``: all components). ``grad_mask``
+    ``[C, R]`` (0/1) leaves the value unchanged but lets gradient reach only the rows of ``A[c]``
+    and columns of ``B[c]`` whose entry is 1; the others get exactly zero (this path computes
+    their gradient and drops it; the Triton kernels skip it). Differentiable in ``x``, ``A``,
+    ``B``. Computed in float32 and returned in ``x.dtype``.
+
+    With ``C > 1`` the shrink and expand run against all slots at once (``[N, C·R]``): ``C`` times
+    the adapter FLOPs of one slot, but no data-dependent shapes, so ``torch.compile`` traces it.
+    """
+    n, d_in = x.shape
+    num_slots, rank, _ = A.shape
+    d_out = B.shape[1]
+    if grad_mask is not None:
+        # identity in value; a frozen component is seen through a detach, so its gradient is 0
+        keep = grad_mask != 0
+        A = torch.where(keep[:, :, None], A, A.detach())
+        B = torch.where(keep[:, None, :], B, B.detach())
+    xf, af, bf = x.float(), A.float(), B.float()
+    if num_slots == 1:
+        S = xf @ af[0].T
+    else:
+        slot = row_slots(seg_offsets, seg_adapter, n)
+        s_all = (xf @ af.reshape(num_slots * rank, d_in).T).view(n, num_slots, rank)
+        S = s_all.gather(1, slot.view(n, 1, 1).expand(n, 1, rank)).squeeze(1)
+    if rank_mask is not None:
+        S = S * rank_mask.float()[_row_segments(seg_offsets, n)]
+    T = S * scale
+    if num_slots == 1:
+        y = T @ bf[0].T
+    else:
+        onehot = (slot[:, None] == torch.arange(num_slots, device=x.device)).to(T.dtype)
+        t_cat = (onehot[:, :, None] * T[:, None, :]).reshape(n, num_slots * rank)
+        y = t_cat @ bf.permute(1, 0, 2).reshape(d_out, num_slots * rank).T
+    return y.to(x.dtype)
+
+
+def adamw_bias_terms(
+    step: float | torch.Tensor, lr: float, beta1: float, beta2: float
+) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """``(step_size, sqrt(bias_correction2))`` exactly as ``torch.optim.AdamW`` forms them.
+
+    ``step`` is a number (Python double arithmetic, like torch) or a per-slot tensor ``[C]``
+    (computed in float64 and returned as float32 ``[C]``, the precision the update uses).
+    """
+    if isinstance(step, torch.Tensor):
+        s = step.to(torch.float64)
+        step_size = lr / (1 - torch.pow(beta1, s))
+        bc2_sqrt = (1 - torch.pow(beta2, s)).sqrt()
+        return step_size.to(torch.float32), bc2_sqrt.to(torch.float32)
+    return lr / (1 - beta1**step), (1 - beta2**step) ** 0.5
+
+
+def masked_adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: float | torch.Tensor,
+    rank_dim: int,
+    importance: tuple[torch.Tensor, torch.Tensor, float, float] | None,
+) -> None:
+    """One AdamW step, in place, on the rank components whose mask is 1.
+
+    ``param``, ``grad``, ``exp_avg``, ``exp_avg_sq`` are ``[C, M, K]`` (a 2-D parameter is passed
+    as a view with ``C = 1``); ``mask`` ``[C, R]`` (0/1) indexes dimension ``1 + rank_dim`` (rows
+    ``M = R`` of A for ``rank_dim=0``, columns ``K = R`` of B for ``rank_dim=1``). ``step`` is a
+    number or a per-slot tensor ``[C]``. The arithmetic follows ``torch.optim.AdamW`` op for op
+    (decoupled weight decay, then the bias-corrected Adam update), in float32; masked elements are
+    written back with their own old value, so they stay bitwise unchanged.
+
+    ``importance=(ema, unc, b1, b2)`` (tensors like ``param``) also updates HAFL's sensitivity
+    statistics on the unmasked elements, from the weight BEFORE this step (``I = |w·g|`` at the
+    weights the gradient was taken at): ``ema ← b1·ema + (1−b1)·I`` and then
+    ``unc ← b2·unc + (1−b2)·|I − ema|`` with the updated ``ema`` (AdaLoRA's order).
+    """
+    keep = (mask != 0)[:, :, None] if rank_dim == 0 else (mask != 0)[:, None, :]
+    step_size, bc2_sqrt = adamw_bias_terms(step, lr, beta1, beta2)
+    if isinstance(step_size, torch.Tensor):
+        step_size = step_size.view(-1, 1, 1)
+        bc2_sqrt = bc2_sqrt.view(-1, 1, 1)
+    p, g = param.float(), grad.float()
+    m, v = exp_avg.float(), exp_avg_sq.float()
+    if importance is not None:
+        ema, unc, ib1, ib2 = importance
+        sens = (p * g).abs()
+        ema_new = ema.float() * ib1 + sens * (1 - ib1)
+        unc_new = unc.float() * ib2 + (sens - ema_new).abs() * (1 - ib2)
+        ema.copy_(torch.where(keep, ema_new.to(ema.dtype), ema))
+        unc.copy_(torch.where(keep, unc_new.to(unc.dtype), unc))
+    p_new = p * (1 - lr * weight_decay)
+    m_new = m.lerp(g, 1 - beta1)
+    v_new = v.mul(beta2).addcmul(g, g, value=1 - beta2)
+    denom = (v_new.sqrt() / bc2_sqrt).add(eps)
+    if isinstance(step_size, torch.Tensor):
+        p_new = p_new + (-step_size) * (m_new / denom)
+    else:
+        p_new = p_new.addcdiv(m_new, denom, value=-step_size)
+    param.copy_(torch.where(keep, p_new.to(param.dtype), param))
+    exp_avg.copy_(torch.where(keep, m_new.to(exp_avg.dtype), exp_avg))
+    exp_avg_sq.copy_(torch.where(keep, v_new.to(exp_avg_sq.dtype), exp_avg_sq))
+

@@ -1,0 +1,223 @@
+"""Masked AdamW: one fused, in-place AdamW step on the rank components whose mask is 1.
+
+Used by HAFL's freezing mode (a client trains only its top-``m_k`` components) and by the batched
+simulator (per-client optimizer state stacked ``[C, ...]``; a client that has finished its local
+steps is masked out, a client that started later has its own step count). The update is
+``torch.optim.AdamW``'s, op for op (decoupled weight decay, bias correction); the components whose
+mask is 0 keep the parameter AND both moment buffers bitwise unchanged: they are neither
+read nor written by the Triton kernel.
+
+Optionally the same pass updates HAFL's importance statistics (DESIGN §4) from the weight BEFORE
+the step (``I = |w · ∂L/∂w|`` at the weights the gradient was taken at):
+``Ī ← β1 Ī + (1−β1) I`` and then ``Ū ← β2 Ū + (1−β2) |I − Ī|`` with the updated ``Ī``
+(AdaLoRA's order). Like the optimizer state, the statistics of masked components are left
+unchanged: a frozen component has no gradient, so it has no new sensitivity either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedlora_kernels import reference
+from fedlora_kernels._dispatch import (
+    FLOAT_DTYPES,
+    check_finite_scalar,
+    check_same_device,
+    check_tensor,
+    resolve_backend,
+)
+from fedlora_kernels.ops.masked_lora import MASK_DTYPES, check_binary_mask
+
+__all__ = ["masked_adamw_"]
+
+
+def _check_beta(name: str, value: object) -> float:
+    value = check_finite_scalar(name, value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return value
+
+
+def _check_state(name: str, t: object, shape: torch.Size) -> torch.Tensor:
+    """A tensor updated in place: float, the parameter's shape, contiguous."""
+    check_tensor(name, t, dtypes=FLOAT_DTYPES)
+    if t.shape != shape:
+        raise ValueError(f"{name} must have the shape of param {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (it is updated in place)")
+    return t
+
+
+def masked_adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lr: float,
+    betas: Sequence[float],
+    eps: float,
+    weight_decay: float,
+    step: int | torch.Tensor,
+    rank_dim: int = 0,
+    importance: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
+    backend: str | None = None,
+) -> None:
+    """One AdamW step, in place, on the rank components of ``param`` whose mask is 1.
+
+    Args:
+        param: a LoRA factor, updated in place: ``[R, d_in]`` (A, ``rank_dim=0``) or
+            ``[d_out, R]`` (B, ``rank_dim=1``); batched over adapter slots ``[C, R, d_in]`` /
+            ``[C, d_out, R]``. Contiguous.
+        grad: its gradient, same shape (any float dtype, any strides).
+        exp_avg, exp_avg_sq: AdamW's moment buffers, same shape, contiguous, updated in place.
+        mask: 0/1 per rank component: ``[R]`` for a 2-D ``param``, ``[C, R]`` for a 3-D one.
+        lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
+        step: the step number this update is (1 for the first), as ``torch.optim.AdamW``'s state
+            holds it after incrementing; or a tensor ``[C]`` (or 0-d) of per-slot step numbers,
+            for stacked clients that have taken different numbers of steps.
+        rank_dim: which dimension of the (per-slot) matrix indexes rank components: 0 for the
+            rows of A, 1 for the columns of B (negative values count from the end). The same
+            value serves 2-D and batched parameters.
+        importance: ``(ema, unc, beta1, beta2)``: HAFL's smoothed sensitivity and uncertainty
+            (tensors like ``param``, contiguous), updated in the same pass from ``|param · grad|``
+            taken before the step (see the module docstring).
+        backend: ``"triton"`` or ``"torch"``; default by device (see ``FEDLORA_BACKEND``).
+
+    The masked components of ``param``, ``exp_avg``, ``exp_avg_sq`` (and ``ema``, ``unc``) stay
+    bitwise unchanged. Returns ``None``.
+    """
+    check_tensor("param", param, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    if not param.is_contiguous():
+        raise ValueError("param must be contiguous (it is updated in place)")
+    check_tensor("grad", grad, dtypes=FLOAT_DTYPES)
+    if grad.shape != param.shape:
+        raise ValueError(
+            f"grad must have the shape of param {list(param.shape)}, got {list(grad.shape)}"
+        )
+    _check_state("exp_avg", exp_avg, param.shape)
+    _check_state("exp_avg_sq", exp_avg_sq, param.shape)
+    if (
+        isinstance(rank_dim, bool)
+        or not isinstance(rank_dim, int)
+        or rank_dim not in (0, 1, -1, -2)
+    ):
+        raise ValueError(
+            f"rank_dim must be 0 (rows: A [R, d_in]) or 1 (columns: B [d_out, R]), got {rank_dim!r}"
+        )
+    rank_dim = rank_dim % 2
+    batched = param.dim() == 3
+    slots = param.shape[0] if batched else 1
+    rank = param.shape[-2 + rank_dim]
+
+    check_tensor("mask", mask, ndim=(1, 2), dtypes=MASK_DTYPES)
+    want = (slots, rank) if batched else (rank,)
+    if tuple(mask.shape) != want and not (not batched and tuple(mask.shape) == (1, rank)):
+        what = f"[C={slots}, R={rank}]" if batched else f"[R={rank}]"
+        raise ValueError(
+            f"mask must have shape {what} (R = size of param dimension {rank_dim} of each "
+            f"matrix, rank_dim={rank_dim}), got {list(mask.shape)}"
+        )
+    check_binary_mask("mask", mask)
+
+    lr = check_finite_scalar("lr", lr)
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not isinstance(betas, Sequence) or isinstance(betas, str) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1 = _check_beta("betas[0]", betas[0])
+    beta2 = _check_beta("betas[1]", betas[1])
+    eps = check_finite_scalar("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    weight_decay = check_finite_scalar("weight_decay", weight_decay)
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+
+    if isinstance(step, torch.Tensor):
+        if step.is_complex() or step.dtype == torch.bool:
+            raise TypeError(f"step must be an int or a real tensor, got dtype {step.dtype}")
+        if step.dim() == 0 or (step.dim() == 1 and step.numel() == 1 and not batched):
+            step = step.reshape(1).expand(slots)
+        elif tuple(step.shape) != (slots,):
+            raise ValueError(
+                f"step must be an int or a tensor [C={slots}] (one step number per slot), "
+                f"got shape {list(step.shape)}"
+            )
+        if not torch.compiler.is_compiling() and bool((step < 1).any()):
+            raise ValueError(f"step must be >= 1 (the first step is 1), got {step.tolist()}")
+    else:
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int or a tensor, got {type(step).__name__}")
+        if step < 1:
+            raise ValueError(f"step must be >= 1 (the first step is 1), got {step}")
+
+    ema = unc = None
+    imp_b1 = imp_b2 = 0.0
+    if importance is not None:
+        if not isinstance(importance, (tuple, list)) or len(importance) != 4:
+            raise ValueError("importance must be a tuple (ema, unc, beta1, beta2)")
+        ema = _check_state("importance[0] (ema)", importance[0], param.shape)
+        unc = _check_state("importance[1] (unc)", importance[1], param.shape)
+        imp_b1 = _check_beta("importance[2] (beta1)", importance[2])
+        imp_b2 = _check_beta("importance[3] (beta2)", importance[3])
+    device = check_same_device(
+        param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, mask=mask, ema=ema,
+        unc=unc, step=step if isinstance(step, torch.Tensor) else None,
+    )  # fmt: skip
+
+    mask2 = mask.reshape(slots, rank)
+    if resolve_backend(backend, device) == "torch":
+        view = (slots, *param.shape[-2:])
+        reference.masked_adamw_(
+            param.view(view),
+            grad.reshape(view),
+            exp_avg.view(view),
+            exp_avg_sq.view(view),
+            mask2,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            step=step,
+            rank_dim=rank_dim,
+            importance=None if ema is None else (ema.view(view), unc.view(view), imp_b1, imp_b2),
+        )
+        return None
+
+    from fedlora_kernels.ops import _masked_lora_triton as impl
+
+    step_size_t = bc2_sqrt_t = None
+    step_size = bc2_sqrt = 1.0
+    if isinstance(step, torch.Tensor):
+        step_size_t, bc2_sqrt_t = reference.adamw_bias_terms(step, lr, beta1, beta2)
+        step_size_t, bc2_sqrt_t = step_size_t.contiguous(), bc2_sqrt_t.contiguous()
+    else:
+        step_size, bc2_sqrt = reference.adamw_bias_terms(step, lr, beta1, beta2)
+    impl.masked_adamw_op(
+        param,
+        grad.contiguous(),
+        exp_avg,
+        exp_avg_sq,
+        (mask2 != 0).to(torch.int8).contiguous(),
+        ema,
+        unc,
+        step_size_t,
+        bc2_sqrt_t,
+        slots,
+        rank_dim,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        step_size,
+        bc2_sqrt,
+        imp_b1,
+        imp_b2,
+    )
+    return None
