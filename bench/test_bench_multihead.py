@@ -48,13 +48,15 @@ def _impls(shape):
         "fedlora": lambda: F.linear(x, W) + fk.multihead_lora(x, A, B, H, s),
     }
     try:
-        from peft.tuners.lora import Linear as PeftLinear
+        import peft  # noqa: F401
     except ImportError:
         pass
     else:
+        from fedlora.peft_compat import peft_lora_linear
+
         base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
         base.weight.data.copy_(W)
-        peft_layer = PeftLinear(base, "default", r=A.shape[0] * A.shape[1], lora_alpha=16)
+        peft_layer = peft_lora_linear(base, r=A.shape[0] * A.shape[1], alpha=16)
         impls["peft LoRA"] = lambda: peft_layer(x)
     return impls, x
 

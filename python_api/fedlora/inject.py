@@ -26,7 +26,25 @@ def _ravan(base: nn.Module, *, layer_seed: int, **options: Any) -> AdapterLayer:
     return RavanLinear(base, seed=layer_seed, **options)
 
 
+def _lora(base: nn.Module, *, layer_seed: int, **options: Any) -> AdapterLayer:
+    from fedlora.layers.lora import LoRALinear
+
+    return LoRALinear(base, seed=layer_seed, **options)
+
+
 register_layer("ravan", _ravan)
+for _method in (
+    "fedit",
+    "ffa",
+    "hetlora",
+    "flexlora",
+    "flora",
+    "fedex",
+    "hafl",
+    "prelort",
+    "florana",
+):
+    register_layer(_method, _lora)
 
 
 def layer_seed(seed: int, path: str) -> int:

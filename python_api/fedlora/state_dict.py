@@ -23,6 +23,14 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
+def slotted_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, module)`` of every module with per-slot state: adapter layers and slotted heads
+    (anything with ``adapter_state`` / ``load_adapter_state`` / ``set_segments``)."""
+    for name, module in model.named_modules():
+        if all(hasattr(module, a) for a in ("adapter_state", "load_adapter_state", "set_segments")):
+            yield name, module
+
+
 def _saved_modules(model: nn.Module, modules_to_save: Iterable[str]) -> dict[str, nn.Module]:
     found = {}
     for want in modules_to_save:
@@ -45,7 +53,7 @@ def get_adapter_state_dict(
     ``dtype=None`` keeps each tensor's own dtype.
     """
     out: dict[str, torch.Tensor] = {}
-    for path, layer in adapter_layers(model):
+    for path, layer in slotted_modules(model):
         for name, t in layer.adapter_state(slot).items():
             out[f"{path}.{name}"] = t
     for path, module in _saved_modules(model, modules_to_save).items():
@@ -73,7 +81,7 @@ def set_adapter_state_dict(
     adapter layer missing from ``state`` raise ``KeyError``; shapes are checked by each layer.
     """
     used: set[str] = set()
-    for path, layer in adapter_layers(model):
+    for path, layer in slotted_modules(model):
         prefix = f"{path}."
         sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         wanted = set(layer.adapter_state(slot))

@@ -1,0 +1,159 @@
+"""The ``fedlora`` command: ``fedlora simulate`` and ``fedlora compare``.
+
+Errors in the configuration (unknown method or option, a budget spec that does not parse, a data
+file with missing columns, an output directory holding another run) print one line and exit
+with code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from fedlora.simulate.config import METHODS, ConfigError, SimConfig
+
+_DEFAULTS = SimConfig()
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    p.add_argument(
+        "--clients", type=int, default=d.clients, help="number of clients (default %(default)s)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=d.rounds, help="federated rounds (default %(default)s)"
+    )
+    p.add_argument("--local-steps", type=int, default=d.local_steps, help="local steps per round")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per local step")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--dirichlet-alpha",
+        type=float,
+        default=d.dirichlet_alpha,
+        help="non-IID label skew (smaller = more skew)",
+    )
+    p.add_argument(
+        "--budgets",
+        default=d.budgets,
+        help="uniform | hetero | 'rank=2,4,8;heads=1,2;components=2,4;steps=5,3'",
+    )
+    p.add_argument(
+        "--rank", type=int, default=d.rank, help="global LoRA rank R (Ravan: rank per head)"
+    )
+    p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scale = alpha / R)")
+    p.add_argument("--heads", type=int, default=d.heads, help="Ravan heads per layer")
+    p.add_argument(
+        "--head-score",
+        default=d.head_score,
+        choices=["weight", "gradient", "random"],
+        help="Ravan head selection",
+    )
+    p.add_argument(
+        "--hafl-score-steps",
+        type=int,
+        default=d.hafl_score_steps,
+        help="HAFL batches that only score importance",
+    )
+    p.add_argument(
+        "--engine",
+        default=d.engine,
+        help="sequential | batched (all clients of a round in one pass)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face model folder (default: embedded all-MiniLM-L6-v2)",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="CSV/JSONL file with text,label columns (default: stdlib topics)",
+    )
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
+    p.add_argument(
+        "--max-test",
+        type=int,
+        default=d.max_test,
+        help="test examples evaluated per round (0 = all)",
+    )
+    p.add_argument(
+        "--target-modules",
+        default=",".join(d.target_modules),
+        help="comma-separated module names to adapt",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _config(args: argparse.Namespace, method: str) -> SimConfig:
+    fields = {f.name for f in dataclasses.fields(SimConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["method"] = method
+    values["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    values["max_test"] = args.max_test or None
+    return SimConfig(**values).validate()
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fedlora.simulate.engine import run
+
+    cfg = _config(args, args.method)
+    result = run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    last = result.rounds[-1]
+    print(
+        f"done: {cfg.method} final test accuracy {last['test_accuracy']:.3f}; outputs in {args.out}"
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedlora.simulate.compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ConfigError(
+            f"--methods must list methods from {', '.join(METHODS)}; got {args.methods!r}"
+        )
+    configs = [_config(args, m) for m in methods]
+    compare(configs, Path(args.out), progress=not args.no_progress)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedlora", description="Federated LoRA-family fine-tuning, offline."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run one federated experiment")
+    sim.add_argument("--method", default=_DEFAULTS.method, help=f"one of {', '.join(METHODS)}")
+    sim.add_argument("--out", default="runs/simulate", help="output directory")
+    sim.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
+    _add_run_options(sim)
+    sim.set_defaults(func=_simulate)
+    cmp = sub.add_parser(
+        "compare", help="run several methods on the same partition; one table and plot"
+    )
+    cmp.add_argument("--methods", required=True, help="comma-separated methods")
+    cmp.add_argument("--out", default="runs/compare", help="output directory")
+    _add_run_options(cmp)
+    cmp.set_defaults(func=_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedlora`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"fedlora: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

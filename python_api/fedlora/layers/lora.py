@@ -1,0 +1,198 @@
+"""``LoRALinear``: LoRA with per-slot rank truncation and per-component freezing.
+
+The layer behind FedIT, FFA-LoRA, HetLoRA, FlexLoRA, FLoRA, FedEx-LoRA, HAFL, PreLort and FLoRA-NA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import fedlora_kernels as fk
+from fedlora.layers._base import AdapterLayer
+
+INITS = ("kaiming", "gaussian")
+
+
+class LoRALinear(AdapterLayer):
+    """Drop-in replacement for an ``nn.Linear`` (or transformers ``Conv1D``) with a LoRA adapter.
+
+    ``y = base(x) + scale · ((x A_cᵀ) ⊙ m) B_cᵀ`` with ``scale = alpha / rank`` fixed by the
+    global rank (DESIGN §2: a client of rank ``r_k`` trains the prefix ``A[:r_k]``,
+    ``B[:, :r_k]`` at the same scale, so a prefix is the same function on every client; PEFT
+    would use ``alpha / r_k``, see :func:`fedlora.state_dict` for the conversion).
+
+    Parameters ``lora_A`` ``[num_clients, rank, d_in]`` (Kaiming-uniform as PEFT, or a Gaussian
+    N(0, 1/rank) from ``seed`` shared by every client with ``init="gaussian"``) and ``lora_B``
+    ``[num_clients, d_out, rank]`` (zeros), one pair per client slot. Buffers:
+
+    - ``rank_mask`` ``[num_clients, rank]`` (0/1): which components a slot uses in the forward
+      pass (a prefix for HetLoRA/PreLort truncation);
+    - ``grad_mask`` ``[num_clients, rank]`` (0/1): which components train (HAFL freezing); frozen
+      components get exactly zero gradient.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        num_clients: int = 1,
+        init: str = "kaiming",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(base, num_clients)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        self.rank, self.alpha, self.init, self.seed = rank, float(alpha), init, seed
+        self.scale = self.alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(num_clients, rank, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(num_clients, self.out_features, rank, device=device))
+        self.reset_adapter()
+        ones = torch.ones(num_clients, rank, device=device)
+        self.register_buffer("rank_mask", ones.clone(), persistent=False)
+        self.register_buffer("grad_mask", ones.clone(), persistent=False)
+        self.seg_rank_mask: torch.Tensor | None = None
+
+    def reset_adapter(self, slot: int | None = None) -> None:
+        """Re-initialise ``A`` (as at construction, from ``seed``) and zero ``B``; all slots by default."""
+        slots = range(self.num_clients) if slot is None else [self._check_slot(slot)]
+        gen = torch.Generator().manual_seed(int(self.seed))
+        a = torch.empty(self.rank, self.in_features)
+        if self.init == "kaiming":
+            # PEFT's default: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in))
+            bound = 1.0 / math.sqrt(self.in_features)
+            a.uniform_(-bound, bound, generator=gen)
+        else:
+            a.normal_(0.0, 1.0 / self.rank, generator=gen)
+        with torch.no_grad():
+            for c in slots:
+                self.lora_A[c].copy_(a)
+                self.lora_B[c].zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"alpha={self.alpha}, init={self.init!r}, num_clients={self.num_clients}"
+        )
+
+    # ---------------------------------------------------------------- masks
+    def _component_mask(
+        self, name: str, components: torch.Tensor | list[int] | int | None
+    ) -> torch.Tensor:
+        mask = torch.zeros(self.rank, device=self.rank_mask.device)
+        if components is None:
+            mask.fill_(1)
+        elif isinstance(components, int) and not isinstance(components, bool):
+            if not 0 <= components <= self.rank:
+                raise ValueError(f"{name}: a rank must lie in [0, {self.rank}], got {components}")
+            mask[:components] = 1
+        else:
+            idx = torch.as_tensor(components, dtype=torch.long).flatten()
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.rank):
+                raise ValueError(
+                    f"{name}: component indices must lie in [0, {self.rank}), got {idx.tolist()}"
+                )
+            mask[idx.to(mask.device)] = 1
+        return mask
+
+    def set_rank(self, rank: int | None, slot: int = 0) -> None:
+        """Use only the first ``rank`` components of ``slot`` (``None``: all)."""
+        self.rank_mask[self._check_slot(slot)] = self._component_mask("rank", rank)
+
+    def set_trainable(
+        self, components: list[int] | torch.Tensor | int | None, slot: int = 0
+    ) -> None:
+        """Train only ``components`` of ``slot`` (indices, a prefix length, or ``None`` for all)."""
+        self.grad_mask[self._check_slot(slot)] = self._component_mask("components", components)
+
+    def set_segments(
+        self,
+        seg_offsets: torch.Tensor | None,
+        seg_adapter: torch.Tensor | None = None,
+        rank_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Route rows to slots; ``rank_mask`` ``[S, rank]`` overrides the slots' masks per segment.
+
+        PreLort trains one slot under several truncations in one pass: give each truncation its
+        own segment with the same slot and its own prefix mask.
+        """
+        super().set_segments(seg_offsets, seg_adapter)
+        self.seg_rank_mask = rank_mask
+
+    # ---------------------------------------------------------------- forward
+    def _segment_rank_mask(self) -> torch.Tensor:
+        if self.seg_rank_mask is not None:
+            return self.seg_rank_mask
+        if self.seg_offsets is None:
+            return self.rank_mask[:1]
+        adapter = self.seg_adapter
+        if adapter is None:
+            adapter = torch.arange(self.seg_offsets.numel() - 1, device=self.rank_mask.device)
+            if self.num_clients == 1:
+                adapter = torch.zeros_like(adapter)
+        return self.rank_mask[adapter.to(self.rank_mask.device)]
+
+    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A, self.lora_B
+        if A.dtype != x.dtype:
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        return fk.masked_lora(
+            x,
+            A,
+            B,
+            scale=self.scale,
+            rank_mask=self._segment_rank_mask(),
+            grad_mask=self.grad_mask,
+            seg_offsets=self.seg_offsets,
+            seg_adapter=self.seg_adapter,
+        )
+
+    def delta_weight(self, slot: int = 0) -> torch.Tensor:
+        """``scale · B_c diag(rank_mask_c) A_c`` as ``[d_out, d_in]`` float32."""
+        self._check_slot(slot)
+        m = self.rank_mask[slot].float()
+        return (
+            (self.lora_B[slot].detach().float() * m)
+            @ self.lora_A[slot].detach().float()
+            * self.scale
+        )
+
+    # ---------------------------------------------------------------- state-dict contract
+    def adapter_state(self, slot: int = 0) -> dict[str, torch.Tensor]:
+        """``lora_A.weight`` ``[rank, d_in]`` and ``lora_B.weight`` ``[d_out, rank]`` of ``slot``."""
+        self._check_slot(slot)
+        return {
+            "lora_A.weight": self.lora_A[slot].detach(),
+            "lora_B.weight": self.lora_B[slot].detach(),
+        }
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor], slot: int = 0) -> None:
+        """Load A/B into ``slot``; a rank prefix (``[r, d_in]``, ``[d_out, r]``, r ≤ rank) loads into
+        the first ``r`` components, zeroes the others and truncates the slot to rank ``r``."""
+        self._check_slot(slot)
+        if "lora_A.weight" not in state or "lora_B.weight" not in state:
+            raise KeyError("adapter state needs both 'lora_A.weight' and 'lora_B.weight'")
+        A, B = state["lora_A.weight"], state["lora_B.weight"]
+        r = A.shape[0] if A.dim() == 2 else -1
+        if A.dim() != 2 or A.shape[1] != self.in_features or not 0 <= r <= self.rank:
+            raise ValueError(
+                f"lora_A.weight must have shape [r <= {self.rank}, {self.in_features}], got {list(A.shape)}"
+            )
+        if tuple(B.shape) != (self.out_features, r):
+            raise ValueError(
+                f"lora_B.weight must have shape [{self.out_features}, {r}] to match lora_A.weight, got {list(B.shape)}"
+            )
+        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+            raise ValueError("adapter state holds NaN or inf")
+        with torch.no_grad():
+            self.lora_A[slot].zero_()
+            self.lora_B[slot].zero_()
+            self.lora_A[slot, :r].copy_(A)
+            self.lora_B[slot, :, :r].copy_(B)
+        self.set_rank(r if r < self.rank else None, slot)

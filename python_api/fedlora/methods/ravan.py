@@ -1,0 +1,186 @@
+"""Ravan: multi-head LoRA with frozen shared bases; clients train a budget of heads.
+
+Client side. Every layer is a :class:`fedlora.RavanLinear` whose bases ``A_i``, ``B_i`` derive from a
+shared seed, so only the cores travel. Client ``c`` with budget ``K_c`` trains ``K_c`` heads in
+every layer, chosen per layer by a score (:func:`select_heads`):
+
+- ``"weight"``: ``‖s_i H_i‖_F`` of the current (global) adapter;
+- ``"gradient"``: ``‖∂L/∂H_i‖_F`` on the first local batch (run one forward/backward with all heads
+  trainable before selecting; the gradients are read from ``lora_H.grad``);
+- ``"random"``: a seeded random choice.
+
+Ties (e.g. ``H = 0`` in the first round, where every weight score is 0) are broken by a seeded
+random order, so clients do not all pick heads 0..K-1. The upload (:func:`client_update`) is
+``s_i·H_i`` for every head with ``s = 1`` plus which heads were trained (metadata).
+
+Server side (:func:`aggregate`). Per layer and head ``i``, over the clients ``S_i`` that trained
+it: ``H_i ← Σ_{k∈S_i} p_k s_i^k H_i^k / Σ_{k∈S_i} p_k``, unchanged (``s_i H_i`` of the global) if
+``S_i`` is empty; then ``s_i ← 1``. With every head trained by every client this is exactly
+``Σ_k p_k ΔW_k`` (the bases are shared), so the aggregation error is 0 up to rounding.
+
+State-dict keys: ``<path>.lora_H`` ``[h, r, r]`` and ``<path>.lora_s`` ``[h]``; any other key (a
+classifier head) is weighted-averaged over all accepted clients. ``metas[k]`` may hold
+``{"heads": {<path>: [trained head indices]}}``; a layer missing there counts as fully trained.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import fedlora_kernels as fk
+from fedlora.layers.ravan import RavanLinear
+
+SCORES = ("weight", "gradient", "random")
+
+
+def ravan_layers(model: nn.Module) -> list[tuple[str, RavanLinear]]:
+    """``(path, layer)`` of every :class:`RavanLinear` in ``model``."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, RavanLinear)]
+    if not layers:
+        raise ValueError("model has no RavanLinear layers: fedlora.inject(model, 'ravan', ...)")
+    return layers
+
+
+def head_scores(
+    model: nn.Module, score: str = "weight", *, slot: int = 0
+) -> dict[str, torch.Tensor]:
+    """Per-layer head scores ``[h]`` used by :func:`select_heads` (``"weight"`` or ``"gradient"``)."""
+    if score not in ("weight", "gradient"):
+        raise ValueError(f"score must be 'weight' or 'gradient' here, got {score!r}")
+    out = {}
+    for path, layer in ravan_layers(model):
+        layer._check_slot(slot)
+        if score == "weight":
+            core = layer.lora_H[slot].detach() * layer.lora_s[slot].detach()[:, None, None]
+        else:
+            if layer.lora_H.grad is None:
+                raise ValueError(
+                    f"score='gradient' needs lora_H.grad of {path!r}: run forward/backward on the "
+                    "first local batch with all heads trainable before selecting"
+                )
+            core = layer.lora_H.grad[slot]
+        out[path] = torch.linalg.matrix_norm(core.float()).cpu()
+    return out
+
+
+def select_heads(
+    model: nn.Module,
+    budget: int,
+    score: str = "weight",
+    *,
+    slot: int = 0,
+    seed: int = 0,
+) -> dict[str, list[int]]:
+    """Choose ``budget`` heads per layer for ``slot`` and make only those trainable.
+
+    Returns ``{path: sorted head indices}`` (the same count in every layer). ``seed`` drives the
+    ``"random"`` score and the tie-breaking order; use a different seed per client and round.
+    """
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    layers = ravan_layers(model)
+    heads = layers[0][1].heads
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= heads:
+        raise ValueError(f"budget must be an int in [1, {heads}] (heads per layer), got {budget!r}")
+    scores = head_scores(model, score, slot=slot) if score != "random" else None
+    selection: dict[str, list[int]] = {}
+    for path, layer in layers:
+        gen = torch.Generator().manual_seed((int(seed) * 7919 + zlib.crc32(path.encode())) % 2**31)
+        order = torch.randperm(layer.heads, generator=gen)
+        if scores is not None:
+            # stable sort of a random permutation by descending score: ties fall in random order
+            ranked = order[torch.sort(-scores[path][order], stable=True).indices]
+        else:
+            ranked = order
+        chosen = sorted(ranked[:budget].tolist())
+        layer.set_trainable_heads(chosen, slot)
+        selection[path] = chosen
+    return selection
+
+
+def client_update(
+    model: nn.Module, *, slot: int = 0, modules_to_save: Sequence[str] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """What a client uploads after local training: ``(state, meta)``.
+
+    ``state[<path>.lora_H] = s ⊙ H`` (all heads, float32), ``state[<path>.lora_s] = 1``, plus the
+    ``modules_to_save`` parameters; ``meta = {"heads": {path: trained heads}}``.
+    """
+    from fedlora.state_dict import get_adapter_state_dict
+
+    state = get_adapter_state_dict(model, slot=slot, modules_to_save=modules_to_save)
+    heads = {}
+    for path, layer in ravan_layers(model):
+        h_key, s_key = f"{path}.lora_H", f"{path}.lora_s"
+        state[h_key] = state[h_key] * state[s_key][:, None, None]
+        state[s_key] = torch.ones_like(state[s_key])
+        heads[path] = layer.trainable_heads(slot)
+    return state, {"heads": heads}
+
+
+def _folded(state: dict[str, torch.Tensor], path: str) -> torch.Tensor:
+    """``s_i H_i`` of one layer as ``[h, r·r]`` float32."""
+    H = state[f"{path}.lora_H"].float()
+    s = state.get(f"{path}.lora_s")
+    if s is not None:
+        H = H * s.float()[:, None, None]
+    return H.reshape(H.shape[0], -1)
+
+
+def aggregate(
+    global_state: dict[str, torch.Tensor],
+    client_states: Sequence[dict[str, torch.Tensor]],
+    weights: torch.Tensor,
+    metas: Sequence[dict[str, Any]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Ravan's server rule (see the module docstring); inputs validated by ``fedlora.aggregate``.
+
+    ``weights`` are the clients' normalised ``p_k``. Returns the new global state and metrics:
+    ``aggregation_error`` (relative, measured in core space, which equals ΔW space for the
+    default orthonormal bases) and ``heads_trained`` (per layer, how many clients trained each
+    head).
+    """
+    paths = [k[: -len(".lora_H")] for k in global_state if k.endswith(".lora_H")]
+    if not paths:
+        raise ValueError("global_state has no '<path>.lora_H' keys: not a Ravan adapter state")
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    new_state: dict[str, torch.Tensor] = {}
+    err_num, err_den = 0.0, 0.0
+    heads_trained: dict[str, list[int]] = {}
+    for path in paths:
+        g = _folded(global_state, path)
+        h = g.shape[0]
+        clients = [_folded(cs, path) for cs in client_states]
+        mask = torch.ones(len(clients), h)
+        for k, meta in enumerate(metas):
+            trained = (meta or {}).get("heads", {}).get(path)
+            if trained is not None:
+                mask[k] = 0
+                mask[k, list(trained)] = 1
+        new = fk.masked_weighted_mean(clients, w, mask, rank_dim=0, fallback=g)
+        H_shape = global_state[f"{path}.lora_H"].shape
+        dtype = global_state[f"{path}.lora_H"].dtype
+        new_state[f"{path}.lora_H"] = new.reshape(H_shape).to(dtype)
+        s_key = f"{path}.lora_s"
+        if s_key in global_state:
+            new_state[s_key] = torch.ones_like(global_state[s_key])
+        heads_trained[path] = mask.sum(0).int().tolist()
+        # ideal: Σ_k p_k ΔW_k with each client's own core (untrained heads hold the global's)
+        client_full = torch.stack(
+            [torch.where(m[:, None] > 0, c, g) for c, m in zip(clients, mask, strict=True)]
+        )
+        ideal = torch.einsum("k,kq->q", w / w.sum(), client_full.reshape(len(clients), -1))
+        err_num += float((ideal - new.reshape(-1)).square().sum())
+        err_den += float(ideal.square().sum())
+    for key, value in global_state.items():
+        if key in new_state or key.endswith((".lora_H", ".lora_s")):
+            continue
+        stacked = torch.stack([cs[key].float() for cs in client_states])
+        new_state[key] = torch.einsum("k,k...->...", w / w.sum(), stacked).to(value.dtype)
+    error = (err_num**0.5) / (err_den**0.5) if err_den > 0 else 0.0
+    return new_state, {"aggregation_error": error, "heads_trained": heads_trained}

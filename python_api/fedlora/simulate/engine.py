@@ -1,0 +1,485 @@
+"""The federated training loop: data, model, rounds, the two engines, metrics and checkpoints.
+
+``sequential`` trains one client after another on a one-slot model (how FL frameworks
+simulate). ``batched`` builds the model with one adapter slot per client and trains the whole
+round in one forward/backward per step: each client's batch is a segment, the loss is the sum of
+per-client mean losses (so each client's gradient is exactly its own), optimizer state is
+stacked per slot, and clients with fewer local steps are masked out of later steps. Both engines
+run the same code on the same batches (every random choice is keyed by seed, round and client),
+so they give the same numbers up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlora.simulate.config import Budget, ConfigError, SimConfig, parse_budgets
+from fedlora.simulate.optim import SlotAdamW
+from fedlora.simulate.rules import ClientRule, make_rule
+from fedlora.state_dict import get_adapter_state_dict, set_adapter_state_dict, slotted_modules
+
+EVAL_BATCH = 64
+
+
+# ------------------------------------------------------------------------------------- data
+@dataclass
+class Tokenized:
+    """A tokenized split: fixed-length ``input_ids`` / ``attention_mask`` ``[N, L]``, ``labels``."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def take(self, idx: list[int] | torch.Tensor) -> Tokenized:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Tokenized(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
+
+
+def load_dataset(cfg: SimConfig):
+    """The configured data set: ``--data`` file or the standard-library topics set."""
+    from fedlora.data import build_stdlib_topics, load_text_file
+
+    if cfg.data is None:
+        return build_stdlib_topics()
+    try:
+        return load_text_file(cfg.data)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"--data: {err}") from None
+
+
+def tokenize_split(
+    tokenizer: Any, texts: list[str], labels: list[int], max_length: int
+) -> Tokenized:
+    enc = tokenizer(
+        list(texts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    return Tokenized(
+        enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels, dtype=torch.long)
+    )
+
+
+def client_batches(
+    indices: list[int], batch_size: int, steps: int, seed: int, round_idx: int, client: int
+) -> list[list[int]]:
+    """``steps`` batches for one client in one round: a fresh seeded shuffle, cycled as needed."""
+    gen = torch.Generator().manual_seed(_key(seed, round_idx, client))
+    order: list[int] = []
+    need = steps * batch_size
+    while len(order) < need:
+        order += [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
+    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+
+
+def _key(*parts: int) -> int:
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) % 2**61
+    return h % 2**31
+
+
+# ------------------------------------------------------------------------------------- model
+def build_model(
+    cfg: SimConfig, num_labels: int, num_slots: int, rule: ClientRule, encoder_and_tok=None
+):
+    """Encoder with injected adapters (``num_slots`` slots) and a slotted classifier head."""
+    from fedlora.inject import inject
+    from fedlora.layers.head import SlottedLinear
+    from fedlora.models import SequenceClassifier, load_encoder
+
+    encoder, tokenizer = encoder_and_tok or load_encoder(cfg.model)
+    model = SequenceClassifier(encoder, num_labels)
+    gen = torch.Generator().manual_seed(_key(cfg.seed, 7))
+    head = nn.Linear(model.classifier.in_features, num_labels)
+    with torch.no_grad():
+        bound = 1.0 / math.sqrt(head.in_features)
+        head.weight.uniform_(-bound, bound, generator=gen)
+        head.bias.zero_()
+    try:
+        inject(
+            model.encoder,
+            cfg.method,
+            target_modules=cfg.target_modules,
+            seed=cfg.seed,
+            num_clients=num_slots,
+            **rule.layer_options(),
+        )
+    except ValueError as err:
+        raise ConfigError(f"--target-modules: {err}") from None
+    model.classifier = SlottedLinear(head, num_slots)
+    model.eval()  # dropout off: the frozen base is deterministic, engines agree
+    rule.setup(model)
+    return model, tokenizer
+
+
+def set_segments(
+    model: nn.Module,
+    offsets: torch.Tensor | None,
+    slots: torch.Tensor | None,
+    tokens: int,
+    rank_mask: torch.Tensor | None = None,
+) -> None:
+    """Route example segments to slots in every slotted module (token rows for adapters)."""
+    from fedlora.layers.head import SlottedLinear
+    from fedlora.layers.lora import LoRALinear
+
+    for _, module in slotted_modules(model):
+        if offsets is None:
+            module.set_segments(None)
+        elif isinstance(module, SlottedLinear):
+            module.set_segments(offsets, slots)
+        elif isinstance(module, LoRALinear):
+            module.set_segments(offsets * tokens, slots, rank_mask)
+        else:
+            module.set_segments(offsets * tokens, slots)
+
+
+# ------------------------------------------------------------------------------------- training
+@dataclass
+class ClientJob:
+    """One client's work in a round."""
+
+    client: int
+    budget: Budget
+    batches: list[list[int]]
+    state: dict[str, torch.Tensor]
+    seed: int
+
+
+def train_group(
+    model: nn.Module,
+    rule: ClientRule,
+    jobs: list[ClientJob],
+    data: Tokenized,
+    cfg: SimConfig,
+    round_idx: int,
+) -> tuple[list[tuple[dict, dict]], list[float]]:
+    """Train ``jobs`` together, client ``i`` in slot ``i``; return uploads and last losses."""
+    rule.start_round(model, round_idx)
+    for slot, job in enumerate(jobs):
+        rule.prepare(model, slot, job.state, job.budget, job.seed)
+    opt = SlotAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    num_slots = opt.num_slots
+    pre = [rule.pre_steps(j.budget) for j in jobs]
+    for slot, job in enumerate(jobs):
+        if pre[slot] == 0:  # nothing to score first: choose what trains now
+            rule.scoring_done(model, slot, job.budget, job.seed)
+    total = [p + j.budget.steps for p, j in zip(pre, jobs, strict=True)]
+    last_loss = [float("nan")] * len(jobs)
+    seq_len = data.input_ids.shape[1]
+    for step in range(max(total)):
+        active = [i for i, j in enumerate(jobs) if step < total[i]]
+        ids, masks, labels, offsets, slots, weights, owners, rank_masks = (
+            [],
+            [],
+            [],
+            [0],
+            [],
+            [],
+            [],
+            [],
+        )
+        for i in active:
+            batch = data.take(jobs[i].batches[step])
+            truncs = rule.truncations(jobs[i].budget)
+            copies = truncs if truncs is not None else [None]
+            for t in copies:
+                ids.append(batch.input_ids)
+                masks.append(batch.attention_mask)
+                labels.append(batch.labels)
+                offsets.append(offsets[-1] + len(batch.labels))
+                slots.append(i)
+                weights.append(1.0 / len(copies))
+                owners.append(i)
+                if t is not None:
+                    m = torch.zeros(cfg.rank)
+                    m[:t] = 1
+                else:
+                    m = _slot_rank_mask(model, i, cfg.rank)
+                rank_masks.append(m)
+        off = torch.tensor(offsets)
+        set_segments(model, off, torch.tensor(slots), seq_len, torch.stack(rank_masks))
+        logits = model(torch.cat(ids), torch.cat(masks))
+        y = torch.cat(labels)
+        loss = logits.new_zeros(())
+        per_client: dict[int, float] = {}
+        for s in range(len(slots)):
+            seg = F.cross_entropy(
+                logits[offsets[s] : offsets[s + 1]], y[offsets[s] : offsets[s + 1]]
+            )
+            loss = loss + weights[s] * seg
+            per_client[owners[s]] = per_client.get(owners[s], 0.0) + weights[s] * seg.item()
+        opt.zero_grad()
+        loss.backward()
+        rule.after_backward(model, active)
+        train_now = torch.zeros(num_slots, dtype=torch.bool)
+        for i in active:
+            if step >= pre[i]:
+                train_now[i] = True
+                last_loss[i] = per_client[i]
+        opt.step(train_now)
+        for i in active:
+            if step + 1 == pre[i]:
+                rule.scoring_done(model, i, jobs[i].budget, jobs[i].seed)
+    set_segments(model, None, None, seq_len)
+    uploads = [rule.upload(model, slot, job.budget) for slot, job in enumerate(jobs)]
+    return uploads, last_loss
+
+
+def _slot_rank_mask(model: nn.Module, slot: int, rank: int) -> torch.Tensor:
+    from fedlora.layers.lora import LoRALinear
+
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            return m.rank_mask[slot].detach().cpu().clone()
+    return torch.ones(rank)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, global_state: dict[str, torch.Tensor], data: Tokenized
+) -> tuple[float, float]:
+    """Accuracy and mean loss of the global adapter (loaded into slot 0) on ``data``."""
+    set_adapter_state_dict(model, global_state, slot=0)
+    set_segments(model, None, None, 0)
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(data.labels), EVAL_BATCH):
+        sl = slice(start, start + EVAL_BATCH)
+        logits = model(data.input_ids[sl], data.attention_mask[sl])
+        loss_sum += float(F.cross_entropy(logits, data.labels[sl], reduction="sum"))
+        correct += int((logits.argmax(-1) == data.labels[sl]).sum())
+    n = max(1, len(data.labels))
+    return correct / n, loss_sum / n
+
+
+# ------------------------------------------------------------------------------------- run
+@dataclass
+class RunResult:
+    """What :func:`run` returns: the config, per-round metrics and the final global state."""
+
+    config: SimConfig
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    global_state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def run(
+    cfg: SimConfig,
+    out_dir: str | Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    shared=None,
+) -> RunResult:
+    """Run a whole federated experiment; write metrics, plot and checkpoint to ``out_dir``."""
+    from fedlora import aggregate
+    from fedlora.data import dirichlet_partition
+    from fedlora.methods.prefix import nbytes
+
+    cfg.validate()
+    budgets = parse_budgets(cfg)
+    out = Path(out_dir) if out_dir is not None else None
+    result = RunResult(cfg)
+    start_round = 0
+    ckpt = None
+    if out is not None:
+        ckpt = _check_out_dir(out, cfg, resume)
+    torch.manual_seed(cfg.seed)
+    dataset = shared["dataset"] if shared else load_dataset(cfg)
+    train, test = dataset.train, dataset.test
+    parts = dirichlet_partition(train.labels, cfg.clients, cfg.dirichlet_alpha, seed=cfg.seed)
+    if cfg.max_train_per_client:
+        parts = [p[: cfg.max_train_per_client] for p in parts]
+    weights = [float(len(p)) for p in parts]
+    rule = make_rule(cfg, budgets)
+    num_slots = cfg.clients if cfg.engine == "batched" else 1
+    model, tokenizer = build_model(
+        cfg, dataset.num_classes, num_slots, rule, shared.get("encoder") if shared else None
+    )
+    train_tok = tokenize_split(tokenizer, train.texts, train.labels, cfg.max_length)
+    test_idx = list(range(len(test.labels)))[: cfg.max_test or None]
+    test_tok = tokenize_split(
+        tokenizer,
+        [test.texts[i] for i in test_idx],
+        [test.labels[i] for i in test_idx],
+        cfg.max_length,
+    )
+    global_state = get_adapter_state_dict(model, slot=0)
+    if ckpt is not None:
+        global_state, result.rounds = ckpt
+        start_round = len(result.rounds)
+        log(f"resuming {out} at round {start_round + 1}/{cfg.rounds}")
+
+    bar = _progress(cfg.rounds, start_round, progress)
+    for r in range(start_round, cfg.rounds):
+        t0 = time.perf_counter()
+        jobs = [
+            ClientJob(
+                k,
+                budgets[k],
+                client_batches(
+                    parts[k],
+                    cfg.batch_size,
+                    rule.pre_steps(budgets[k]) + budgets[k].steps,
+                    cfg.seed,
+                    r,
+                    k,
+                ),
+                rule.download(global_state, budgets[k]),
+                _key(cfg.seed, r, k, 11),
+            )
+            for k in range(cfg.clients)
+        ]
+        groups = [jobs] if cfg.engine == "batched" else [[j] for j in jobs]
+        uploads, losses = [], []
+        for group in groups:
+            ups, ls = train_group(model, rule, group, train_tok, cfg, r)
+            uploads += ups
+            losses += ls
+        states = [u[0] for u in uploads]
+        metas = [u[1] for u in uploads]
+        new_state, agg = aggregate(cfg.method, global_state, states, weights, metas)
+        global_state = new_state
+        acc, test_loss = evaluate(model, global_state, test_tok)
+        row = {
+            "round": r + 1,
+            "test_accuracy": acc,
+            "test_loss": test_loss,
+            "train_loss": float(sum(losses) / len(losses)),
+            "aggregation_error": float(agg.get("aggregation_error", float("nan"))),
+            "bytes_up": int(sum(nbytes(s) for s in states)),
+            "bytes_down": int(sum(nbytes(j.state) for j in jobs)),
+            "clients_used": int(
+                agg.get("clients_used", len(states))
+                if not isinstance(agg.get("clients_used"), list)
+                else len(agg["clients_used"])
+            ),
+            "rejected": agg.get("rejected", []),
+            "seconds": time.perf_counter() - t0,
+        }
+        result.rounds.append(row)
+        bar_write = bar.write if bar is not None else log
+        bar_write(
+            f"round {r + 1:3d}/{cfg.rounds}  acc {acc:.3f}  loss {test_loss:.3f}  "
+            f"agg-err {row['aggregation_error']:.2e}  up {row['bytes_up'] / 2**20:.2f} MiB  "
+            f"down {row['bytes_down'] / 2**20:.2f} MiB  {row['seconds']:.1f}s"
+        )
+        if bar is not None:
+            bar.update(1)
+        if out is not None:
+            write_outputs(out, cfg, result.rounds, global_state)
+    if bar is not None:
+        bar.close()
+    result.global_state = global_state
+    return result
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="rounds", unit="round", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------- outputs
+CKPT_JSON, CKPT_TENSORS = "checkpoint.json", "checkpoint.safetensors"
+
+
+def _check_out_dir(out: Path, cfg: SimConfig, resume: bool):
+    """Refuse to mix runs; return ``(global_state, rounds)`` to resume, or None to start fresh."""
+    meta_path = out / CKPT_JSON
+    if not meta_path.exists():
+        if resume:
+            raise ConfigError(f"--resume: {out} holds no checkpoint to resume")
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("config_fingerprint") != cfg.fingerprint():
+        raise ConfigError(
+            f"--out {out} holds a run of a different config; choose another directory"
+        )
+    if not resume:
+        raise ConfigError(f"--out {out} already holds this run; pass --resume to continue it")
+    from safetensors.torch import load_file
+
+    return load_file(str(out / CKPT_TENSORS)), meta["rounds"]
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(
+    out: Path, cfg: SimConfig, rounds: list[dict], global_state: dict[str, torch.Tensor]
+) -> None:
+    """metrics.json, metrics.csv, curves.png and the checkpoint (tensors first, then the JSON
+    that points at them, each written atomically)."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in global_state.items()}
+    _atomic_write(out / CKPT_TENSORS, lambda p: save_file(tensors, p))
+    meta = {"config": cfg.to_json(), "config_fingerprint": cfg.fingerprint(), "rounds": rounds}
+    _atomic_write(out / CKPT_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    _atomic_write(
+        out / "metrics.json",
+        lambda p: Path(p).write_text(
+            json.dumps({"config": cfg.to_json(), "rounds": rounds}, indent=1)
+        ),
+    )
+    cols = [
+        "round",
+        "test_accuracy",
+        "test_loss",
+        "train_loss",
+        "aggregation_error",
+        "bytes_up",
+        "bytes_down",
+        "clients_used",
+        "seconds",
+    ]
+    lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rounds]
+    _atomic_write(out / "metrics.csv", lambda p: Path(p).write_text("\n".join(lines) + "\n"))
+    plot_curves({cfg.method: rounds}, out / "curves.png")
+
+
+def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
+    """Accuracy and loss per round, one line per run, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, rounds in runs.items():
+        x = [r["round"] for r in rounds]
+        ax1.plot(x, [r["test_accuracy"] for r in rounds], marker="o", label=name)
+        ax2.plot(x, [r["test_loss"] for r in rounds], marker="o", label=name)
+    ax1.set(xlabel="round", ylabel="test accuracy", title="global test accuracy")
+    ax2.set(xlabel="round", ylabel="test loss", title="global test loss")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
