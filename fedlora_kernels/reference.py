@@ -184,3 +184,55 @@ def masked_adamw_(
     exp_avg.copy_(torch.where(keep, m_new.to(exp_avg.dtype), exp_avg))
     exp_avg_sq.copy_(torch.where(keep, v_new.to(exp_avg_sq.dtype), exp_avg_sq))
 
+
+def masked_mean_coefficients(
+    weights: torch.Tensor, mask: torch.Tensor | None, ranks: list[int], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-client, per-rank-index coefficients of :func:`masked_weighted_mean` and their sums.
+
+    ``coef[k, j] = w_k · m_kj`` for ``j < r_k`` and 0 beyond the client's rank ``r_k``; ``den[j] =
+    Σ_k coef[k, j]`` (a fixed-order float32 reduction). The Triton path uses the same two tensors,
+    so both paths divide by bitwise the same denominators.
+    """
+    idx = torch.arange(rank, device=weights.device)
+    held = idx[None, :] < torch.tensor(ranks, device=weights.device)[:, None]
+    coef = weights.to(torch.float32)[:, None] * held.to(torch.float32)
+    if mask is not None:
+        coef = coef * mask.to(torch.float32)
+    return coef, coef.sum(0)
+
+
+def masked_weighted_mean(
+    tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    rank_dim: int,
+    fallback: torch.Tensor | None,
+    rank: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Masked weighted mean over clients of tensors whose size along ``rank_dim`` may differ.
+
+    ``out[j] = Σ_k w_k m_kj X_k[j] / Σ_k w_k m_kj`` along ``rank_dim`` (of full size ``rank``),
+    where client ``k`` of rank ``r_k`` has ``m_kj = 0`` for ``j ≥ r_k``; ``fallback[j]`` (or 0)
+    where the denominator is 0. Accumulates in float32 in client order; elements with a zero
+    coefficient are never read into the sum (a masked-out NaN does not propagate). Returns a new
+    tensor of ``dtype``.
+    """
+    ranks = [int(x.shape[rank_dim]) for x in tensors]
+    coef, den = masked_mean_coefficients(weights, mask, ranks, rank)
+    shape = list(fallback.shape if fallback is not None else tensors[0].shape)
+    shape[rank_dim] = rank
+    device = fallback.device if fallback is not None else tensors[0].device
+    num = torch.zeros(shape, dtype=torch.float32, device=device)
+    view = [1] * len(shape)
+    view[rank_dim] = -1
+    for k, x in enumerate(tensors):
+        c = coef[k, : ranks[k]].view(view)
+        contrib = torch.where(c != 0, x.to(torch.float32) * c, 0.0)
+        num.narrow(rank_dim, 0, ranks[k]).add_(contrib)
+    d = den.view(view)
+    fb = fallback.to(torch.float32) if fallback is not None else torch.zeros((), device=device)
+    out = torch.where(d > 0, num / torch.where(d > 0, d, 1.0), fb)
+    return out.to(dtype)

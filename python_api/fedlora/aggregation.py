@@ -1,0 +1,523 @@
+"""The server side of every method on plain state dicts: :func:`aggregate` and :class:`Aggregator`.
+
+Any FL framework (Flower, OpenFedLLM, FederatedScope, NVFlare) can call these with nothing but
+PEFT-style state dicts (DESIGN §2): no model is needed.
+
+What the dispatcher does before a method's rule runs (the rules in :mod:`fedlora.methods` receive
+validated inputs and never see a bad client):
+
+- ``global_state`` is checked (tensors, finite, every ``lora_A`` paired with its ``lora_B`` by
+  module path, ranks consistent); bad global input raises ``ValueError``/``TypeError`` naming the
+  key. Keys a previous round returned as instructions for the clients (``lora_merge_*``,
+  ``lora_residual_*``) are ignored, so a returned state can be passed back as is.
+- ``weights`` (e.g. the clients' numbers of examples) must be finite and non-negative, not all
+  zero; they are normalised over the accepted clients.
+- Each client is checked: a mapping of the global's keys (the method may allow some to be
+  missing, e.g. FFA-LoRA's frozen ``A``), no extra keys, floating tensors of the right shapes (the
+  method says whether client ranks must equal the global's, be a prefix, or be indexed), finite
+  values, and the method's own meta checks. A client that fails is **rejected, not raised**:
+  ``metrics["rejected"]`` names it (index, key, reason) and the others are aggregated
+  (``strict=True`` raises instead). Client tensors are moved to the global's device and dtype.
+- Nothing the caller passed is modified; the returned state shares no storage with the inputs.
+
+``metrics`` always holds ``method``, ``clients_total``, ``clients_used``, ``used`` (indices),
+``weights`` (normalised, per used client), ``rejected``, ``bytes_uploaded`` (tensor bytes of all
+received states and metas) and ``aggregation_error`` (:mod:`fedlora.metrics`; NaN when not
+computed), plus ``aggregation_error_per_layer`` and whatever the method reports.
+
+A method is a module ``fedlora.methods.<name>`` with ``aggregate(global_state, client_states,
+weights, metas, **options) -> (new_state, extra_metrics)`` and optionally: ``RANKS`` (``"equal"``
+default, ``"prefix"``: client rank ``r_k ≤ R`` holding the leading components, ``"indexed"``:
+``r_k ≤ R`` components placed by the meta), ``OPTIONAL_SUFFIXES`` (key suffixes a client may
+omit), ``check_client(global_state, state, meta)`` raising
+:class:`fedlora.methods._common.ClientRejected`, and ``stream_add`` / ``stream_result`` for
+:class:`Aggregator`. A method that reports ``aggregation_error`` itself (Ravan) is trusted;
+otherwise it is computed here from the LoRA factors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from fedlora.methods._common import (
+    A_SUFFIX,
+    B_SUFFIX,
+    SERVER_SUFFIXES,
+    ClientRejected,
+    MaskedAccumulator,
+    a_key,
+    b_key,
+    ideal_terms,
+    lora_paths,
+)
+from fedlora.metrics import error_parts, relative_error
+
+__all__ = ["METHODS", "STREAMING_METHODS", "Aggregator", "aggregate", "get_method"]
+
+METHODS = (
+    "fedit",
+    "ffa",
+    "hetlora",
+    "flexlora",
+    "flora",
+    "fedex",
+    "ravan",
+    "hafl",
+    "prelort",
+    "florana",
+)
+"""Names accepted by :func:`aggregate`; each is the module ``fedlora.methods.<name>``."""
+
+STREAMING_METHODS = ("fedit", "ffa", "hetlora", "prelort", "hafl")
+"""Methods whose rule is an exact running sum, usable with :class:`Aggregator`."""
+
+_RANK_POLICIES = ("equal", "prefix", "indexed")
+
+
+def get_method(method: str) -> ModuleType:
+    """The module implementing ``method`` (imported on first use)."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return importlib.import_module(f"fedlora.methods.{method}")
+
+
+def _check_options(impl: ModuleType, method: str, fn: Any, options: Mapping[str, Any]) -> None:
+    params = inspect.signature(fn).parameters
+    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for name in options:
+        if name not in allowed:
+            takes = ", ".join(allowed) if allowed else "no options"
+            raise TypeError(f"unknown option {name!r} for method {method!r} (it takes: {takes})")
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _nonfinite_key(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> str | None:
+    """First of ``keys`` holding NaN/inf (one fused norm over all tensors on the common path)."""
+    tensors = [state[k] for k in keys if state[k].numel()]
+    if not tensors:
+        return None
+    norms = torch._foreach_norm(tensors)
+    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+        return None
+    for k in keys:
+        if not bool(torch.isfinite(state[k]).all()):
+            return k
+    # finite values whose squared norm overflows: treat the largest as the culprit
+    return max(keys, key=lambda k: float(state[k].abs().max()) if state[k].numel() else 0.0)
+
+
+def _check_global(global_state: Any) -> dict[str, torch.Tensor]:
+    """Validated shallow copy of the global state without client-instruction keys."""
+    if not isinstance(global_state, Mapping):
+        raise TypeError(
+            f"global_state must be a dict of str -> Tensor, got {type(global_state).__name__}"
+        )
+    g: dict[str, torch.Tensor] = {}
+    for key, value in global_state.items():
+        if not isinstance(key, str):
+            raise TypeError(f"global_state keys must be str, got {key!r}")
+        if key.endswith(SERVER_SUFFIXES):
+            continue
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TypeError(f"global_state[{key!r}] must be a floating-point tensor, got {what}")
+        g[key] = value
+    if not g:
+        raise ValueError("global_state has no tensors")
+    for key in g:
+        if key.endswith(A_SUFFIX) and key[: -len(A_SUFFIX)] + B_SUFFIX not in g:
+            raise ValueError(f"global_state has {key!r} without its lora_B ({B_SUFFIX})")
+        if key.endswith(B_SUFFIX) and key[: -len(B_SUFFIX)] + A_SUFFIX not in g:
+            raise ValueError(f"global_state has {key!r} without its lora_A ({A_SUFFIX})")
+    for path in lora_paths(g):
+        A, B = g[a_key(path)], g[b_key(path)]
+        if A.dim() == 2 and (B.dim() != 2 or B.shape[1] != A.shape[0]):
+            raise ValueError(
+                f"global_state[{b_key(path)!r}] must be [d_out, R={A.shape[0]}] to pair with "
+                f"lora_A {list(A.shape)}, got {list(B.shape)}"
+            )
+    bad = _nonfinite_key(g, list(g))
+    if bad is not None:
+        raise ValueError(f"global_state[{bad!r}] contains NaN/inf")
+    return g
+
+
+def _check_weights(weights: Any, n: int) -> list[float]:
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1:
+            raise ValueError(f"weights must be 1-D [C={n}], got shape {list(weights.shape)}")
+        weights = weights.tolist()
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(
+            f"weights must be a sequence of C={n} numbers, got {type(weights).__name__}"
+        )
+    if len(weights) != n:
+        raise ValueError(f"weights must have one entry per client (C={n}), got {len(weights)}")
+    out = []
+    for k, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)):
+            raise TypeError(f"weights[{k}] must be a number, got {w!r}")
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"weights[{k}] must be finite and non-negative, got {w}")
+        out.append(float(w))
+    if n and not any(out):
+        raise ValueError("weights are all zero: no client can contribute")
+    return out
+
+
+def _check_weight(weight: Any) -> float:
+    if isinstance(weight, torch.Tensor) and weight.numel() == 1:
+        weight = weight.item()
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"weight must be a number, got {weight!r}")
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight must be finite and non-negative, got {weight}")
+    return float(weight)
+
+
+def _check_metas(metas: Any, n: int) -> list[Any]:
+    if metas is None:
+        return [{} for _ in range(n)]
+    if isinstance(metas, (str, bytes, Mapping)) or not isinstance(metas, Sequence):
+        raise TypeError(
+            f"metas must be a list of C={n} dicts (or None), got {type(metas).__name__}"
+        )
+    if len(metas) != n:
+        raise ValueError(f"metas must have one entry per client (C={n}), got {len(metas)}")
+    return [{} if m is None else m for m in metas]
+
+
+def _check_client(
+    state: Any, meta: Any, g: Mapping[str, torch.Tensor], impl: ModuleType
+) -> dict[str, torch.Tensor]:
+    """Validated copy of one client's state on the global's device and dtypes, or
+    :class:`ClientRejected` naming the first problem."""
+    if not isinstance(state, Mapping):
+        raise ClientRejected(
+            None, f"state must be a dict of str -> Tensor, got {type(state).__name__}"
+        )
+    if not isinstance(meta, Mapping):
+        raise ClientRejected(None, f"meta must be a dict, got {type(meta).__name__}")
+    optional = tuple(getattr(impl, "OPTIONAL_SUFFIXES", ()))
+    for key in state:
+        if key not in g:
+            raise ClientRejected(str(key), "unexpected key (not in the global state)")
+    for key in g:
+        if key not in state and not (optional and key.endswith(optional)):
+            raise ClientRejected(key, "missing key")
+    policy = getattr(impl, "RANKS", "equal")
+    if policy not in _RANK_POLICIES:
+        raise RuntimeError(f"{impl.__name__}.RANKS must be one of {_RANK_POLICIES}, got {policy!r}")
+    clean: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ClientRejected(key, f"must be a floating-point tensor, got {what}")
+        ref = g[key]
+        flexible = policy != "equal" and ref.dim() == 2 and key.endswith((A_SUFFIX, B_SUFFIX))
+        if not flexible and value.shape != ref.shape:
+            raise ClientRejected(key, f"shape {list(value.shape)} != global {list(ref.shape)}")
+        clean[key] = value.to(device=ref.device, dtype=ref.dtype)
+    if policy != "equal":
+        for path in lora_paths(g):
+            A, B = clean.get(a_key(path)), clean.get(b_key(path))
+            A_g = g[a_key(path)]
+            if A is None or B is None or A_g.dim() != 2:
+                continue
+            full, d_in = A_g.shape
+            d_out = g[b_key(path)].shape[0]
+            if A.dim() != 2 or A.shape[1] != d_in or not 1 <= A.shape[0] <= full:
+                raise ClientRejected(
+                    a_key(path), f"shape {list(A.shape)} is not [r_k <= {full}, d_in={d_in}]"
+                )
+            if B.dim() != 2 or list(B.shape) != [d_out, A.shape[0]]:
+                raise ClientRejected(
+                    b_key(path),
+                    f"shape {list(B.shape)} is not [d_out={d_out}, r_k={A.shape[0]}] "
+                    "(the rank of its lora_A)",
+                )
+    bad = _nonfinite_key(clean, list(clean))
+    if bad is not None:
+        raise ClientRejected(bad, "contains NaN/inf")
+    check = getattr(impl, "check_client", None)
+    if check is not None:
+        check(g, clean, meta)
+    return clean
+
+
+def _payload_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a state or meta (nested dicts/lists; numbers count 8 bytes)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj)
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return 8
+    return 0
+
+
+def _detach_from_inputs(
+    new_state: dict[str, torch.Tensor], inputs: Sequence[Any]
+) -> dict[str, torch.Tensor]:
+    """Clone every output tensor that shares storage with a tensor of the input mappings."""
+    storages = {
+        t.untyped_storage().data_ptr()
+        for s in inputs
+        if isinstance(s, Mapping)
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.numel()
+    }
+    return {
+        k: (v.clone() if v.numel() and v.untyped_storage().data_ptr() in storages else v)
+        for k, v in new_state.items()
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# aggregation error
+# ------------------------------------------------------------------------------------------------
+
+
+def _generic_error(
+    g: Mapping[str, torch.Tensor],
+    new_state: Mapping[str, torch.Tensor],
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+) -> tuple[float, dict[str, float]]:
+    """Model-wide and per-layer relative error of the 2-D LoRA layers, from factors."""
+    diff_total = ideal_total = 0.0
+    per_layer: dict[str, float] = {}
+    for path in lora_paths(g):
+        if g[a_key(path)].dim() != 2 or b_key(path) not in new_state:
+            continue
+        ideal = ideal_terms(client_states, weights, path, g)
+        glob = [(new_state[b_key(path)], new_state[a_key(path)], 1.0)]
+        for b_name, a_name in (
+            ("lora_merge_B", "lora_merge_A"),
+            ("lora_residual_B", "lora_residual_A"),
+        ):
+            if f"{path}.{b_name}" in new_state:
+                glob.append((new_state[f"{path}.{b_name}"], new_state[f"{path}.{a_name}"], 1.0))
+        diff, ref = error_parts(ideal, glob)
+        per_layer[path] = relative_error(diff, ref)
+        diff_total += diff
+        ideal_total += ref
+    if not per_layer:
+        return math.nan, per_layer
+    return relative_error(diff_total, ideal_total), per_layer
+
+
+def _unchanged(g: Mapping[str, torch.Tensor], why: str) -> dict[str, torch.Tensor]:
+    warnings.warn(
+        f"no client update was aggregated ({why}); the global state is unchanged", stacklevel=3
+    )
+    return {k: v.clone() for k, v in g.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+
+
+def aggregate(
+    method: str,
+    global_state: Mapping[str, torch.Tensor],
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float] | torch.Tensor,
+    metas: Sequence[Mapping[str, Any] | None] | None = None,
+    *,
+    error: bool = True,
+    strict: bool = False,
+    **options: Any,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Aggregate one round of client updates with ``method``'s server rule.
+
+    Args:
+        method: one of :data:`METHODS` (``"fedit"``, ``"ffa"``, ``"hetlora"``, ``"flexlora"``,
+            ``"flora"``, ``"fedex"``, ``"ravan"``, ``"hafl"``, ``"prelort"``, ``"florana"``).
+        global_state: the state the clients started from (PEFT-style keys, DESIGN §2).
+        client_states: one uploaded state per client.
+        weights: one non-negative weight per client (default convention: its number of training
+            examples); normalised over the accepted clients.
+        metas: one dict per client with what the method reads (see each method's docstring,
+            e.g. ``{"rank": r_k}`` for HetLoRA/PreLort/FlexLoRA, ``{"updated": ..., "indices":
+            ..., "scores": ...}`` for HAFL, ``{"heads": ...}`` for Ravan); None for none.
+        error: compute the aggregation error (costs Gram products of the stacked factors; turn
+            off on hot paths with many clients).
+        strict: raise ``ValueError`` on the first rejected client instead of skipping it.
+        **options: method options (e.g. ``weighting="data"`` for HetLoRA, ``shared=True`` for
+            FLoRA-NA, ``seed=`` for FLoRA, ``prev_scores=`` for HAFL).
+
+    Returns:
+        ``(new_global_state, metrics)``; see the module docstring for the metrics keys. When no
+        client is usable the global state is returned unchanged (a copy) with a warning.
+    """
+    impl = get_method(method)
+    _check_options(impl, method, impl.aggregate, options)
+    g = _check_global(global_state)
+    if isinstance(client_states, Mapping) or not isinstance(client_states, Sequence):
+        raise TypeError(
+            f"client_states must be a list of state dicts, got {type(client_states).__name__}"
+        )
+    n = len(client_states)
+    w_all = _check_weights(weights, n)
+    metas_all = _check_metas(metas, n)
+
+    used: list[int] = []
+    clean_states: list[dict[str, torch.Tensor]] = []
+    rejected: list[dict[str, Any]] = []
+    for k, (state, meta) in enumerate(zip(client_states, metas_all, strict=True)):
+        try:
+            clean_states.append(_check_client(state, meta, g, impl))
+            used.append(k)
+        except ClientRejected as exc:
+            if strict:
+                raise ValueError(f"client_states[{k}] rejected: {exc}") from None
+            rejected.append({"client": k, "key": exc.key, "reason": exc.reason})
+    metrics: dict[str, Any] = {
+        "method": method,
+        "clients_total": n,
+        "clients_used": 0,
+        "used": [],
+        "weights": [],
+        "rejected": rejected,
+        "bytes_uploaded": sum(_payload_bytes(s) for s in client_states)
+        + sum(_payload_bytes(m) for m in metas_all),
+        "aggregation_error": math.nan,
+        "aggregation_error_per_layer": {},
+    }
+    total = sum(w_all[k] for k in used)
+    if not used or total <= 0:
+        why = "every client was rejected" if not used else "the accepted clients' weights are 0"
+        return _unchanged(g, why), metrics
+
+    p = [w_all[k] / total for k in used]
+    used_metas = [metas_all[k] for k in used]
+    new_state, extra = impl.aggregate(dict(g), clean_states, p, used_metas, **options)
+    new_state = _detach_from_inputs(dict(new_state), [global_state, *clean_states, *client_states])
+    metrics.update(clients_used=len(used), used=used, weights=p)
+    if "aggregation_error" in extra:
+        metrics["aggregation_error"] = float(extra.pop("aggregation_error"))
+    elif error:
+        metrics["aggregation_error"], metrics["aggregation_error_per_layer"] = _generic_error(
+            g, new_state, clean_states, p
+        )
+    metrics.update(extra)
+    return new_state, metrics
+
+
+class Aggregator:
+    """Streaming aggregation: ``add`` clients one at a time, then ``result()``.
+
+    For the methods whose rule is an exact running sum (:data:`STREAMING_METHODS`: fedit, ffa,
+    hetlora, prelort, hafl) the result equals :func:`aggregate` on the same clients (up to float
+    rounding of the sums), while only the running sums are held in memory, never the clients.
+    Validation and rejection are those of :func:`aggregate`: a rejected client is reported in
+    the metrics (``add`` returns False) or raises with ``strict=True``.
+
+    ``error=True`` also computes the aggregation error, which needs every client's LoRA factors
+    at the end (its ideal norm couples all pairs of clients): they are then kept, which costs the
+    memory streaming otherwise saves. By default it is off and reported as NaN.
+
+    The global state is copied at construction, so the caller may reuse its dict meanwhile.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        global_state: Mapping[str, torch.Tensor],
+        *,
+        error: bool = False,
+        strict: bool = False,
+        **options: Any,
+    ) -> None:
+        self.method = method
+        self._impl = get_method(method)
+        if not hasattr(self._impl, "stream_add"):
+            raise ValueError(
+                f"method {method!r} cannot stream (its rule needs every client at once); use "
+                f"fedlora.aggregate, or one of {STREAMING_METHODS}"
+            )
+        _check_options(self._impl, method, self._impl.aggregate, options)
+        self._g = {k: v.clone() for k, v in _check_global(global_state).items()}
+        self._options = options
+        self._error = bool(error)
+        self._strict = bool(strict)
+        self._acc = MaskedAccumulator(self._g)
+        self._count = 0
+        self._used: list[int] = []
+        self._weights: list[float] = []
+        self._rejected: list[dict[str, Any]] = []
+        self._bytes = 0
+        self._kept: list[dict[str, torch.Tensor]] = []
+
+    def add(
+        self,
+        state: Mapping[str, torch.Tensor],
+        weight: float,
+        meta: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Add one client's update; returns False if it was rejected (see ``result()[1]``)."""
+        w = _check_weight(weight)
+        k = self._count
+        self._count += 1
+        meta = {} if meta is None else meta
+        self._bytes += _payload_bytes(state) + _payload_bytes(meta)
+        try:
+            clean = _check_client(state, meta, self._g, self._impl)
+        except ClientRejected as exc:
+            if self._strict:
+                raise ValueError(f"client {k} rejected: {exc}") from None
+            self._rejected.append({"client": k, "key": exc.key, "reason": exc.reason})
+            return False
+        self._impl.stream_add(self._acc, clean, w, meta, **self._options)
+        self._used.append(k)
+        self._weights.append(w)
+        if self._error:
+            self._kept.append(
+                {key: t.clone() for key, t in clean.items() if key.endswith((A_SUFFIX, B_SUFFIX))}
+            )
+        return True
+
+    def result(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``(new_global_state, metrics)`` for the clients added so far (same keys as
+        :func:`aggregate`'s metrics)."""
+        total = sum(self._weights)
+        metrics: dict[str, Any] = {
+            "method": self.method,
+            "clients_total": self._count,
+            "clients_used": 0,
+            "used": [],
+            "weights": [],
+            "rejected": list(self._rejected),
+            "bytes_uploaded": self._bytes,
+            "aggregation_error": math.nan,
+            "aggregation_error_per_layer": {},
+        }
+        if not self._used or total <= 0:
+            why = "no client was accepted" if not self._used else "the accepted weights are 0"
+            return _unchanged(self._g, why), metrics
+        new_state, extra = self._impl.stream_result(self._acc, **self._options)
+        new_state = _detach_from_inputs(dict(new_state), [self._g])
+        p = [w / total for w in self._weights]
+        metrics.update(clients_used=len(self._used), used=list(self._used), weights=p)
+        if self._error:
+            metrics["aggregation_error"], metrics["aggregation_error_per_layer"] = _generic_error(
+                self._g, new_state, self._kept, p
+            )
+        metrics.update(extra)
+        return new_state, metrics

@@ -1,0 +1,63 @@
+"""FFA-LoRA: ``A`` stays frozen at its shared-seed initialisation; only ``B`` is trained and
+averaged, ``B_g = Σ p_k B_k``. Exact: ``B_g A = Σ p_k B_k A``.
+
+Clients may omit ``<path>.lora_A.weight`` from their upload; an uploaded ``A`` must equal the
+global's bitwise (a client that changed ``A`` would silently make the average inexact, so it is
+rejected). Other keys are averaged. ``metas`` are not read. Streaming-capable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedlora.methods._common import (
+    A_SUFFIX,
+    ClientRejected,
+    MaskedAccumulator,
+    State,
+    a_key,
+    lora_paths,
+    weighted_average,
+)
+
+RANKS = "equal"
+OPTIONAL_SUFFIXES = (A_SUFFIX,)
+
+
+def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
+    """Reject an uploaded ``A`` that differs from the frozen global ``A``."""
+    for path in lora_paths(global_state):
+        key = a_key(path)
+        if key in state and not torch.equal(state[key], global_state[key]):
+            raise ClientRejected(key, "differs from the frozen global A (FFA-LoRA freezes A)")
+
+
+def aggregate(
+    global_state: State,
+    client_states: Sequence[State],
+    weights: Sequence[float],
+    metas: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """FFA-LoRA's server rule: average ``B`` and the other keys, keep ``A``."""
+    frozen = {a_key(p) for p in lora_paths(global_state)}
+    keys = [k for k in global_state if k not in frozen]
+    new_state = weighted_average(client_states, weights, keys, global_state)
+    new_state.update({k: global_state[k].clone() for k in frozen})
+    return {k: new_state[k] for k in global_state}, {}
+
+
+def stream_add(
+    acc: MaskedAccumulator, state: State, weight: float, meta: Mapping[str, Any]
+) -> None:
+    """Add one client's ``B`` factors and other keys to the running sums."""
+    for key, x in state.items():
+        if not key.endswith(A_SUFFIX):
+            acc.add(key, x, weight)
+
+
+def stream_result(acc: MaskedAccumulator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Averaged ``B`` and other keys, frozen ``A``."""
+    return {key: acc.mean(key) for key in acc.global_state}, {}

@@ -1,0 +1,116 @@
+"""FlexLoRA: heterogeneous ranks through the SVD of the exact average ``ΔW = Σ p_k B_k A_k``.
+
+Server: ``ΔW`` is never formed. With the stacks ``𝔅 = [√p_1 B_1 … √p_K B_K]`` ``[d_out, n]`` and
+``𝔄 = [√p_1 A_1; …; √p_K A_K]`` ``[n, d_in]`` (``n = Σ r_k``), ``ΔW = 𝔅𝔄``; thin QRs
+``𝔅 = Q_B R_B`` and ``𝔄ᵀ = Q_A R_A`` leave the small core ``R_B R_Aᵀ`` ``[≤n, ≤n]`` whose SVD
+``U Σ Vᵀ`` gives ``ΔW = (Q_B U) Σ (Q_A V)ᵀ`` (:func:`factored_svd`, float64). The new global keeps
+the best rank-``R`` approximation in balanced form ``B = U_R Σ_R^½``, ``A = Σ_R^½ V_Rᵀ`` (exact when
+``n ≤ R``); ``metrics["flexlora_energy"][path]`` is the kept fraction ``Σ_{i<R} σ_i² / Σ σ_i²``.
+
+Client side: :func:`client_factors` gives client ``k`` the best rank-``r_k`` factors of the
+global (again from factors only). Clients upload ``A [r_k, d_in]``, ``B [d_out, r_k]`` with
+``r_k ≤ R``; ``metas[k]`` may declare ``{"rank": r_k}`` (or ``{"rank": {path: r_k}}``), checked
+against the shapes. Other keys are ``p_k``-averaged. Not streaming-capable (the SVD needs every
+client's factors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fedlora.methods._common import (
+    State,
+    a_key,
+    b_key,
+    check_declared_rank,
+    copy_other_keys,
+    lora_paths,
+    rank_of,
+)
+
+RANKS = "prefix"
+
+
+def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
+    """Reject a client whose declared rank disagrees with its uploaded shapes."""
+    check_declared_rank(global_state, state, meta)
+
+
+def factored_svd(
+    B: torch.Tensor, A: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(U, S, Vh)`` of ``B @ A`` (``B`` ``[d_out, n]``, ``A`` ``[n, d_in]``) without
+    forming it: QR of each factor, SVD of the ``[≤n, ≤n]`` core. Float64."""
+    Q_B, R_B = torch.linalg.qr(B.to(torch.float64))
+    Q_A, R_A = torch.linalg.qr(A.to(torch.float64).T)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)
+    return Q_B @ U, S, Vh @ Q_A.T
+
+
+def balanced_factors(
+    U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A) = (U_r Σ_r^½, Σ_r^½ V_rᵀ)`` of rank exactly ``rank`` (zero components appended
+    when the SVD has fewer)."""
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    B = U.new_zeros((U.shape[0], rank))
+    A = Vh.new_zeros((rank, Vh.shape[1]))
+    B[:, :k] = U[:, :k] * root
+    A[:k] = root[:, None] * Vh[:k]
+    return B, A
+
+
+def client_factors(global_state: State, rank: int | Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """What client ``k`` downloads: the best rank-``r_k`` balanced factors of every layer of the
+    global (``rank`` an int or ``{path: int}``, ``1 ≤ r_k ≤ R``), other keys whole; copies."""
+    out = {key: value.clone() for key, value in global_state.items()}
+    for path in lora_paths(global_state):
+        r = rank[path] if isinstance(rank, Mapping) else rank
+        full = rank_of(global_state, path)
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= full:
+            raise ValueError(f"rank for {path!r} must be an int in [1, {full}], got {r!r}")
+        A_g, B_g = global_state[a_key(path)], global_state[b_key(path)]
+        B, A = balanced_factors(*factored_svd(B_g, A_g), r)
+        out[a_key(path)] = A.to(A_g.dtype)
+        out[b_key(path)] = B.to(B_g.dtype)
+    return out
+
+
+def aggregate(
+    global_state: State,
+    client_states: Sequence[State],
+    weights: Sequence[float],
+    metas: Sequence[Mapping[str, Any]],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """FlexLoRA's server rule: rank-``R`` SVD of ``Σ p_k B_k A_k`` from factors."""
+    new_state: dict[str, torch.Tensor] = {}
+    energy: dict[str, float] = {}
+    for path in lora_paths(global_state):
+        A_g, B_g = global_state[a_key(path)], global_state[b_key(path)]
+        roots = [float(w) ** 0.5 for w in weights]
+        B_stack = torch.cat(
+            [
+                cs[b_key(path)].to(torch.float64) * s
+                for cs, s in zip(client_states, roots, strict=True)
+            ],
+            dim=1,
+        )
+        A_stack = torch.cat(
+            [
+                cs[a_key(path)].to(torch.float64) * s
+                for cs, s in zip(client_states, roots, strict=True)
+            ],
+            dim=0,
+        )
+        U, S, Vh = factored_svd(B_stack, A_stack)
+        B, A = balanced_factors(U, S, Vh, A_g.shape[0])
+        new_state[a_key(path)] = A.to(A_g.dtype)
+        new_state[b_key(path)] = B.to(B_g.dtype)
+        total = float(S.square().sum())
+        energy[path] = float(S[: A_g.shape[0]].square().sum()) / total if total > 0 else 1.0
+    copy_other_keys(new_state, global_state, client_states, weights)
+    return {k: new_state[k] for k in global_state}, {"flexlora_energy": energy}
