@@ -53,7 +53,7 @@ class SimConfig:
     rounds: int = 5
     local_steps: int = 5
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     dirichlet_alpha: float = 0.3
     budgets: str = "uniform"
