@@ -38,7 +38,7 @@ from .dataset import TextDataset, hash_split, stable_unit
 logger = logging.getLogger(__name__)
 
 #: Bump when the way texts are collected or filtered changes, so old caches are not reused.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: skip methods patched into stdlib classes by other libraries
 
 #: Families with enough docstrings (80+ after filtering in CPython 3.11) and no import side
 #: effects. Order fixes the label indices.
@@ -159,6 +159,8 @@ def _docstrings(module: types.ModuleType) -> Iterator[str]:
                     member = member.__func__
                 elif isinstance(member, property):
                     member = member.fget
+                if inspect.isfunction(member) and getattr(member, "__module__", None) != name:
+                    continue  # patched in by a third-party library (transformers patches logging)
                 if inspect.isfunction(member) or isinstance(member, types.MethodDescriptorType):
                     doc = getattr(member, "__doc__", None)
                     if isinstance(doc, str):
