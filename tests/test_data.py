@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedlora.data import (
     DEFAULT_FAMILIES,
     TextDataset,
@@ -26,6 +27,7 @@ from fedlora.data import (
     load_text_file,
     stable_unit,
 )
+from fedlora.data.stdlib_topics import BUILDER_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +83,10 @@ def test_stdlib_cache_file_and_reuse(stdlib_ds: TextDataset, stdlib_cache: Path)
     files = list(stdlib_cache.glob("stdlib_topics-*.json"))
     assert len(files) == 1
     v = sys.version_info
-    assert f"{v.major}.{v.minor}.{v.micro}" in files[0].name and "-v1-" in files[0].name
+    assert (
+        f"{v.major}.{v.minor}.{v.micro}" in files[0].name
+        and f"-v{BUILDER_VERSION}-" in files[0].name
+    )
     assert not list(stdlib_cache.glob("*.tmp"))  # atomic write left no temp file
     mtime = files[0].stat().st_mtime_ns
     again = build_stdlib_topics(stdlib_cache)
