@@ -159,10 +159,15 @@ def masked_adamw_(
     ``unc ← b2·unc + (1−b2)·|I − ema|`` with the updated ``ema`` (AdaLoRA's order).
     """
     keep = (mask != 0)[:, :, None] if rank_dim == 0 else (mask != 0)[:, None, :]
+    # Every component on (the common case): update in place like torch.optim.AdamW, no select.
+    # Value-dependent, so taken only in eager mode; the traced path is the selecting one.
+    all_on = not torch.compiler.is_compiling() and bool(keep.all())
     step_size, bc2_sqrt = adamw_bias_terms(step, lr, beta1, beta2)
     if isinstance(step_size, torch.Tensor):
         step_size = step_size.view(-1, 1, 1)
         bc2_sqrt = bc2_sqrt.view(-1, 1, 1)
+    # float32 views (the tensors themselves when already float32): written in place only when
+    # all_on, otherwise every new value goes to a temporary first
     p, g = param.float(), grad.float()
     m, v = exp_avg.float(), exp_avg_sq.float()
     if importance is not None:
@@ -170,19 +175,35 @@ def masked_adamw_(
         sens = (p * g).abs()
         ema_new = ema.float() * ib1 + sens * (1 - ib1)
         unc_new = unc.float() * ib2 + (sens - ema_new).abs() * (1 - ib2)
-        ema.copy_(torch.where(keep, ema_new.to(ema.dtype), ema))
-        unc.copy_(torch.where(keep, unc_new.to(unc.dtype), unc))
-    p_new = p * (1 - lr * weight_decay)
-    m_new = m.lerp(g, 1 - beta1)
-    v_new = v.mul(beta2).addcmul(g, g, value=1 - beta2)
-    denom = (v_new.sqrt() / bc2_sqrt).add(eps)
-    if isinstance(step_size, torch.Tensor):
-        p_new = p_new + (-step_size) * (m_new / denom)
+        _write_back(ema, ema_new, None if all_on else keep)
+        _write_back(unc, unc_new, None if all_on else keep)
+    if all_on:
+        p_new = p.mul_(1 - lr * weight_decay)
+        m_new = m.lerp_(g, 1 - beta1)
+        v_new = v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     else:
-        p_new = p_new.addcdiv(m_new, denom, value=-step_size)
-    param.copy_(torch.where(keep, p_new.to(param.dtype), param))
-    exp_avg.copy_(torch.where(keep, m_new.to(exp_avg.dtype), exp_avg))
-    exp_avg_sq.copy_(torch.where(keep, v_new.to(exp_avg_sq.dtype), exp_avg_sq))
+        p_new = p * (1 - lr * weight_decay)
+        m_new = m.lerp(g, 1 - beta1)
+        v_new = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+    denom = v_new.sqrt().div_(bc2_sqrt).add_(eps)
+    if isinstance(step_size, torch.Tensor):
+        p_new.addcmul_(m_new / denom, -step_size)
+    else:
+        p_new.addcdiv_(m_new, denom, value=-step_size)
+    sel = None if all_on else keep
+    _write_back(param, p_new, sel)
+    _write_back(exp_avg, m_new, sel)
+    _write_back(exp_avg_sq, v_new, sel)
+
+
+def _write_back(dst: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """``dst[keep] = new[keep]`` in ``dst``'s dtype; the rest of ``dst`` is left bitwise as it is.
+    ``keep=None`` means everywhere (a no-op when ``new`` already is ``dst``'s storage)."""
+    if keep is None:
+        if new.data_ptr() != dst.data_ptr() or new.dtype != dst.dtype:
+            dst.copy_(new)
+        return
+    dst.copy_(torch.where(keep, new.to(dst.dtype), dst))
 
 
 def masked_mean_coefficients(
