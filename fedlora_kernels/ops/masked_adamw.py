@@ -78,7 +78,7 @@ def masked_adamw_(
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
         step: the step number this update is (1 for the first), as ``torch.optim.AdamW``'s state
             holds it after incrementing; or a tensor ``[C]`` (or 0-d) of per-slot step numbers,
-            for stacked clients that have taken different numbers of steps.
+            for stacked clients that have taken different numbers of steps (on any device).
         rank_dim: which dimension of the (per-slot) matrix indexes rank components: 0 for the
             rows of A, 1 for the columns of B (negative values count from the end). The same
             value serves 2-D and batched parameters.
@@ -165,9 +165,10 @@ def masked_adamw_(
         imp_b1 = _check_beta("importance[2] (beta1)", importance[2])
         imp_b2 = _check_beta("importance[3] (beta2)", importance[3])
     device = check_same_device(
-        param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, mask=mask, ema=ema,
-        unc=unc, step=step if isinstance(step, torch.Tensor) else None,
-    )  # fmt: skip
+        param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, mask=mask, ema=ema, unc=unc
+    )
+    if isinstance(step, torch.Tensor):  # may live on the CPU, as torch.optim keeps its steps
+        step = step.to(device)
 
     mask2 = mask.reshape(slots, rank)
     if resolve_backend(backend, device) == "torch":

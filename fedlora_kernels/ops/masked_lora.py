@@ -59,7 +59,9 @@ MASK_DTYPES = (
 def check_binary_mask(name: str, mask: torch.Tensor) -> None:
     """Raise ``ValueError`` naming ``name`` unless every entry of ``mask`` is 0 or 1.
 
-    The check needs the values (a device sync), so it is skipped while ``torch.compile`` traces.
+    The check reads the values (a device sync on CUDA), so it is skipped while ``torch.compile``
+    traces, and for ``bool`` masks, which cannot hold anything else: hot loops on a GPU should
+    keep their masks as ``bool``.
     """
     if torch.compiler.is_compiling() or mask.dtype == torch.bool:
         return
@@ -100,7 +102,8 @@ def masked_lora(
 
     Returns:
         ``[..., d_out]`` in ``x.dtype``, differentiable in ``x``, ``A`` and ``B``. Masks accept
-        bool, integer or float dtypes; any value other than 0 and 1 is a ``ValueError``.
+        bool, integer or float dtypes; any value other than 0 and 1 is a ``ValueError`` (checked
+        with a device sync unless the mask is ``bool``).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1:
