@@ -63,11 +63,12 @@ def _fmt(row: dict) -> str:
 
 
 def _half_mask(slots: int, rank: int, device: str) -> torch.Tensor:
-    """Exactly half of the components of every slot, scattered (a fixed random pick)."""
+    """Exactly half of the components of every slot, scattered (a fixed random pick); bool, so
+    the ops skip their syncing 0/1 value check."""
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(rank, generator=g)[: rank // 2] for _ in range(slots)])
-    mask = torch.zeros(slots, rank)
-    mask.scatter_(1, idx, 1.0)
+    mask = torch.zeros(slots, rank, dtype=torch.bool)
+    mask.scatter_(1, idx, True)
     return mask.to(device)
 
 
@@ -137,7 +138,7 @@ def masked_lora_rows(
             )
             if name.startswith("fedlora"):
                 # the adapter backward alone, from a saved forward (x, T) and the slot tables
-                gm = None if name.endswith("all-trainable") else half
+                gm = None if name.endswith("all-trainable") else half.float()
                 off = torch.tensor([0, n], device=device)
                 ad = torch.zeros(1, dtype=torch.int64, device=device)
                 a3, b3 = A.detach()[None], B.detach()[None]
@@ -195,10 +196,10 @@ def masked_adamw_rows(
         torch_ms = timer(lambda i: opt.step())
 
         for label, mask in (
-            ("all", torch.ones(slots, rank, device=device)),
+            ("all", torch.ones(slots, rank, device=device, dtype=torch.bool)),
             ("half", _half_mask(slots, rank, device)),
         ):
-            frac = float(mask.mean())
+            frac = float(mask.float().mean())
 
             def step(i, mask=mask):
                 p, g, m, v = sets[i]
