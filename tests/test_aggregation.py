@@ -456,7 +456,7 @@ def corrupt(kind, g, state):
 KINDS = ["nan", "inf_head", "missing", "extra", "a_without_b", "shape", "dtype", "not_a_dict"]
 
 
-@pytest.mark.parametrize("method", ["fedit", "prelort", "florana", "flexlora"])
+@pytest.mark.parametrize("method", ["fedit", "fedex", "flora", "prelort", "florana", "flexlora"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_bad_client_is_rejected_named_and_the_others_aggregated(method, kind, round3):
     g, clients, w = round3

@@ -29,7 +29,8 @@ A method is a module ``fedlora.methods.<name>`` with ``aggregate(global_state, c
 weights, metas, **options) -> (new_state, extra_metrics)`` and optionally: ``RANKS`` (``"equal"``
 default, ``"prefix"``: client rank ``r_k ≤ R`` holding the leading components, ``"indexed"``:
 ``r_k ≤ R`` components placed by the meta), ``OPTIONAL_SUFFIXES`` (key suffixes a client may
-omit), ``check_client(global_state, state, meta)`` raising
+omit), ``LINEAR`` (True when every uploaded element enters the result with a finite coefficient,
+so NaN/inf can be detected on the result and traced back only when present), ``check_client(global_state, state, meta)`` raising
 :class:`fedlora.methods._common.ClientRejected`, and ``stream_add`` / ``stream_result`` for
 :class:`Aggregator`. A method that reports ``aggregation_error`` itself (Ravan) is trusted;
 otherwise it is computed here from the LoRA factors.
@@ -108,8 +109,7 @@ def _nonfinite_key(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> st
     tensors = [state[k] for k in keys if state[k].numel()]
     if not tensors:
         return None
-    norms = torch._foreach_norm(tensors)
-    if bool(torch.isfinite(torch.stack([n.float() for n in norms])).all()):
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all()):
         return None
     for k in keys:
         if not bool(torch.isfinite(state[k]).all()):
@@ -200,36 +200,52 @@ def _check_metas(metas: Any, n: int) -> list[Any]:
 
 
 def _check_client(
-    state: Any, meta: Any, g: Mapping[str, torch.Tensor], impl: ModuleType
+    state: Any,
+    meta: Any,
+    g: Mapping[str, torch.Tensor],
+    impl: ModuleType,
+    *,
+    finite: bool = True,
+    sig: tuple | None = None,
+    fast: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Validated copy of one client's state on the global's device and dtypes, or
-    :class:`ClientRejected` naming the first problem."""
+    :class:`ClientRejected` naming the first problem. ``finite=False`` leaves the NaN/inf check
+    to the caller (see :func:`aggregate`); ``fast`` is the result of :func:`_fast_clean` when the
+    caller already has it, ``sig`` the global's signature for computing it."""
     if not isinstance(state, Mapping):
         raise ClientRejected(
             None, f"state must be a dict of str -> Tensor, got {type(state).__name__}"
         )
     if not isinstance(meta, Mapping):
         raise ClientRejected(None, f"meta must be a dict, got {type(meta).__name__}")
-    optional = tuple(getattr(impl, "OPTIONAL_SUFFIXES", ()))
-    for key in state:
-        if key not in g:
-            raise ClientRejected(str(key), "unexpected key (not in the global state)")
-    for key in g:
-        if key not in state and not (optional and key.endswith(optional)):
-            raise ClientRejected(key, "missing key")
+    extra = state.keys() - g.keys()
+    if extra:
+        key = next(k for k in state if k in extra)
+        raise ClientRejected(str(key), "unexpected key (not in the global state)")
+    if len(state) != len(g):
+        optional = tuple(getattr(impl, "OPTIONAL_SUFFIXES", ()))
+        for key in g:
+            if key not in state and not (optional and key.endswith(optional)):
+                raise ClientRejected(key, "missing key")
     policy = getattr(impl, "RANKS", "equal")
     if policy not in _RANK_POLICIES:
         raise RuntimeError(f"{impl.__name__}.RANKS must be one of {_RANK_POLICIES}, got {policy!r}")
-    clean: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ClientRejected(key, f"must be a floating-point tensor, got {what}")
-        ref = g[key]
-        flexible = policy != "equal" and ref.dim() == 2 and key.endswith((A_SUFFIX, B_SUFFIX))
-        if not flexible and value.shape != ref.shape:
-            raise ClientRejected(key, f"shape {list(value.shape)} != global {list(ref.shape)}")
-        clean[key] = value.to(device=ref.device, dtype=ref.dtype)
+    clean = fast if fast is not None else _fast_clean(state, sig)
+    if clean is None:
+        clean = {}
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ClientRejected(key, f"must be a floating-point tensor, got {what}")
+            ref = g[key]
+            if value.shape != ref.shape and not (
+                policy != "equal" and ref.dim() == 2 and key.endswith((A_SUFFIX, B_SUFFIX))
+            ):
+                raise ClientRejected(key, f"shape {list(value.shape)} != global {list(ref.shape)}")
+            if value.dtype != ref.dtype or value.device != ref.device:
+                value = value.to(device=ref.device, dtype=ref.dtype)
+            clean[key] = value
     if policy != "equal":
         for path in lora_paths(g):
             A, B = clean.get(a_key(path)), clean.get(b_key(path))
@@ -248,37 +264,69 @@ def _check_client(
                     f"shape {list(B.shape)} is not [d_out={d_out}, r_k={A.shape[0]}] "
                     "(the rank of its lora_A)",
                 )
-    bad = _nonfinite_key(clean, list(clean))
-    if bad is not None:
-        raise ClientRejected(bad, "contains NaN/inf")
+    if finite:
+        _check_finite(clean)
     check = getattr(impl, "check_client", None)
     if check is not None:
         check(g, clean, meta)
     return clean
 
 
+def _signature(g: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Size], Any] | None:
+    """Keys, shapes and the single (dtype, device) of the global, for :func:`_fast_clean`; None
+    when the global mixes dtypes or devices."""
+    kinds = {(t.dtype, t.device) for t in g.values()}
+    if len(kinds) != 1:
+        return None
+    return list(g), [t.shape for t in g.values()], next(iter(kinds))
+
+
+def _fast_clean(state: Mapping[str, Any], sig: tuple | None) -> dict | None:
+    """The common case in one sweep: the client sends the global's keys in the global's order,
+    all floating tensors of the global's shapes, dtype and device. None when anything differs
+    (the per-key checks then find and name it)."""
+    if sig is None or list(state) != sig[0]:
+        return None
+    values = list(state.values())
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return None
+    if [v.shape for v in values] != sig[1]:
+        return None
+    if {(v.dtype, v.device) for v in values} != {sig[2]} or not values[0].is_floating_point():
+        return None
+    return dict(state)
+
+
+def _check_finite(state: Mapping[str, torch.Tensor]) -> None:
+    bad = _nonfinite_key(state, list(state))
+    if bad is not None:
+        raise ClientRejected(bad, "contains NaN/inf")
+
+
 def _payload_bytes(obj: Any) -> int:
     """Bytes of the tensors in a state or meta (nested dicts/lists; numbers count 8 bytes)."""
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        return obj.nbytes
     if isinstance(obj, Mapping):
-        return sum(_payload_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_payload_bytes(v) for v in obj)
-    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        values = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        values = obj
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
         return 8
-    return 0
+    else:
+        return 0
+    return sum(v.nbytes if isinstance(v, torch.Tensor) else _payload_bytes(v) for v in values)
 
 
-def _detach_from_inputs(
-    new_state: dict[str, torch.Tensor], inputs: Sequence[Any]
+def _own_storage(
+    new_state: dict[str, torch.Tensor], global_state: Mapping[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """Clone every output tensor that shares storage with a tensor of the input mappings."""
+    """Clone every output tensor that shares storage with a tensor of the caller's global state
+    (rules build their outputs from new tensors and never return a client's tensor, which the
+    tests check for every method)."""
     storages = {
         t.untyped_storage().data_ptr()
-        for s in inputs
-        if isinstance(s, Mapping)
-        for t in s.values()
+        for t in global_state.values()
         if isinstance(t, torch.Tensor) and t.numel()
     }
     return {
@@ -377,17 +425,33 @@ def aggregate(
     w_all = _check_weights(weights, n)
     metas_all = _check_metas(metas, n)
 
+    # Methods marked LINEAR add every uploaded element into the result with a finite coefficient,
+    # so a NaN/inf anywhere makes the result non-finite: their clients' values are checked once,
+    # on the result, and per client only when that check fails (the common case costs one pass
+    # fewer over all uploads). Zero-weight clients are always checked up front.
+    deferred = bool(getattr(impl, "LINEAR", False))
+    sig = _signature(g)
     used: list[int] = []
     clean_states: list[dict[str, torch.Tensor]] = []
     rejected: list[dict[str, Any]] = []
+
+    def reject(k: int, exc: ClientRejected) -> None:
+        if strict:
+            raise ValueError(f"client_states[{k}] rejected: {exc}") from None
+        rejected.append({"client": k, "key": exc.key, "reason": exc.reason})
+
+    sig_bytes = sum(t.nbytes for t in g.values())
+    nbytes = sum(_payload_bytes(m) for m in metas_all)
     for k, (state, meta) in enumerate(zip(client_states, metas_all, strict=True)):
+        fast = _fast_clean(state, sig) if isinstance(state, Mapping) else None
+        nbytes += sig_bytes if fast is not None else _payload_bytes(state)
         try:
-            clean_states.append(_check_client(state, meta, g, impl))
+            finite = not deferred or w_all[k] == 0
+            clean = _check_client(state, meta, g, impl, finite=finite, fast=fast)
+            clean_states.append(clean)
             used.append(k)
         except ClientRejected as exc:
-            if strict:
-                raise ValueError(f"client_states[{k}] rejected: {exc}") from None
-            rejected.append({"client": k, "key": exc.key, "reason": exc.reason})
+            reject(k, exc)
     metrics: dict[str, Any] = {
         "method": method,
         "clients_total": n,
@@ -395,20 +459,39 @@ def aggregate(
         "used": [],
         "weights": [],
         "rejected": rejected,
-        "bytes_uploaded": sum(_payload_bytes(s) for s in client_states)
-        + sum(_payload_bytes(m) for m in metas_all),
+        "bytes_uploaded": nbytes,
         "aggregation_error": math.nan,
         "aggregation_error_per_layer": {},
     }
-    total = sum(w_all[k] for k in used)
-    if not used or total <= 0:
+
+    def run() -> tuple[dict[str, torch.Tensor], dict[str, Any], list[float]] | None:
+        total = sum(w_all[k] for k in used)
+        if not used or total <= 0:
+            return None
+        p = [w_all[k] / total for k in used]
+        out, extra = impl.aggregate(
+            dict(g), clean_states, p, [metas_all[k] for k in used], **options
+        )
+        return dict(out), extra, p
+
+    result = run()
+    if deferred and result is not None and _nonfinite_key(result[0], list(result[0])) is not None:
+        keep = []
+        for k, cs in zip(used, clean_states, strict=True):
+            try:
+                _check_finite(cs)
+                keep.append((k, cs))
+            except ClientRejected as exc:
+                reject(k, exc)
+        rejected.sort(key=lambda r: r["client"])
+        used, clean_states = [k for k, _ in keep], [cs for _, cs in keep]
+        result = run()
+    if result is None:
         why = "every client was rejected" if not used else "the accepted clients' weights are 0"
         return _unchanged(g, why), metrics
 
-    p = [w_all[k] / total for k in used]
-    used_metas = [metas_all[k] for k in used]
-    new_state, extra = impl.aggregate(dict(g), clean_states, p, used_metas, **options)
-    new_state = _detach_from_inputs(dict(new_state), [global_state, *clean_states, *client_states])
+    new_state, extra, p = result
+    new_state = _own_storage(new_state, global_state)
     metrics.update(clients_used=len(used), used=used, weights=p)
     if "aggregation_error" in extra:
         metrics["aggregation_error"] = float(extra.pop("aggregation_error"))
@@ -454,6 +537,7 @@ class Aggregator:
             )
         _check_options(self._impl, method, self._impl.aggregate, options)
         self._g = {k: v.clone() for k, v in _check_global(global_state).items()}
+        self._sig = _signature(self._g)
         self._options = options
         self._error = bool(error)
         self._strict = bool(strict)
@@ -478,7 +562,7 @@ class Aggregator:
         meta = {} if meta is None else meta
         self._bytes += _payload_bytes(state) + _payload_bytes(meta)
         try:
-            clean = _check_client(state, meta, self._g, self._impl)
+            clean = _check_client(state, meta, self._g, self._impl, sig=self._sig)
         except ClientRejected as exc:
             if self._strict:
                 raise ValueError(f"client {k} rejected: {exc}") from None
@@ -512,7 +596,7 @@ class Aggregator:
             why = "no client was accepted" if not self._used else "the accepted weights are 0"
             return _unchanged(self._g, why), metrics
         new_state, extra = self._impl.stream_result(self._acc, **self._options)
-        new_state = _detach_from_inputs(dict(new_state), [self._g])
+        new_state = _own_storage(dict(new_state), self._g)
         p = [w / total for w in self._weights]
         metrics.update(clients_used=len(self._used), used=list(self._used), weights=p)
         if self._error:

@@ -12,9 +12,9 @@ How it is computed: all terms are stacked, the global ones with negated coeffici
 ``‖𝔅𝔄‖_F² = Σ (𝔅ᵀ𝔅) ⊙ (𝔄𝔄ᵀ)`` (an ``[m, m]`` Gram product, in float64 because the difference of
 nearly equal terms cancels), and ``‖ΔW_ideal‖²`` is the same sum over the ideal block. This needs
 ``m²(d_out + d_in)`` multiply-adds and no ``[d_out, d_in]`` matrix. When the stack is wider than
-the layer (``d_out·d_in·(m + m_ideal) < m²(d_out + d_in)``, e.g. 100 clients of rank 16 on a
-384-wide layer) the product ``𝔅𝔄`` is cheaper and no larger than the stacked factors already in
-memory, so it is formed instead; both routes give the same number.
+the layer (``d_out·d_in < m(d_out + d_in)``, e.g. 100 clients of rank 16 on a 384-wide layer)
+the products of the ideal and the global stacks are cheaper and no larger than the stacked
+factors already in memory, so they are formed instead; both routes give the same number.
 """
 
 from __future__ import annotations
@@ -81,9 +81,11 @@ def error_parts(ideal: Sequence[FactorTerm], global_: Sequence[FactorTerm]) -> t
     A_all = torch.cat(as_, dim=0)
     m = B_all.shape[1]
     m_ideal = sum(B.shape[1] for B in b_i)
-    if d_out * d_in * (m + m_ideal) < m * m * (d_out + d_in):
-        diff = float(torch.linalg.matrix_norm(B_all @ A_all).square())
-        ref = float(torch.linalg.matrix_norm(B_all[:, :m_ideal] @ A_all[:m_ideal]).square())
+    if d_out * d_in * m < m * m * (d_out + d_in):
+        ideal_w = B_all[:, :m_ideal] @ A_all[:m_ideal]
+        diff_w = ideal_w + B_all[:, m_ideal:] @ A_all[m_ideal:]  # global coefficients are negated
+        diff = float(torch.linalg.matrix_norm(diff_w).square())
+        ref = float(torch.linalg.matrix_norm(ideal_w).square())
     else:
         prod = (B_all.T @ B_all) * (A_all @ A_all.T)
         diff = float(prod.sum())

@@ -142,7 +142,8 @@ def weighted_average(
     like: State,
 ) -> dict[str, torch.Tensor]:
     """``Σ_k w_k X_k / Σ_k w_k`` for each of ``keys`` (same shape on every client), float32
-    accumulation, result in the dtype of ``like[key]``.
+    accumulation, result in the dtype of ``like[key]`` (the clients' tensors are expected in that
+    dtype, as :func:`fedlora.aggregate` delivers them).
 
     On CUDA every key is one :func:`fedlora_kernels.masked_weighted_mean` launch that reads all
     clients in place. On CPU the sum runs client by client with one multi-tensor ``_foreach``
@@ -161,9 +162,10 @@ def weighted_average(
             for k in keys
         }
     acc = [torch.zeros(like[k].shape, dtype=torch.float32, device=like[k].device) for k in keys]
+    upcast = any(like[k].dtype != torch.float32 for k in keys)
     for cs, wk in zip(client_states, w, strict=True):
         xs = [cs[k] for k in keys]
-        if any(x.dtype != torch.float32 for x in xs):
+        if upcast:
             xs = [x.float() for x in xs]
         torch._foreach_add_(acc, xs, alpha=wk)
     torch._foreach_div_(acc, total)

@@ -24,6 +24,7 @@ from fedlora.methods._common import (
 )
 
 RANKS = "equal"
+LINEAR = True  # every uploaded value enters the result linearly: NaN/inf checked on it
 OPTIONAL_SUFFIXES = (A_SUFFIX,)
 
 

@@ -32,6 +32,7 @@ from fedlora.methods._common import (
 )
 
 RANKS = "prefix"
+LINEAR = True  # every uploaded value enters the result linearly: NaN/inf checked on it
 
 
 def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
