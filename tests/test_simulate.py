@@ -21,10 +21,14 @@ def tiny(tiny_bert_dir, **kw) -> SimConfig:
     return SimConfig(**base)
 
 
-def _states_close(a, b, atol=1e-5):
+def _states_close(a, b, rel=1e-3):
+    """Equal up to float summation order: Adam turns ~1e-7 gradient differences of near-zero
+    gradients into ~lr-sized steps on single elements, so compare against each tensor's scale."""
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+        scale = float(a[k].abs().max()) + 1e-8
+        err = float((a[k] - b[k]).abs().max())
+        assert err <= rel * scale, f"{k}: max difference {err:.3g} vs scale {scale:.3g}"
 
 
 @pytest.mark.parametrize(
@@ -74,7 +78,7 @@ def test_resume_continues_to_the_same_numbers(tiny_bert_dir, tmp_path):
     assert [r["test_loss"] for r in resumed.rounds] == pytest.approx(
         [r["test_loss"] for r in full.rounds], rel=1e-6
     )
-    _states_close(full.global_state, resumed.global_state, atol=1e-6)
+    _states_close(full.global_state, resumed.global_state, rel=1e-6)
 
 
 def test_out_dir_of_another_run_is_refused(tiny_bert_dir, tmp_path):
@@ -115,7 +119,7 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_bert_dir, tmp_path, capsys, ar
     out = tmp_path / "out"
     code = main(["simulate", "--model", tiny_bert_dir, "--out", str(out), "--no-progress", *argv])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and words in err and "\n" not in err
+    assert code == 2 and words in err and "\n" not in err, err
     assert not out.exists()
 
 

@@ -22,6 +22,7 @@ _EXPORTS = {
     "get_adapter_state_dict": "fedlora.state_dict",
     "set_adapter_state_dict": "fedlora.state_dict",
     "adapter_layers": "fedlora.state_dict",
+    "apply_base_merges": "fedlora.state_dict",
     "aggregate": "fedlora.aggregation",
     "Aggregator": "fedlora.aggregation",
     "METHODS": "fedlora.aggregation",

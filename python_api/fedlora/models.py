@@ -98,6 +98,7 @@ def load_encoder(
         # transformers 4.56 renamed `torch_dtype` to `dtype`.
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
+    transformers.utils.logging.disable_progress_bar()  # keep stderr for our one-line errors
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     model = transformers.AutoModel.from_pretrained(str(folder), **kwargs)
     model.eval()

@@ -101,3 +101,30 @@ def set_adapter_state_dict(
     if strict and unused:
         raise KeyError(f"state has keys the model does not use: {unused[:5]}")
     return unused
+
+
+# keys through which a server tells clients to fold a low-rank product into their frozen base
+# (FLoRA: the stacked client factors; FedEx-LoRA: the residual), as ``(B key, A key)`` suffixes
+BASE_MERGE_SUFFIXES = ((".lora_merge_B", ".lora_merge_A"), (".lora_residual_B", ".lora_residual_A"))
+
+
+def apply_base_merges(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold every ``scale · B_m A_m`` instruction of ``state`` into the matching layer's frozen
+    base weight, and return ``state`` without those keys (the adapter state to load).
+
+    FLoRA's and FedEx-LoRA's aggregations return such instructions (``<path>.lora_merge_B/A``,
+    ``<path>.lora_residual_B/A``); ``scale`` is the layer's own. A path with no adapter layer
+    raises ``KeyError``.
+    """
+    layers = dict(adapter_layers(model))
+    rest = dict(state)
+    for b_suffix, a_suffix in BASE_MERGE_SUFFIXES:
+        for key in [k for k in state if k.endswith(b_suffix)]:
+            path = key[: -len(b_suffix)]
+            if path not in layers or path + a_suffix not in state:
+                raise KeyError(
+                    f"merge instruction {key!r} has no adapter layer or no {a_suffix} partner"
+                )
+            B, A = rest.pop(key).float(), rest.pop(path + a_suffix).float()
+            layers[path].add_to_base(layers[path].scale * (B @ A))
+    return rest

@@ -23,6 +23,19 @@ def base_features(layer: nn.Module) -> tuple[int, int]:
     )
 
 
+def scale_offsets(offsets: torch.Tensor | None, items: int, x: torch.Tensor) -> torch.Tensor | None:
+    """Offsets over ``items`` leading items turned into offsets over the rows of ``x``."""
+    if offsets is None:
+        return None
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if items == 0 or rows % items:
+        raise ValueError(
+            f"seg_offsets cover {items} items but the input has {rows} rows ({list(x.shape)}); "
+            "the rows must be a whole number of items"
+        )
+    return offsets * (rows // items) if rows != items else offsets
+
+
 class AdapterLayer(nn.Module):
     """A frozen base linear layer plus a low-rank adapter with ``num_clients`` slots.
 
@@ -44,15 +57,27 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.seg_offsets: torch.Tensor | None = None
         self.seg_adapter: torch.Tensor | None = None
+        self._seg_items = 0
 
     # ---------------------------------------------------------------- batched segments
     def set_segments(
         self, seg_offsets: torch.Tensor | None, seg_adapter: torch.Tensor | None = None
     ) -> None:
-        """Route rows of the next calls to adapter slots (``None`` clears: everything slot 0)."""
+        """Route the next calls' inputs to adapter slots (``None`` clears: everything slot 0).
+
+        ``seg_offsets`` count items of the input's leading dimension (sequences of a
+        ``[batch, seq, d]`` input, rows of a ``[N, d]`` one): segment ``t`` is items
+        ``seg_offsets[t]:seg_offsets[t+1]`` with every position they hold, so the same offsets
+        serve token-level layers and pooled ones (see :meth:`row_offsets`).
+        """
         if seg_offsets is not None and self.merged:
             raise RuntimeError("cannot serve several slots while slot 0 is merged: unmerge() first")
         self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
+        self._seg_items = int(seg_offsets[-1]) if seg_offsets is not None else 0
+
+    def row_offsets(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Segment offsets in rows of ``x`` flattened to ``[rows, d]``."""
+        return scale_offsets(self.seg_offsets, self._seg_items, x)
 
     # ---------------------------------------------------------------- forward
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -73,6 +98,12 @@ class AdapterLayer(nn.Module):
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_clients:
             raise ValueError(f"slot must be an int in [0, {self.num_clients}), got {slot!r}")
         return slot
+
+    def add_to_base(self, delta: torch.Tensor) -> None:
+        """Add a dense ``[d_out, d_in]`` update to the frozen base weight (in its dtype)."""
+        if self.merged:
+            raise RuntimeError("unmerge() before changing the base weight")
+        self._add_to_base(delta)
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         w = self.base_layer.weight

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedlora.layers._base import scale_offsets
 from fedlora_kernels._dispatch import check_segments, row_slots
 
 
@@ -35,12 +36,14 @@ class SlottedLinear(nn.Module):
         self.bias = nn.Parameter(b.float().unsqueeze(0).repeat(num_clients, 1))
         self.seg_offsets: torch.Tensor | None = None
         self.seg_adapter: torch.Tensor | None = None
+        self._seg_items = 0
 
     def set_segments(
         self, seg_offsets: torch.Tensor | None, seg_adapter: torch.Tensor | None = None
     ) -> None:
-        """Route rows of the next calls to slots (``None``: every row uses slot 0)."""
+        """Route the next calls' inputs to slots (``None``: slot 0), like the adapter layers."""
         self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
+        self._seg_items = int(seg_offsets[-1]) if seg_offsets is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
@@ -48,7 +51,11 @@ class SlottedLinear(nn.Module):
             y = x2 @ self.weight[0].T + self.bias[0]
         else:
             offsets, adapter = check_segments(
-                self.seg_offsets, self.seg_adapter, x2.shape[0], self.num_clients, x2.device
+                scale_offsets(self.seg_offsets, self._seg_items, x),
+                self.seg_adapter,
+                x2.shape[0],
+                self.num_clients,
+                x2.device,
             )
             slot = row_slots(offsets, adapter, x2.shape[0])
             y = torch.einsum("ni,noi->no", x2, self.weight[slot]) + self.bias[slot]

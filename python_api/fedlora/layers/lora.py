@@ -54,7 +54,8 @@ class LoRALinear(AdapterLayer):
         self.lora_A = nn.Parameter(torch.empty(num_clients, rank, self.in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(num_clients, self.out_features, rank, device=device))
         self.reset_adapter()
-        ones = torch.ones(num_clients, rank, device=device)
+        # bool masks: the ops check 0/1 masks of other dtypes with a device sync
+        ones = torch.ones(num_clients, rank, dtype=torch.bool, device=device)
         self.register_buffer("rank_mask", ones.clone(), persistent=False)
         self.register_buffer("grad_mask", ones.clone(), persistent=False)
         self.seg_rank_mask: torch.Tensor | None = None
@@ -85,20 +86,20 @@ class LoRALinear(AdapterLayer):
     def _component_mask(
         self, name: str, components: torch.Tensor | list[int] | int | None
     ) -> torch.Tensor:
-        mask = torch.zeros(self.rank, device=self.rank_mask.device)
+        mask = torch.zeros(self.rank, dtype=torch.bool, device=self.rank_mask.device)
         if components is None:
-            mask.fill_(1)
+            mask.fill_(True)
         elif isinstance(components, int) and not isinstance(components, bool):
             if not 0 <= components <= self.rank:
                 raise ValueError(f"{name}: a rank must lie in [0, {self.rank}], got {components}")
-            mask[:components] = 1
+            mask[:components] = True
         else:
             idx = torch.as_tensor(components, dtype=torch.long).flatten()
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.rank):
                 raise ValueError(
                     f"{name}: component indices must lie in [0, {self.rank}), got {idx.tolist()}"
                 )
-            mask[idx.to(mask.device)] = 1
+            mask[idx.to(mask.device)] = True
         return mask
 
     def set_rank(self, rank: int | None, slot: int = 0) -> None:
@@ -149,7 +150,7 @@ class LoRALinear(AdapterLayer):
             scale=self.scale,
             rank_mask=self._segment_rank_mask(),
             grad_mask=self.grad_mask,
-            seg_offsets=self.seg_offsets,
+            seg_offsets=self.row_offsets(x),
             seg_adapter=self.seg_adapter,
         )
 

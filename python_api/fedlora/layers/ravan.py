@@ -90,7 +90,9 @@ class RavanLinear(AdapterLayer):
         )
         self.lora_s = nn.Parameter(torch.ones(num_clients, heads, device=weight.device))
         self.register_buffer(
-            "head_mask", torch.ones(num_clients, heads, device=weight.device), persistent=False
+            "head_mask",
+            torch.ones(num_clients, heads, dtype=torch.bool, device=weight.device),
+            persistent=False,
         )
 
     def extra_repr(self) -> str:
@@ -103,14 +105,14 @@ class RavanLinear(AdapterLayer):
     def set_trainable_heads(self, heads: list[int] | None, slot: int = 0) -> None:
         """Train only ``heads`` of ``slot`` (``None``: all heads)."""
         self._check_slot(slot)
-        mask = torch.zeros(self.heads, device=self.head_mask.device)
+        mask = torch.zeros(self.heads, dtype=torch.bool, device=self.head_mask.device)
         if heads is None:
-            mask.fill_(1)
+            mask.fill_(True)
         else:
             for i in heads:
                 if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.heads:
                     raise ValueError(f"heads must hold ints in [0, {self.heads}), got {heads!r}")
-                mask[i] = 1
+                mask[i] = True
         self.head_mask[slot] = mask
 
     def trainable_heads(self, slot: int = 0) -> list[int]:
@@ -128,7 +130,7 @@ class RavanLinear(AdapterLayer):
             self.lora_H,
             self.lora_s,
             scale=self.scale,
-            seg_offsets=self.seg_offsets,
+            seg_offsets=self.row_offsets(x),
             seg_adapter=self.seg_adapter,
             head_mask=self.head_mask,
         )

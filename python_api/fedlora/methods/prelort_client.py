@@ -43,7 +43,7 @@ def nested_segments(
 
     Client ``i`` (``rows_per_copy[i]`` rows, slot ``slots[i]``) contributes one copy of its
     batch per truncation in ``truncations[i]``. Returns ``seg_offsets`` ``[S+1]``,
-    ``seg_adapter`` ``[S]``, ``rank_mask`` ``[S, global_rank]`` (prefix masks) and, per segment,
+    ``seg_adapter`` ``[S]``, ``rank_mask`` ``[S, global_rank]`` (bool prefix masks) and, per segment,
     ``(client index, truncation)``. The caller lays the batch copies out in that order.
     """
     if not (len(rows_per_copy) == len(slots) == len(truncations)):
@@ -57,8 +57,8 @@ def nested_segments(
                 raise ValueError(f"truncation {t} of client {i} is outside [1, {global_rank}]")
             offsets.append(offsets[-1] + rows)
             adapter.append(slot)
-            m = torch.zeros(global_rank)
-            m[:t] = 1
+            m = torch.zeros(global_rank, dtype=torch.bool)
+            m[:t] = True
             masks.append(m)
             owners.append((i, t))
     return (

@@ -28,7 +28,13 @@ from torch import nn
 from fedlora.simulate.config import Budget, ConfigError, SimConfig, parse_budgets
 from fedlora.simulate.optim import SlotAdamW
 from fedlora.simulate.rules import ClientRule, make_rule
-from fedlora.state_dict import get_adapter_state_dict, set_adapter_state_dict, slotted_modules
+from fedlora.state_dict import (
+    adapter_layers,
+    apply_base_merges,
+    get_adapter_state_dict,
+    set_adapter_state_dict,
+    slotted_modules,
+)
 
 EVAL_BATCH = 64
 
@@ -131,22 +137,18 @@ def set_segments(
     model: nn.Module,
     offsets: torch.Tensor | None,
     slots: torch.Tensor | None,
-    tokens: int,
     rank_mask: torch.Tensor | None = None,
 ) -> None:
-    """Route example segments to slots in every slotted module (token rows for adapters)."""
-    from fedlora.layers.head import SlottedLinear
+    """Route example segments to slots in every slotted module of ``model``."""
     from fedlora.layers.lora import LoRALinear
 
     for _, module in slotted_modules(model):
         if offsets is None:
             module.set_segments(None)
-        elif isinstance(module, SlottedLinear):
-            module.set_segments(offsets, slots)
         elif isinstance(module, LoRALinear):
-            module.set_segments(offsets * tokens, slots, rank_mask)
+            module.set_segments(offsets, slots, rank_mask)
         else:
-            module.set_segments(offsets * tokens, slots)
+            module.set_segments(offsets, slots)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -181,7 +183,6 @@ def train_group(
             rule.scoring_done(model, slot, job.budget, job.seed)
     total = [p + j.budget.steps for p, j in zip(pre, jobs, strict=True)]
     last_loss = [float("nan")] * len(jobs)
-    seq_len = data.input_ids.shape[1]
     for step in range(max(total)):
         active = [i for i, j in enumerate(jobs) if step < total[i]]
         ids, masks, labels, offsets, slots, weights, owners, rank_masks = (
@@ -207,13 +208,13 @@ def train_group(
                 weights.append(1.0 / len(copies))
                 owners.append(i)
                 if t is not None:
-                    m = torch.zeros(cfg.rank)
-                    m[:t] = 1
+                    m = torch.zeros(cfg.rank, dtype=torch.bool)
+                    m[:t] = True
                 else:
                     m = _slot_rank_mask(model, i, cfg.rank)
                 rank_masks.append(m)
         off = torch.tensor(offsets)
-        set_segments(model, off, torch.tensor(slots), seq_len, torch.stack(rank_masks))
+        set_segments(model, off, torch.tensor(slots), torch.stack(rank_masks))
         logits = model(torch.cat(ids), torch.cat(masks))
         y = torch.cat(labels)
         loss = logits.new_zeros(())
@@ -236,7 +237,7 @@ def train_group(
         for i in active:
             if step + 1 == pre[i]:
                 rule.scoring_done(model, i, jobs[i].budget, jobs[i].seed)
-    set_segments(model, None, None, seq_len)
+    set_segments(model, None, None)
     uploads = [rule.upload(model, slot, job.budget) for slot, job in enumerate(jobs)]
     return uploads, last_loss
 
@@ -247,7 +248,7 @@ def _slot_rank_mask(model: nn.Module, slot: int, rank: int) -> torch.Tensor:
     for m in model.modules():
         if isinstance(m, LoRALinear):
             return m.rank_mask[slot].detach().cpu().clone()
-    return torch.ones(rank)
+    return torch.ones(rank, dtype=torch.bool)
 
 
 @torch.no_grad()
@@ -256,7 +257,7 @@ def evaluate(
 ) -> tuple[float, float]:
     """Accuracy and mean loss of the global adapter (loaded into slot 0) on ``data``."""
     set_adapter_state_dict(model, global_state, slot=0)
-    set_segments(model, None, None, 0)
+    set_segments(model, None, None)
     correct, loss_sum = 0, 0.0
     for start in range(0, len(data.labels), EVAL_BATCH):
         sl = slice(start, start + EVAL_BATCH)
@@ -322,6 +323,7 @@ def run(
     global_state = get_adapter_state_dict(model, slot=0)
     if ckpt is not None:
         global_state, result.rounds = ckpt
+        global_state = _restore_bases(model, global_state)
         start_round = len(result.rounds)
         log(f"resuming {out} at round {start_round + 1}/{cfg.rounds}")
 
@@ -353,8 +355,10 @@ def run(
             losses += ls
         states = [u[0] for u in uploads]
         metas = [u[1] for u in uploads]
-        new_state, agg = aggregate(cfg.method, global_state, states, weights, metas)
-        global_state = new_state
+        options = {"seed": _key(cfg.seed, r, 13)} if cfg.method == "flora" else {}
+        new_state, agg = aggregate(cfg.method, global_state, states, weights, metas, **options)
+        # FLoRA / FedEx-LoRA: fold the server's merge instructions into the shared frozen base
+        global_state = apply_base_merges(model, new_state)
         acc, test_loss = evaluate(model, global_state, test_tok)
         row = {
             "round": r + 1,
@@ -382,11 +386,36 @@ def run(
         if bar is not None:
             bar.update(1)
         if out is not None:
-            write_outputs(out, cfg, result.rounds, global_state)
+            write_outputs(out, cfg, result.rounds, global_state | _changed_bases(model, cfg))
     if bar is not None:
         bar.close()
     result.global_state = global_state
     return result
+
+
+BASE_SUFFIX = ".base_layer.weight"
+
+
+def _changed_bases(model: nn.Module, cfg: SimConfig) -> dict[str, torch.Tensor]:
+    """Frozen base weights that the run has changed (FLoRA, FedEx-LoRA), for the checkpoint."""
+    if cfg.method not in ("flora", "fedex"):
+        return {}
+    return {
+        f"{p}{BASE_SUFFIX}": m.base_layer.weight.detach().clone() for p, m in adapter_layers(model)
+    }
+
+
+def _restore_bases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy checkpointed base weights into the model; return the adapter state without them."""
+    layers = dict(adapter_layers(model))
+    rest = {}
+    for key, value in state.items():
+        if key.endswith(BASE_SUFFIX):
+            with torch.no_grad():
+                layers[key[: -len(BASE_SUFFIX)]].base_layer.weight.copy_(value)
+        else:
+            rest[key] = value
+    return rest
 
 
 def _progress(total: int, start: int, enabled: bool):

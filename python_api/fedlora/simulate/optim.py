@@ -34,7 +34,7 @@ def _entries(model: nn.Module) -> list[_Entry]:
             m = module
 
             def comp(m: LoRALinear = m) -> torch.Tensor:
-                return m.grad_mask * m.rank_mask
+                return m.grad_mask & m.rank_mask
 
             out.append((m.lora_A, lambda t: t, 0, comp))
             out.append((m.lora_B, lambda t: t, 1, comp))
@@ -50,7 +50,7 @@ def _entries(model: nn.Module) -> list[_Entry]:
             m = module
 
             def whole(m: SlottedLinear = m) -> torch.Tensor:
-                return torch.ones(m.num_clients, 1, device=m.weight.device)
+                return torch.ones(m.num_clients, 1, dtype=torch.bool, device=m.weight.device)
 
             out.append((m.weight, lambda t: t.flatten(1).unsqueeze(1), 0, whole))
             out.append((m.bias, lambda t: t.unsqueeze(1), 0, whole))
@@ -93,10 +93,10 @@ class SlotAdamW:
     def step(self, active: torch.Tensor) -> None:
         active = active.to(self.steps.device).bool()
         self.steps += active.long()
-        act = active.float()[:, None]
+        act = active[:, None]
         for (p, view, rank_dim, comp), (m, v) in zip(self.entries, self.state, strict=True):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            mask = comp() * act
+            mask = comp() & act
             fk.masked_adamw_(
                 view(p.data),
                 view(grad),
