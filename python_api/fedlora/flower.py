@@ -214,6 +214,7 @@ class RoundResult:
         self.rejected: list[tuple[Any, str]] = []
         self.error: str | None = None
         self.ids: list[Any] = []
+        self.num_clients = 0
 
     def scalar_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
         """The numeric part of the metrics, as a Flower ``MetricRecord`` can hold it.
@@ -235,6 +236,8 @@ class RoundResult:
         for key, ids in (("used", used), ("rejected", rejected)):
             if all(isinstance(c, int) and not isinstance(c, bool) for c in ids):
                 out[key] = ids
+        out["clients_total"] = self.num_clients
+        out["clients_used"] = len(used)
         out["num_rejected"] = len(rejected)
         out["aggregation_failed"] = int(self.state is None)
         return out
@@ -263,6 +266,7 @@ def aggregate_round(
     if aggregate_fn is None:
         from fedlora.aggregation import aggregate as aggregate_fn
     result = RoundResult()
+    result.num_clients = len(clients)
     ids, states, weights, metas = [], [], [], []
     for cid, state, weight, meta, reason in clients:
         if reason is not None:
@@ -422,8 +426,8 @@ def _payload(
     if method == "flexlora":
         from fedlora.methods.flexlora import client_factors
 
-        return client_factors(global_state, int(rank))
-    return prefix.truncate(dict(global_state), int(rank))
+        return client_factors(global_state, rank)
+    return prefix.truncate(dict(global_state), rank)
 
 
 # ------------------------------------------------------------------------------------- classes
@@ -552,10 +556,6 @@ def _build_classes() -> dict[str, type]:
             for msg in messages:
                 nid = msg.metadata.dst_node_id
                 budget = self.budget_of(nid, node_ids)
-                if self.payload_fn is not None:
-                    state = self.payload_fn(nid, dict(self.global_state), budget)
-                else:
-                    state = _payload(self.method, self.global_state, budget)
                 node_config = ConfigRecord(dict(config))
                 for key, value in budget.items():
                     if not _config_value_ok(value):
@@ -564,6 +564,10 @@ def _build_classes() -> dict[str, type]:
                             f"got {value!r}"
                         )
                     node_config[key] = value
+                if self.payload_fn is not None:
+                    state = self.payload_fn(nid, dict(self.global_state), budget)
+                else:
+                    state = _payload(self.method, self.global_state, budget)
                 content = RecordDict(
                     {
                         self.arrayrecord_key: to_arrayrecord(state),
@@ -679,6 +683,8 @@ def _build_classes() -> dict[str, type]:
             """``fedlora.aggregate`` over the fit results; failures count as rejected."""
             from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
+            if failures and not self.accept_failures:
+                return None, {"aggregation_failed": 1, "num_rejected": len(failures)}
             clients = []
             for proxy, fit_res in results:
                 cid = getattr(proxy, "cid", None)

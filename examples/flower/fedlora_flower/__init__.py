@@ -1,0 +1,1 @@
+"""Federated LoRA fine-tuning with Flower and fedlora (ServerApp + ClientApp example)."""

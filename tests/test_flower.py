@@ -1,0 +1,491 @@
+"""Flower integration on real flwr objects (no mocks).
+
+Messages go through :class:`fedlora.flower.LocalGrid`, a real ``flwr`` ``Grid`` that runs a real
+``ClientApp`` in this process, so every reply is a Flower ``Message`` built by the client side
+exactly as in a deployment. ``flwr run`` itself needs Ray (``flwr[simulation]``); the example's
+ServerApp/ClientApp are run here through the same ``LocalGrid`` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+import fedlora  # noqa: E402
+from fedlora import flower as ff  # noqa: E402
+from fedlora.methods import prefix  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+R, D_IN, D_OUT = 4, 6, 5
+PATHS = ("enc.0.q", "enc.1.v")
+
+
+def lora_state(rank: int = R, *, seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Random LoRA factors for two layers plus a classifier head (never zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for path in PATHS:
+        out[f"{path}.lora_A.weight"] = torch.randn(rank, D_IN, generator=gen).to(dtype)
+        out[f"{path}.lora_B.weight"] = torch.randn(D_OUT, rank, generator=gen).to(dtype)
+    out["classifier.weight"] = torch.randn(3, D_OUT, generator=gen).to(dtype)
+    return out
+
+
+def ravan_state(heads: int = 3, r: int = 2, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for path in PATHS:
+        out[f"{path}.lora_H"] = torch.randn(heads, r, r, generator=gen)
+        out[f"{path}.lora_s"] = torch.ones(heads)
+    return out
+
+
+def scripted_app(uploads: dict[int, tuple]) -> ClientApp:
+    """A ClientApp whose node ``i`` (partition id) replies with ``uploads[i] = (state, weight,
+    meta)``; a state given as an Exception is raised instead (an error reply)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        state, weight, meta = uploads[int(context.node_config["partition-id"])]
+        if isinstance(state, Exception):
+            raise state
+        if callable(state):
+            return state(msg)
+        return ff.train_reply(msg, state, weight, meta=meta, metrics={"train_loss": 1.0})
+
+    return app
+
+
+def run_round(strategy, global_state, uploads, *, server_round=1):
+    """configure_train -> the ClientApp on every node -> aggregate_train; returns
+    ``(new_state | None, metrics, replies)``."""
+    grid = ff.LocalGrid(scripted_app(uploads), len(uploads))
+    messages = strategy.configure_train(
+        server_round, ff.to_arrayrecord(global_state), ConfigRecord(), grid
+    )
+    replies = grid.send_and_receive(messages)
+    arrays, metrics = strategy.aggregate_train(server_round, replies)
+    return (None if arrays is None else ff.from_arrayrecord(arrays)), metrics, replies
+
+
+def node_of(partition: int) -> int:
+    return partition + 1  # LocalGrid's node ids
+
+
+def strategy(method: str, n: int, **kwargs):
+    return ff.FedLoRAStrategy(
+        method, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **kwargs
+    )
+
+
+def assert_state_close(got, want, atol=1e-6):
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k].float(), atol=atol, rtol=1e-5, msg=k)
+
+
+# ------------------------------------------------------------------------------------- aggregate_train
+@pytest.mark.parametrize("method", ["fedit", "hetlora", "flexlora", "ravan"])
+def test_aggregate_train_equals_fedlora_aggregate(method):
+    n = 3
+    if method == "ravan":
+        g = ravan_state()
+        clients = [ravan_state(seed=10 + k) for k in range(n)]
+        metas = [{"heads": {PATHS[0]: [k % 3], PATHS[1]: [0, 1]}} for k in range(n)]
+    else:
+        g = lora_state()
+        ranks = [2, 4, 3] if method in ("hetlora", "flexlora") else [R] * n
+        clients = [prefix.truncate(lora_state(seed=10 + k), r) for k, r in enumerate(ranks)]
+        metas = [{"rank": r} if method != "fedit" else {} for r in ranks]
+    weights = [10, 30, 20]
+    uploads = {k: (clients[k], weights[k], metas[k]) for k in range(n)}
+    st = strategy(method, n)
+    got, metrics, replies = run_round(st, g, uploads)
+    # the expected result on the same dicts, in the order the replies arrived
+    order = [int(m.metadata.src_node_id) - 1 for m in replies]
+    want, want_metrics = fedlora.aggregate(
+        method,
+        g,
+        [clients[k] for k in order],
+        [weights[k] for k in order],
+        [metas[k] for k in order],
+    )
+    assert_state_close(got, want)
+    assert metrics["clients_used"] == n and metrics["num_rejected"] == 0
+    assert metrics["aggregation_failed"] == 0
+    assert math.isclose(
+        metrics["aggregation_error"], want_metrics["aggregation_error"], rel_tol=1e-6
+    )
+    assert sorted(metrics["used"]) == [node_of(k) for k in range(n)]
+    assert math.isclose(metrics["train_loss"], 1.0)  # the clients' own metrics are aggregated too
+    assert_state_close(st.global_state, want)  # kept on the strategy for the next round
+
+
+def test_nan_client_rejected_reported_and_excluded():
+    g = lora_state()
+    clients = [lora_state(seed=s) for s in (1, 2, 3)]
+    clients[1]["enc.1.v.lora_B.weight"][2, 1] = float("nan")
+    uploads = {k: (clients[k], 10 * (k + 1), {}) for k in range(3)}
+    st = strategy("fedit", 3)
+    got, metrics, _ = run_round(st, g, uploads)
+    want, _ = fedlora.aggregate("fedit", g, [clients[0], clients[2]], [10, 30])
+    assert_state_close(got, want)
+    assert metrics["rejected"] == [node_of(1)] and metrics["num_rejected"] == 1
+    assert metrics["clients_used"] == 2
+    ((nid, why),) = st.last_rejections
+    assert nid == node_of(1) and "enc.1.v.lora_B.weight" in why and "NaN" in why
+    assert all(torch.isfinite(v).all() for v in got.values())
+
+
+def test_malformed_replies_are_rejected_not_raised():
+    g = lora_state()
+    good = lora_state(seed=1)
+
+    def no_weight(msg):
+        content = RecordDict(
+            {"arrays": ff.to_arrayrecord(good), "metrics": MetricRecord({"loss": 1.0})}
+        )
+        return Message(content=content, reply_to=msg)
+
+    def two_arrays(msg):
+        content = RecordDict(
+            {
+                "a": ff.to_arrayrecord(good),
+                "b": ff.to_arrayrecord(good),
+                "metrics": MetricRecord({"num-examples": 5}),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    def bad_meta(msg):
+        reply = ff.train_reply(msg, good, 5)
+        reply.content[ff.META_KEY] = ConfigRecord({"x": "{oops", "fedlora.json-keys": ["x"]})
+        return reply
+
+    extra = dict(good, **{"enc.9.k.lora_A.weight": torch.ones(R, D_IN)})
+    uploads = {
+        0: (good, 10, {}),
+        1: (RuntimeError("client crashed"), 0, {}),
+        2: (no_weight, 0, {}),
+        3: (two_arrays, 0, {}),
+        4: (bad_meta, 0, {}),
+        5: (extra, 10, {}),  # unexpected key: rejected by fedlora.aggregate
+        6: (lora_state(seed=7), -3, {}),  # negative weight: refused by train_reply (error reply)
+    }
+    st = strategy("fedit", len(uploads))
+    got, metrics, _ = run_round(st, g, uploads)
+    want, _ = fedlora.aggregate("fedit", g, [good], [10])
+    assert_state_close(got, want)
+    assert sorted(metrics["rejected"]) == [node_of(k) for k in range(1, 7)]
+    reasons = dict(st.last_rejections)
+    assert "client crashed" in reasons[node_of(1)]
+    assert "num-examples" in reasons[node_of(2)]
+    assert "one ArrayRecord" in reasons[node_of(3)]
+    assert "JSON" in reasons[node_of(4)]
+    assert "enc.9.k.lora_A.weight" in reasons[node_of(5)]
+    assert "num_examples" in reasons[node_of(6)]
+
+
+def test_all_rejected_keeps_global_state_and_loop_runs():
+    g = lora_state()
+    bad = lora_state(seed=1)
+    bad["classifier.weight"][0, 0] = float("inf")
+    uploads = {0: (bad, 1, {}), 1: (RuntimeError("boom"), 1, {})}
+    st = strategy("fedit", 2)
+    got, metrics, _ = run_round(st, g, uploads)
+    assert got is None
+    assert metrics["aggregation_failed"] == 1 and metrics["num_rejected"] == 2
+    assert_state_close(st.global_state, g)
+    # the whole server loop keeps going and reports every round
+    result = st.start(
+        grid=ff.LocalGrid(scripted_app(uploads), 2),
+        initial_arrays=ff.to_arrayrecord(g),
+        num_rounds=2,
+    )
+    assert set(result.train_metrics_clientapp) == {1, 2}
+    assert all(m["clients_total"] == 2 for m in result.train_metrics_clientapp.values())
+    assert len(result.arrays) == 0  # no round produced new arrays
+    assert_state_close(st.global_state, g)
+
+
+def test_aggregation_exception_is_reported():
+    def broken(method, global_state, states, weights, metas):
+        raise ValueError("rule exploded")
+
+    uploads = {0: (lora_state(seed=1), 1, {}), 1: (lora_state(seed=2), 1, {})}
+    st = strategy("fedit", 2, aggregate_fn=broken)
+    got, metrics, _ = run_round(st, lora_state(), uploads)
+    assert got is None and metrics["aggregation_failed"] == 1
+
+
+def test_no_global_state_is_reported_not_raised():
+    st = strategy("fedit", 2)
+    grid = ff.LocalGrid(scripted_app({0: (lora_state(), 1, {}), 1: (lora_state(), 1, {})}), 2)
+    probe = ff.FedLoRAStrategy("fedit", min_train_nodes=2, min_available_nodes=2)
+    replies = grid.send_and_receive(
+        probe.configure_train(1, ff.to_arrayrecord(lora_state()), ConfigRecord(), grid)
+    )
+    arrays, metrics = st.aggregate_train(1, replies)
+    assert arrays is None and metrics["aggregation_failed"] == 1
+
+
+def test_bf16_is_exported_as_float32():
+    state = lora_state(dtype=torch.bfloat16)
+    record = ff.to_arrayrecord(state)
+    back = ff.from_arrayrecord(record)
+    assert all(v.dtype == torch.float32 for v in back.values())
+    assert_state_close(back, {k: v.float() for k, v in state.items()})
+    # a bf16 client upload goes through train_reply and is aggregated
+    g = lora_state()
+    uploads = {0: (state, 1, {}), 1: (lora_state(seed=3), 1, {})}
+    got, metrics, _ = run_round(strategy("fedit", 2), g, uploads)
+    assert metrics["num_rejected"] == 0 and got is not None
+
+
+# ------------------------------------------------------------------------------------- configure_train
+def test_configure_train_sends_each_node_its_rank_prefix():
+    g = lora_state()
+    seen = {}
+
+    def record(k):
+        def reply(msg):
+            state = ff.from_arrayrecord(msg.content["arrays"])
+            seen[k] = (state, dict(msg.content["config"]))
+            r = msg.content["config"].get("rank", R)
+            return ff.train_reply(msg, state, 1, meta={"rank": r})
+
+        return reply
+
+    uploads = {k: (record(k), 1, {}) for k in range(3)}
+    budgets = {node_of(0): {"rank": 1}, node_of(1): {"rank": 3}}  # node 2 has none: full rank
+    st = strategy("hetlora", 3, budgets=budgets)
+    run_round(st, g, uploads, server_round=4)
+    for k, r in ((0, 1), (1, 3)):
+        state, config = seen[k]
+        assert config["rank"] == r and config["server-round"] == 4
+        assert_state_close(state, prefix.truncate(g, r))
+    state, config = seen[2]
+    assert "rank" not in config
+    assert_state_close(state, g)
+
+
+def test_configure_train_budget_forms():
+    g = lora_state()
+    grid = ff.LocalGrid(scripted_app({k: (g, 1, {}) for k in range(3)}), 3)
+
+    def shapes(st):
+        msgs = st.configure_train(1, ff.to_arrayrecord(g), ConfigRecord({"lr": 0.1}), grid)
+        out = {}
+        for m in msgs:
+            state = ff.from_arrayrecord(m.content["arrays"])
+            out[m.metadata.dst_node_id] = (state["enc.0.q.lora_A.weight"].shape[0], m.content)
+        return out
+
+    # a list goes to the nodes in ascending node-id order (repeated when shorter)
+    by_list = shapes(strategy("hetlora", 3, budgets=[{"rank": 1}, {"rank": 2}]))
+    assert {nid: v[0] for nid, v in by_list.items()} == {1: 1, 2: 2, 3: 1}
+    assert all(v[1]["config"]["lr"] == 0.1 for v in by_list.values())
+    by_fn = shapes(strategy("prelort", 3, budgets=lambda nid: {"rank": nid, "heads": 2}))
+    assert {nid: v[0] for nid, v in by_fn.items()} == {1: 1, 2: 2, 3: 3}
+    assert all(v[1]["config"]["heads"] == 2 for v in by_fn.values())
+    # FlexLoRA clients download the best rank-r factors of the global ΔW, not a prefix
+    from fedlora.methods.flexlora import client_factors
+
+    st = strategy("flexlora", 3, budgets={1: {"rank": 2}})
+    msgs = st.configure_train(1, ff.to_arrayrecord(g), ConfigRecord(), grid)
+    (msg,) = [m for m in msgs if m.metadata.dst_node_id == 1]
+    assert_state_close(ff.from_arrayrecord(msg.content["arrays"]), client_factors(g, 2), atol=1e-5)
+    # payload_fn overrides the download
+    st = strategy(
+        "fedit", 3, payload_fn=lambda nid, state, budget: {k: v * nid for k, v in state.items()}
+    )
+    for m in st.configure_train(1, ff.to_arrayrecord(g), ConfigRecord(), grid):
+        nid = m.metadata.dst_node_id
+        assert_state_close(
+            ff.from_arrayrecord(m.content["arrays"]), {k: v * nid for k, v in g.items()}
+        )
+    # without budgets every node gets the same payload (FedAvg's behaviour)
+    plain = shapes(strategy("fedit", 3))
+    assert {v[0] for v in plain.values()} == {R}
+
+
+def test_strategy_bad_arguments():
+    with pytest.raises(ValueError, match="method"):
+        ff.FedLoRAStrategy("fedsgd")
+    with pytest.raises(TypeError, match="budgets"):
+        ff.FedLoRAStrategy("fedit", budgets=3)
+    with pytest.raises(TypeError, match="payload_fn"):
+        ff.FedLoRAStrategy("fedit", payload_fn="x")
+    st = strategy("hetlora", 1, budgets={1: {"rank": {"nested": 1}}})
+    grid = ff.LocalGrid(scripted_app({0: (lora_state(), 1, {})}), 1)
+    with pytest.raises(TypeError, match="budget entry 'rank'"):
+        st.configure_train(1, ff.to_arrayrecord(lora_state()), ConfigRecord(), grid)
+
+
+# ------------------------------------------------------------------------------------- legacy API
+def test_legacy_aggregate_fit_matches_aggregate():
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+
+    g = lora_state()
+    keys = list(g)
+    clients = [prefix.truncate(lora_state(seed=s), r) for s, r in ((1, 2), (2, 4), (3, 3))]
+    clients[2]["enc.0.q.lora_A.weight"][0, 0] = float("nan")
+    weights = [5, 15, 10]
+    st = ff.FedLoRALegacyStrategy("hetlora", keys, initial_state=g)
+    grid = ff.LocalGrid(ClientApp(), 3)
+    results = []
+    for k, (state, w) in enumerate(zip(clients, weights, strict=True)):
+        params = ndarrays_to_parameters(ff.state_to_ndarrays(state, keys))
+        meta = json.dumps({"rank": int(state["enc.0.q.lora_A.weight"].shape[0])})
+        fit = FitRes(Status(Code.OK, ""), params, w, {ff.META_KEY: meta})
+        results.append((GridClientProxy(node_of(k), grid, 1), fit))
+    # the initial parameters are the global state in the fixed key order
+    init = ff.ndarrays_to_state(parameters_to_ndarrays(st.initialize_parameters(None)), keys)
+    assert_state_close(init, g)
+    params, metrics = st.aggregate_fit(1, results, [])
+    got = ff.ndarrays_to_state(parameters_to_ndarrays(params), keys)
+    want, _ = fedlora.aggregate("hetlora", g, clients[:2], weights[:2], [{"rank": 2}, {"rank": 4}])
+    assert_state_close(got, want)
+    assert metrics["num_rejected"] == 1 and metrics["clients_used"] == 2
+    assert json.loads(metrics["rejected"])[0][0] == str(node_of(2))
+    assert all(isinstance(v, (int, float, str)) for v in metrics.values())
+    # a round where every client fails changes nothing
+    params, metrics = st.aggregate_fit(2, [], [RuntimeError("lost")])
+    assert params is None and metrics["aggregation_failed"] == 1
+
+
+# ------------------------------------------------------------------------------------- helpers
+def test_meta_codec_round_trip():
+    meta = {
+        "rank": 4,
+        "heads": {"enc.0.q": [0, 2], "enc.1.v": [1]},
+        "scores": torch.tensor([0.5, 0.25]),
+        "name": "x",
+        "flags": [True, False],
+        "none": None,
+    }
+    enc = ff.encode_meta(meta)
+    ConfigRecord(enc)  # a valid ConfigRecord
+    dec = ff.decode_meta(ConfigRecord(enc))
+    assert dec["rank"] == 4 and dec["heads"] == meta["heads"] and dec["scores"] == [0.5, 0.25]
+    assert dec["name"] == "x" and dec["flags"] == [True, False] and dec["none"] is None
+    assert ff.decode_meta(None) == {} and ff.encode_meta(None) == {}
+    with pytest.raises(ValueError, match="JSON"):
+        ff.decode_meta({"x": "{", "fedlora.json-keys": ["x"]})
+    with pytest.raises(TypeError, match="meta"):
+        ff.encode_meta([1, 2])
+    with pytest.raises(ValueError, match="meta keys"):
+        ff.encode_meta({"fedlora.json-keys": 1})
+
+
+def test_ndarray_codec_and_bad_input():
+    g = lora_state()
+    keys = sorted(g)
+    arrays = ff.state_to_ndarrays(g, keys)
+    assert [a.shape for a in arrays] == [tuple(g[k].shape) for k in keys]
+    assert_state_close(ff.ndarrays_to_state(arrays, keys), g)
+    with pytest.raises(ValueError, match="key order"):
+        ff.ndarrays_to_state(arrays[:-1], keys)
+    with pytest.raises(KeyError):
+        ff.state_to_ndarrays(g, [*keys, "missing"])
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
+        ff.to_float32({"a": [1.0]})
+    with pytest.raises(TypeError, match="ArrayRecord"):
+        ff.from_arrayrecord({"a": torch.ones(1)})
+    with pytest.raises(ValueError, match="dtype"):
+        ff.to_arrayrecord(g, dtype=torch.bfloat16)
+    # a model with adapter layers is read through get_adapter_state_dict
+    model = torch.nn.Sequential(torch.nn.Linear(D_IN, D_OUT))
+    fedlora.inject(model, "fedit", target_modules=["0"], rank=2)
+    record = ff.to_arrayrecord(model)
+    assert isinstance(record, ArrayRecord) and set(record) == {"0.lora_A.weight", "0.lora_B.weight"}
+
+
+def test_fedlora_flower_imports_without_flwr():
+    code = (
+        "import sys; sys.modules['flwr'] = None\n"
+        "import fedlora, fedlora.flower as ff\n"
+        "assert ff.decode_meta(ff.encode_meta({'a': {'b': 1}})) == {'a': {'b': 1}}\n"
+        "try:\n    ff.FedLoRAStrategy\nexcept ImportError as e:\n    print('IMPORT-ERROR', e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "IMPORT-ERROR" in out.stdout and "flwr" in out.stdout
+
+
+# ------------------------------------------------------------------------------------- the example
+def _example():
+    sys.path.insert(0, str(ROOT / "examples" / "flower"))
+    try:
+        from fedlora_flower import local
+    finally:
+        sys.path.pop(0)
+    return local
+
+
+SMALL = {
+    "num-server-rounds": 2,
+    "local-steps": 2,
+    "batch-size": 8,
+    "max-length": 32,
+    "max-per-class": 12,
+    "max-test": 24,
+    "lr": 0.01,
+}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"method": "fedit"},
+        {"method": "hetlora", "client-ranks": "2,4"},
+        {"method": "ravan", "rank": 2, "heads": 3, "client-heads": "1,2"},
+    ],
+    ids=["fedit", "hetlora", "ravan"],
+)
+def test_example_server_and_client_apps_run_two_rounds(tiny_bert_dir, overrides, capsys):
+    """The example's ServerApp and ClientApp objects, two rounds, through LocalGrid (no Ray)."""
+    local = _example()
+    context = local.run(2, {**SMALL, "model-path": tiny_bert_dir, **overrides})
+    accuracies = context.state["result"]["test_accuracy"]
+    assert len(accuracies) == 3 and all(0.0 <= a <= 1.0 for a in accuracies)
+    printed = capsys.readouterr().out
+    assert "round 2:" in printed and "rejected 0" in printed
+
+
+@pytest.mark.slow
+def test_example_on_the_embedded_default_model(capsys):
+    """The example as shipped: the embedded all-MiniLM-L6-v2, two rounds, two nodes."""
+    pytest.importorskip("transformers")
+    try:
+        from fedlora.models import default_model_path
+
+        default_model_path()
+    except ImportError as err:
+        pytest.skip(str(err))
+    local = _example()
+    overrides = {**SMALL, "local-steps": 1, "batch-size": 4, "max-test": 8, "max-per-class": 6}
+    context = local.run(2, overrides)
+    assert len(context.state["result"]["test_accuracy"]) == 3
+    assert "round 2:" in capsys.readouterr().out
+
+
+def test_example_refuses_unknown_config():
+    local = _example()
+    with pytest.raises(ValueError, match="unknown run-config"):
+        local.run_config({"num-rounds": 3})
