@@ -226,6 +226,7 @@ class MaskedAccumulator:
         self.den: dict[str, torch.Tensor] = {}
         self.total: dict[str, float] = {}
         self.like: dict[str, torch.Tensor] = {}
+        self.full: set[str] = set()  # keys summed by add_full: one denominator, the total weight
 
     def _view(self, key: str, rank_dim: int) -> list[int]:
         view = [1] * self.like[key].dim()
@@ -247,6 +248,8 @@ class MaskedAccumulator:
 
         ``like`` gives the full shape of a sum that is not a key of the global state.
         """
+        if key in self.full:
+            raise ValueError(f"{key!r} was accumulated with add_full(); use one form per key")
         g = self.like.setdefault(key, like if like is not None else self.global_state[key])
         if key not in self.num:
             self.num[key] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
@@ -264,12 +267,35 @@ class MaskedAccumulator:
         self.den[key][:r] += coef
         self.total[key] += float(weight)
 
+    def add_full(self, keys: Sequence[str], state: State, weight: float) -> None:
+        """``add`` of whole tensors (global shape, no mask) for many keys in one multi-tensor
+        call: the streaming counterpart of :func:`weighted_average`."""
+        if not keys:
+            return
+        for key in keys:
+            if key not in self.num:
+                g = self.like.setdefault(key, self.global_state[key])
+                self.num[key] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
+                self.total[key] = 0.0
+                self.full.add(key)
+            elif key not in self.full:
+                raise ValueError(f"{key!r} was accumulated with add(); use one form per key")
+            self.total[key] += float(weight)
+        xs = [state[k] for k in keys]
+        if any(x.dtype != torch.float32 for x in xs):
+            xs = [x.float() for x in xs]
+        torch._foreach_add_([self.num[k] for k in keys], xs, alpha=float(weight))
+
     def mean(self, key: str, *, rank_dim: int = 0, fallback: bool = True) -> torch.Tensor:
         """``num / den`` per rank index; the global's value (or 0) where nobody contributed."""
         if key not in self.num:
             g = self.global_state[key]
             return g.clone() if fallback else torch.zeros_like(g)
         g = self.like[key]
+        if key in self.full:
+            if self.total[key] > 0:
+                return (self.num[key] / self.total[key]).to(g.dtype)
+            return g.clone() if fallback else torch.zeros_like(g)
         d = self.den[key].view(self._view(key, rank_dim)) if g.dim() else self.den[key][0]
         fb = g.float() if fallback else torch.zeros((), device=g.device)
         out = torch.where(d > 0, self.num[key] / torch.where(d > 0, d, 1.0), fb)

@@ -31,8 +31,7 @@ def stream_add(
     acc: MaskedAccumulator, state: State, weight: float, meta: Mapping[str, Any]
 ) -> None:
     """Add one client to the running sums."""
-    for key, x in state.items():
-        acc.add(key, x, weight)
+    acc.add_full(list(acc.global_state), state, weight)
 
 
 def stream_result(acc: MaskedAccumulator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -54,9 +54,7 @@ def stream_add(
     acc: MaskedAccumulator, state: State, weight: float, meta: Mapping[str, Any]
 ) -> None:
     """Add one client's ``B`` factors and other keys to the running sums."""
-    for key, x in state.items():
-        if not key.endswith(A_SUFFIX):
-            acc.add(key, x, weight)
+    acc.add_full([k for k in acc.global_state if not k.endswith(A_SUFFIX)], state, weight)
 
 
 def stream_result(acc: MaskedAccumulator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -260,8 +260,7 @@ def stream_add(
             acc.add(
                 path + "#scores", placed, weight, mask=_mask(full, indices, A.device), like=placed
             )
-    for key in other_keys(g):
-        acc.add(key, state[key], weight)
+    acc.add_full(other_keys(g), state, weight)
 
 
 def stream_result(

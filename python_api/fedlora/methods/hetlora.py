@@ -115,8 +115,7 @@ def stream_add(
             acc.add(
                 b_key(path) + "#data", state[b_key(path)], weight, rank_dim=1, like=g[b_key(path)]
             )
-    for key in other_keys(acc.global_state):
-        acc.add(key, state[key], weight)
+    acc.add_full(other_keys(acc.global_state), state, weight)
 
 
 def stream_result(

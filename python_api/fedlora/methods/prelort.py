@@ -77,8 +77,7 @@ def stream_add(
     for path in lora_paths(acc.global_state):
         acc.add(a_key(path), state[a_key(path)], weight, rank_dim=0)
         acc.add(b_key(path), state[b_key(path)], weight, rank_dim=1)
-    for key in other_keys(acc.global_state):
-        acc.add(key, state[key], weight)
+    acc.add_full(other_keys(acc.global_state), state, weight)
 
 
 def stream_result(acc: MaskedAccumulator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
