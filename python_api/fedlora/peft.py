@@ -206,9 +206,9 @@ def _scaling(lora_alpha: float, r: int, use_rslora: bool, scale_rank: int | None
     return float(lora_alpha) / (math.sqrt(rank) if use_rslora else rank)
 
 
-def _check_rank(r: Any) -> int:
+def _check_rank(r: Any, name: str = "r") -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+        raise ValueError(f"{name} must be a positive int, got {r!r}")
     return r
 
 
@@ -495,7 +495,7 @@ def _check_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(out["seed"], bool) or not isinstance(out["seed"], int):
         raise TypeError(f"seed must be an int, got {out['seed']!r}")
     if out["scale_rank"] is not None:
-        _check_rank(out["scale_rank"])
+        _check_rank(out["scale_rank"], "scale_rank")
     if method in RAVAN_METHODS:
         heads = out["heads"]
         if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
@@ -573,7 +573,7 @@ def _rescale_b(
     out = dict(state)
     if global_rank is None:
         return out
-    _check_rank(global_rank)
+    _check_rank(global_rank, "global_rank")
     for key, value in state.items():
         if not key.endswith(".lora_B.weight"):
             continue
