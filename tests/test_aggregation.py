@@ -650,3 +650,33 @@ def test_runs_on_every_device(device, method):
     for k in cpu:
         assert new[k].device == g[k].device
         torch.testing.assert_close(new[k].cpu(), cpu[k], atol=1e-5, rtol=1e-5)
+
+
+def test_hetlora_falls_back_to_data_weights_when_every_product_is_zero():
+    g = make_state()
+    clients = [make_state(ranks=r) for r in (5, 2)]
+    for c in clients:  # first round: B = 0 everywhere, so every ‖B_k A_k‖ is 0
+        for p in PATHS:
+            c[B(p)] = torch.zeros_like(c[B(p)])
+    new, m = aggregate("hetlora", g, clients, [1.0, 3.0])
+    assert m["hetlora_weights"][PATHS[0]] == pytest.approx([0.25, 0.75])
+    exp = 0.25 * clients[0][A(PATHS[0])].clone()
+    exp[:2] += 0.75 * clients[1][A(PATHS[0])]
+    torch.testing.assert_close(new[A(PATHS[0])], exp)
+    agg = Aggregator("hetlora", g)
+    for c, w in zip(clients, [1.0, 3.0], strict=True):
+        agg.add(c, w)
+    torch.testing.assert_close(agg.result()[0][A(PATHS[0])], exp)
+
+
+def test_hafl_previous_scores_fill_unreported_components():
+    g = make_state()
+    prev = {PATHS[0]: torch.full((R,), -1.0), PATHS[1]: torch.arange(R, dtype=torch.float32)}
+    metas = [{"scores": {PATHS[0]: torch.ones(R)}}, {}]
+    _, m = aggregate("hafl", g, [make_state(), make_state()], [1, 1], metas, prev_scores=prev)
+    assert torch.equal(m["scores"][PATHS[0]], torch.ones(R))
+    assert torch.equal(m["scores"][PATHS[1]], prev[PATHS[1]])
+    small = make_state(ranks=2)
+    meta = {"indices": {PATHS[0]: [1, 3], PATHS[1]: [0, 1]}, "scores": {PATHS[0]: [5.0, 7.0]}}
+    _, m = aggregate("hafl", g, [small], [1], [meta], prev_scores=prev)
+    assert m["scores"][PATHS[0]].tolist() == [-1.0, 5.0, -1.0, 7.0, -1.0]

@@ -76,6 +76,7 @@ CASES = [
     ((1, 3), 0, [1], None, False),  # one client, tiny
     ((4, 1, 9), -3, [4, 4], "random", False),  # negative rank_dim, equal ranks
     ((300, 8), 1, [8, 5, 8], "zero_cols", False),  # > one Triton block, zero columns -> 0
+    ((9,), 0, [9, 4, 0], "random", True),  # 1-D (per-component scores), a rank-0 client
 ]
 
 
