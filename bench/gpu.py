@@ -78,6 +78,9 @@ def multihead_rows(quick: bool) -> list[dict]:
         b_cat = B.permute(1, 0, 2).reshape(d_out, h * r)
 
         def ours(x):
+            return fk.multihead_lora(x, A, B, H, s, scale=0.5, base_out=F.linear(x, W))
+
+        def ours_unfused(x):
             return F.linear(x, W) + fk.multihead_lora(x, A, B, H, s, scale=0.5)
 
         def eager(x):
@@ -86,7 +89,12 @@ def multihead_rows(quick: bool) -> list[dict]:
             T = torch.einsum("nhk,hjk->nhj", S, H[0].to(dt)) * s[0].to(dt)[None, :, None]
             return F.linear(x, W) + (T.reshape(n, h * r) @ b_cat.T) * 0.5
 
-        cases = {"F.linear": lambda x: F.linear(x, W), "eager torch": eager, "fedlora": ours}
+        cases = {
+            "F.linear": lambda x: F.linear(x, W),
+            "eager torch": eager,
+            "fedlora (separate add)": ours_unfused,
+            "fedlora": ours,
+        }
         floor_f = floor_fb = None
         for name, f in cases.items():
             fwd = bench_ms(lambda i, f=f: f(xs[i].detach()))

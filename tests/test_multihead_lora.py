@@ -332,3 +332,25 @@ def test_env_backend_override(monkeypatch):
         fk.multihead_lora(x, A, B, H, s)
     monkeypatch.setenv("FEDLORA_BACKEND", "torch")
     assert fk.multihead_lora(x, A, B, H, s).shape == (5, 6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_base_out_is_added_in_the_same_pass(backend, dtype):
+    """base_out + adapter equals the sum done separately; its gradient to base_out is dy."""
+    x, A, B, H, s = make(37, 45, 29, 3, 5, 2, dtype)
+    off, ad = torch.tensor([0, 17, 37]), torch.tensor([1, 0])
+    base = torch.randn(37, 29).to(dtype).requires_grad_(True)
+    Hr = H.clone().requires_grad_(True)
+    kw = dict(scale=0.5, seg_offsets=off, seg_adapter=ad, backend=backend)
+    y = fk.multihead_lora(x, A, B, Hr, s, base_out=base, **kw)
+    sep = base.detach().float() + fk.multihead_lora(x, A, B, H, s, **kw).float()
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), sep, **TOL[dtype])
+    g = torch.randn_like(y)
+    g_base, g_H = torch.autograd.grad(y, (base, Hr), g)
+    assert torch.equal(g_base, g)
+    (g_H_sep,) = torch.autograd.grad(fk.multihead_lora(x, A, B, Hr, s, **kw), Hr, g)
+    torch.testing.assert_close(g_H, g_H_sep, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"base_out must have shape \[37, 29\]"):
+        fk.multihead_lora(x, A, B, H, s, base_out=torch.zeros(37, 28), **kw)

@@ -41,6 +41,7 @@ def _mh_fwd_kernel(
     s_ptr,
     y_ptr,
     S_ptr,
+    base_ptr,
     off_ptr,
     segslot_ptr,
     tlo_ptr,
@@ -52,6 +53,8 @@ def _mh_fwd_kernel(
     sxk,
     sym,
     syn,
+    sbm,
+    sbn,
     scale,
     NH: tl.constexpr,
     RH: tl.constexpr,
@@ -61,6 +64,7 @@ def _mh_fwd_kernel(
     BK: tl.constexpr,
     BN: tl.constexpr,
     UPCAST: tl.constexpr,
+    ADD_BASE: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -121,10 +125,16 @@ def _mh_fwd_kernel(
         if UPCAST:
             bt = bt.to(tl.float32)
         y = tl.dot(Tc, bt, input_precision=PREC)
+        ymask = rmask[:, None] & (nn[None, :] < D_OUT)
+        if ADD_BASE:  # y = base + adapter in the same pass: no adapter-sized temporary
+            base = tl.load(
+                base_ptr + rows[:, None] * sbm + nn[None, :] * sbn, mask=ymask, other=0.0
+            )
+            y += base.to(tl.float32)
         tl.store(
             y_ptr + rows[:, None] * sym + nn[None, :] * syn,
             y.to(y_ptr.dtype.element_ty),
-            mask=rmask[:, None] & (nn[None, :] < D_OUT),
+            mask=ymask,
         )
 
 
@@ -266,17 +276,23 @@ def multihead_lora_fwd(
     adapter: torch.Tensor,
     head_mask: torch.Tensor | None,
     scale: float,
+    base_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: returns ``(y [N, d_out], S [N, h·r] float32)``; S is saved for backward."""
+    """Forward: returns ``(y [N, d_out], S [N, h·r] float32)``; S is saved for backward.
+
+    With ``base_out`` ``[N, d_out]`` the kernel returns ``base_out + adapter`` (in
+    ``base_out``'s dtype) in the same pass."""
     n, d_in = x.shape
     h, r, _ = A.shape
     d_out = B.shape[1]
     R = h * r
     rp = next_pow2(R)
-    y = alloc_output((n, d_out), device=x.device, dtype=x.dtype)
+    out_dtype = base_out.dtype if base_out is not None else x.dtype
+    y = alloc_output((n, d_out), device=x.device, dtype=out_dtype)
     S = alloc_output((n, R), device=x.device, dtype=torch.float32)
     if n == 0:
         return y, S
+    base = base_out if base_out is not None else y  # unread when ADD_BASE is off
     bm, bk, bn, warps = _tiles(n, d_in, d_out, rp)
     lo, hi, _, _ = segment_tiles(offsets, n, bm)
     grid = (triton.cdiv(n, bm),)
@@ -288,6 +304,7 @@ def multihead_lora_fwd(
         s.contiguous(),
         y,
         S,
+        base,
         offsets,
         adapter,
         lo,
@@ -299,6 +316,8 @@ def multihead_lora_fwd(
         x.stride(1),
         y.stride(0),
         y.stride(1),
+        base.stride(0),
+        base.stride(1),
         scale,
         NH=h,
         RH=r,
@@ -308,6 +327,7 @@ def multihead_lora_fwd(
         BK=bk,
         BN=bn,
         UPCAST=upcast_dots(),
+        ADD_BASE=base_out is not None,
         PREC=dot_precision(x.dtype),
         num_warps=warps,
     )
@@ -388,7 +408,8 @@ def multihead_lora_bwd(
 
 
 def _setup_context(ctx, inputs, output):
-    _, A, B, H, s, offsets, adapter, head_mask, scale = inputs
+    _, A, B, H, s, offsets, adapter, head_mask, scale, base_out = inputs
+    ctx.has_base = base_out is not None
     _, S = output
     ctx.save_for_backward(S, A, B, H, s, offsets, adapter, head_mask)
     ctx.scale = scale
@@ -397,7 +418,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dS):
     S, A, B, H, s, offsets, adapter, head_mask = ctx.saved_tensors
     dx, dH, ds = multihead_lora_bwd(dy, S, A, B, H, s, offsets, adapter, head_mask, ctx.scale)
-    return dx, None, None, dH, ds, None, None, None, None
+    d_base = dy if ctx.has_base else None  # y = base_out + adapter: identity to base_out
+    return dx, None, None, dH, ds, None, None, None, None, d_base
 
 
 multihead_lora_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -46,9 +46,10 @@ def multihead_lora(
     seg_offsets: torch.Tensor | None = None,
     seg_adapter: torch.Tensor | None = None,
     head_mask: torch.Tensor | None = None,
+    base_out: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Adapter output of a multi-head LoRA layer (add it to the base layer's output).
+    """Adapter output of a multi-head LoRA layer, or ``base_out`` plus it in one fused pass.
 
     Args:
         x: input ``[..., d_in]``.
@@ -62,10 +63,14 @@ def multihead_lora(
         seg_adapter: int ``[S]``, the slot used by each segment. Omitted: segment ``t`` uses
             slot ``t`` (or slot 0 when ``C == 1``).
         head_mask: ``[C, h]`` of 0/1: heads with 0 get exactly zero ``H``/``s`` gradient.
+        base_out: optional ``[..., d_out]`` base-layer output; the result is then
+            ``base_out + adapter`` in ``base_out``'s dtype, computed without an adapter-sized
+            temporary on the Triton path (the gradient to ``base_out`` is the identity).
         backend: ``"triton"`` or ``"torch"``; default by device (see ``FEDLORA_BACKEND``).
 
     Returns:
-        ``[..., d_out]`` in ``x.dtype``. Differentiable in ``x``, ``H`` and ``s``.
+        ``[..., d_out]`` in ``x.dtype`` (``base_out.dtype`` when given). Differentiable in
+        ``x``, ``H``, ``s`` (and ``base_out``).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if x.dim() < 1:
@@ -94,7 +99,10 @@ def multihead_lora(
         check_tensor("head_mask", head_mask, dtypes=None)
         check_shape("head_mask", head_mask, [num_slots, h])
     scale = check_finite_scalar("scale", scale)
-    device = check_same_device(x=x, A=A, B=B, H=H, s=s, head_mask=head_mask)
+    device = check_same_device(x=x, A=A, B=B, H=H, s=s, head_mask=head_mask, base_out=base_out)
+    if base_out is not None:
+        check_tensor("base_out", base_out, dtypes=FLOAT_DTYPES)
+        check_shape("base_out", base_out, [*x.shape[:-1], d_out])
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)
@@ -115,10 +123,13 @@ def multihead_lora(
             seg_adapter=adapter,
             head_mask=head_mask,
         )
+        if base_out is not None:
+            y = base_out.reshape(-1, d_out) + y.to(base_out.dtype)
     else:
         from fedlora_kernels.ops import _multihead_triton as impl
 
+        base2 = base_out.reshape(-1, d_out) if base_out is not None else None
         y, _ = impl.multihead_lora_fwd(
-            x2, A.detach(), B.detach(), H, s, offsets, adapter, head_mask, scale
+            x2, A.detach(), B.detach(), H, s, offsets, adapter, head_mask, scale, base2
         )
     return y.reshape(*lead, d_out)

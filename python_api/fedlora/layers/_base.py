@@ -87,11 +87,15 @@ class AdapterLayer(nn.Module):
         """Dense ``ΔW`` of a slot in ``nn.Linear`` layout ``[d_out, d_in]`` (float32)."""
         raise NotImplementedError
 
+    def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + adapter(x)``; layers whose op can accumulate into ``y`` in one pass override it."""
+        return y + self.adapter_output(x).to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         if self.merged:
             return y
-        return y + self.adapter_output(x).to(y.dtype)
+        return self.add_adapter(x, y)
 
     # ---------------------------------------------------------------- merging
     def _check_slot(self, slot: int) -> int:

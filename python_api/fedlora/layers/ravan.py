@@ -119,7 +119,8 @@ class RavanLinear(AdapterLayer):
         """Indices of the heads ``slot`` trains."""
         return torch.nonzero(self.head_mask[self._check_slot(slot)]).flatten().tolist()
 
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+    def adapter_output(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapter's contribution for input ``x`` (plus ``base_out`` when given, fused)."""
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:  # e.g. autocast or a float32 input to a bf16 model
             A, B = A.to(x.dtype), B.to(x.dtype)
@@ -133,7 +134,12 @@ class RavanLinear(AdapterLayer):
             seg_offsets=self.row_offsets(x),
             seg_adapter=self.seg_adapter,
             head_mask=self.head_mask,
+            base_out=base_out,
         )
+
+    def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y + adapter(x)`` in one fused pass (no adapter-sized temporary on GPU)."""
+        return self.adapter_output(x, base_out=y)
 
     def delta_weight(self, slot: int = 0) -> torch.Tensor:
         """``scale · Σ_i s_i B_i H_i A_i`` of ``slot`` as ``[d_out, d_in]`` float32."""
