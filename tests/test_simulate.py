@@ -153,3 +153,10 @@ def test_cli_runs_and_compares(tiny_bert_dir, tmp_path, capsys):
     table = (tmp_path / "c" / "results.md").read_text()
     assert "| fedit |" in table and "| florana |" in table
     assert (tmp_path / "c" / "curves.png").stat().st_size > 0
+
+
+def test_base_merge_keys_match_the_server_rules():
+    from fedlora.methods._common import SERVER_SUFFIXES
+    from fedlora.state_dict import BASE_MERGE_SUFFIXES
+
+    assert {s for pair in BASE_MERGE_SUFFIXES for s in pair} == set(SERVER_SUFFIXES)

@@ -104,7 +104,8 @@ def set_adapter_state_dict(
 
 
 # keys through which a server tells clients to fold a low-rank product into their frozen base
-# (FLoRA: the stacked client factors; FedEx-LoRA: the residual), as ``(B key, A key)`` suffixes
+# (FLoRA: the stacked client factors; FedEx-LoRA: the residual), as ``(B key, A key)`` suffixes;
+# the same keys as ``fedlora.methods._common.SERVER_SUFFIXES``
 BASE_MERGE_SUFFIXES = ((".lora_merge_B", ".lora_merge_A"), (".lora_residual_B", ".lora_residual_A"))
 
 

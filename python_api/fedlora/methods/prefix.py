@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+from fedlora.methods._common import A_SUFFIX, B_SUFFIX
+from fedlora.methods._common import lora_paths as _paths
 
 
 def lora_paths(state: dict[str, torch.Tensor]) -> list[str]:
     """Module paths that have both ``lora_A.weight`` and ``lora_B.weight`` in ``state``."""
-    paths = [k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX)]
+    paths = _paths(state)
     missing = [p for p in paths if p + B_SUFFIX not in state]
     if missing:
         raise ValueError(f"state has lora_A without lora_B for modules {missing[:3]}")

@@ -14,18 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = (
-    "fedit",
-    "ffa",
-    "hetlora",
-    "flexlora",
-    "flora",
-    "fedex",
-    "ravan",
-    "hafl",
-    "prelort",
-    "florana",
-)
+from fedlora.aggregation import METHODS
+
 ENGINES = ("sequential", "batched")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
 
