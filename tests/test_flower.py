@@ -452,11 +452,10 @@ SMALL = {
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"method": "fedit"},
         {"method": "hetlora", "client-ranks": "2,4"},
         {"method": "ravan", "rank": 2, "heads": 3, "client-heads": "1,2"},
     ],
-    ids=["fedit", "hetlora", "ravan"],
+    ids=["hetlora", "ravan"],
 )
 def test_example_server_and_client_apps_run_two_rounds(tiny_bert_dir, overrides, capsys):
     """The example's ServerApp and ClientApp objects, two rounds, through LocalGrid (no Ray)."""
@@ -479,7 +478,14 @@ def test_example_on_the_embedded_default_model(capsys):
     except ImportError as err:
         pytest.skip(str(err))
     local = _example()
-    overrides = {**SMALL, "local-steps": 1, "batch-size": 4, "max-test": 8, "max-per-class": 6}
+    overrides = {
+        **SMALL,
+        "local-steps": 1,
+        "batch-size": 2,
+        "max-length": 16,
+        "max-test": 4,
+        "max-per-class": 6,
+    }
     context = local.run(2, overrides)
     assert len(context.state["result"]["test_accuracy"]) == 3
     assert "round 2:" in capsys.readouterr().out

@@ -187,6 +187,25 @@ def test_merge_and_unload_equals_unmerged_llama(tiny_llama, method, options):
     torch.testing.assert_close(out_of(merged, batch), before, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("method", "options"), [("fedit", {}), ("ravan", {"heads": 2})], ids=["lora", "ravan"]
+)
+def test_bf16_base_model(tiny_llama, method, options):
+    """A bf16 model: PEFT keeps the adapters in fp32, the output stays bf16, gradients reach
+    the adapters, the state dict is fp32 and merging agrees to bf16 precision."""
+    model, batch = tiny_llama
+    config = fp.register(cfg(LLAMA_TARGETS, init_lora_weights=False), method, **options)
+    pm = get_peft_model(copy.deepcopy(model).to(torch.bfloat16), config)
+    out = out_of(pm, batch)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    grads = [p.grad for n, p in pm.named_parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert all(v.dtype == torch.float32 for v in get_peft_model_state_dict(pm).values())
+    merged = pm.merge_and_unload(safe_merge=True)
+    torch.testing.assert_close(out_of(merged, batch), out, atol=2e-2, rtol=2e-2)
+
+
 def test_merge_and_unload_equals_unmerged_minilm(minilm):
     model, batch = minilm
     pm = get_peft_model(copy.deepcopy(model), fp.register(cfg(BERT_TARGETS), "ravan", heads=2))
@@ -345,7 +364,10 @@ def test_bad_register_arguments():
 def test_old_peft_is_refused_with_a_pointer_to_inject():
     with pytest.raises(ImportError, match=r"fedlora\.inject"):
         fp.check_peft_version("0.11.1")
+    with pytest.raises(ImportError, match=r"0\.6\.2"):
+        fp.check_peft_version("0.6.2")  # FlowerTune's pinned peft
     fp.check_peft_version("0.12.0")
+    fp.check_peft_version("0.12.0rc1")
     fp.check_peft_version(peft.__version__)
     assert fp.layer_class("fedit") is fp.layer_class("fedit", seed=0)  # cached per options
 

@@ -746,6 +746,7 @@ def _build_classes() -> dict[str, type]:
                 raise TypeError(f"client_app must be a ClientApp, got {type(client_app).__name__}")
             self.client_app = client_app
             self._run = None
+            self._replies: dict[str, Any] = {}
             self.contexts = {
                 i + 1: Context(
                     run_id=run_id,
@@ -784,7 +785,6 @@ def _build_classes() -> dict[str, type]:
 
         def push_messages(self, messages: Iterable[Any]) -> list[str]:
             """Deliver now; the returned ids index the stored replies."""
-            self._replies = getattr(self, "_replies", {})
             ids = []
             for msg in messages:
                 key = str(len(self._replies))

@@ -35,13 +35,17 @@ Arrow, ...) and data-driven initialisations (``init_lora_weights`` other than Tr
 "gaussian"). On older PEFT use :func:`fedlora.inject` instead.
 
 The custom-module mapping is not saved by ``save_pretrained``: call :func:`register` again (same
-method and options) on the config passed to ``PeftModel.from_pretrained``.
+method and options) on the config passed to ``PeftModel.from_pretrained``. For the same reason the
+layer classes (one per method and options, made by :func:`layer_class`) are not picklable by
+name: save adapters with ``save_pretrained`` / state dicts, not by pickling whole models
+(``copy.deepcopy`` works).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -107,12 +111,13 @@ _DELTA_BLOCK = 1024
 
 # ------------------------------------------------------------------------------------- peft
 def _version_tuple(version: str) -> tuple[int, ...]:
+    """Leading numeric release parts: ``"0.12.0rc1"`` -> ``(0, 12, 0)``."""
     parts = []
     for piece in version.split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits:
+        match = re.match(r"\d+", piece)
+        if match is None:
             break
-        parts.append(int(digits))
+        parts.append(int(match.group()))
     return tuple(parts)
 
 
