@@ -14,7 +14,7 @@ from conftest import DEVICES
 
 import fedlora
 from fedlora.aggregation import METHODS, STREAMING_METHODS, Aggregator, aggregate
-from fedlora.methods import flexlora, hafl, prelort
+from fedlora.methods import flexlora, hafl_client
 
 PATHS = ("enc.0.q", "enc.1.v")
 D_IN, D_OUT, R = 13, 11, 5
@@ -221,10 +221,14 @@ def test_hafl_truncation_mode_writes_back_to_indices_and_averages_scores():
     torch.testing.assert_close(new[A(path)][0], full[A(path)][0])
     torch.testing.assert_close(m["scores"][path], torch.tensor([0.0, 10.5, 2.0, 3.0, 7.0]))
     assert torch.equal(m["scores"][PATHS[1]], torch.ones(R))
-    assert hafl.select_components(m["scores"][path], 2) == [1, 4]
-    down = hafl.client_factors(new, {PATHS[0]: [1, 4], PATHS[1]: [0, 2]})
+    # the client side picks the top components by these scores and uploads them back in place
+    down, indices = hafl_client.truncation_download(new, m["scores"], 2)
+    assert indices[path] == [1, 4]
     assert torch.equal(down[A(path)], new[A(path)][[1, 4]])
     assert torch.equal(down[B(path)], new[B(path)][:, [1, 4]])
+    state, meta = hafl_client.truncation_upload(down, indices)
+    again, m2 = aggregate("hafl", new, [state], [1.0], [meta])
+    assert m2["rejected"] == [] and torch.equal(again[A(path)], new[A(path)])
 
 
 def test_prelort_leaves_uncovered_components_unchanged_and_reduces_to_fedit():
@@ -236,7 +240,6 @@ def test_prelort_leaves_uncovered_components_unchanged_and_reduces_to_fedit():
         assert torch.equal(new[B(path)][:, 3:], g[B(path)][:, 3:])
         torch.testing.assert_close(new[A(path)][2], clients[1][A(path)][2], atol=0, rtol=2e-7)
     assert m["prelort_coverage"][PATHS[0]] == [3, 2, 1, 0, 0]
-    assert prelort.nested_ranks([1, 3, 2, 5], 3) == [1, 2, 3]
     same = [make_state() for _ in range(3)]
     a, _ = aggregate("prelort", g, same, [1.0, 2.0, 4.0])
     b, _ = aggregate("fedit", g, same, [1.0, 2.0, 4.0])

@@ -116,20 +116,6 @@ def check_declared_rank(global_state: State, state: State, meta: Mapping[str, An
             )
 
 
-def prefix_factors(global_state: State, rank: int | Mapping[str, int]) -> dict[str, torch.Tensor]:
-    """Client-side download for prefix-rank methods (HetLoRA, PreLort): every layer truncated to
-    its first ``rank`` components (an int, or ``{path: int}``), other keys whole; copies."""
-    out = {key: value.clone() for key, value in global_state.items()}
-    for path in lora_paths(global_state):
-        r = rank[path] if isinstance(rank, Mapping) else rank
-        full = rank_of(global_state, path)
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= full:
-            raise ValueError(f"rank for {path!r} must be an int in [1, {full}], got {r!r}")
-        out[a_key(path)] = global_state[a_key(path)][:r].clone()
-        out[b_key(path)] = global_state[b_key(path)][:, :r].clone()
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # reductions over clients
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Client side (see DESIGN §4): element importance ``|w·∂L/∂w|`` smoothed with uncertainty, component
 score ``S_j``; in freezing mode (default) a client holds the full rank ``R`` and trains only its
 top ``m_k`` components; in truncation mode it holds ``r_k < R`` components chosen by the server's
-averaged scores (:func:`select_components`, :func:`client_factors`).
+averaged scores (:mod:`fedlora.methods.hafl_client`: ``truncation_download`` /
+``truncation_upload``).
 
 Server (adaptive rank-1 aggregation): per component ``j`` of every layer, the ``p_k``-weighted
 mean over the clients that updated ``j``; unchanged if none did; a lone contributor is taken whole
@@ -153,31 +154,6 @@ def _mask(full: int, updated: list[int], device: torch.device) -> torch.Tensor:
     m = torch.zeros(full, dtype=torch.float32, device=device)
     m[updated] = 1.0
     return m
-
-
-def select_components(scores: torch.Tensor, rank: int) -> list[int]:
-    """Truncation mode: the ``rank`` highest-scoring components (sorted indices; ties to the
-    lower index)."""
-    if not isinstance(scores, torch.Tensor) or scores.dim() != 1:
-        raise ValueError(f"scores must be a 1-D tensor [R], got {scores!r}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= scores.numel():
-        raise ValueError(f"rank must be an int in [1, {scores.numel()}], got {rank!r}")
-    order = torch.sort(-scores.float().cpu(), stable=True).indices
-    return sorted(order[:rank].tolist())
-
-
-def client_factors(
-    global_state: State, indices: Mapping[str, Sequence[int]]
-) -> dict[str, torch.Tensor]:
-    """Truncation mode download: the components ``indices[path]`` of every layer (rows of ``A``,
-    columns of ``B`` in that order), other keys whole. Upload them with
-    ``meta = {"indices": indices}``."""
-    out = {key: value.clone() for key, value in global_state.items()}
-    for path in lora_paths(global_state):
-        idx = list(indices[path])
-        out[a_key(path)] = global_state[a_key(path)][idx].clone()
-        out[b_key(path)] = global_state[b_key(path)][:, idx].clone()
-    return out
 
 
 def aggregate(

@@ -12,7 +12,8 @@ holds becomes 0. Weights per layer (``weighting=``):
 
 Other keys are ``p_k``-averaged. ``metas[k]`` may declare ``{"rank": r_k}`` (or
 ``{"rank": {path: r_k}}``); a declared rank that disagrees with the uploaded shapes rejects the
-client. Client side: :func:`client_factors` (the rank-``r_k`` prefix of the global). Streaming-capable.
+client. Client side: :func:`fedlora.methods.prefix.truncate` (the rank-``r_k`` prefix of the
+global). Streaming-capable.
 """
 
 from __future__ import annotations
@@ -33,11 +34,8 @@ from fedlora.methods._common import (
     lora_paths,
     masked_mean,
     other_keys,
-    prefix_factors,
     sparsity_weight,
 )
-
-client_factors = prefix_factors
 
 RANKS = "prefix"
 WEIGHTINGS = ("sparsity", "data")

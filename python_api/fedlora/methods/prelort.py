@@ -1,9 +1,9 @@
 """PreLort: prefix-nested ranks, segment-wise aggregation.
 
 Client side: client ``k`` downloads the rank prefix ``A[:r_k]``, ``B[:, :r_k]``
-(:func:`client_factors`), trains with the nested loss ``mean_{t∈T_k} ℓ(adapter truncated to t)``
-where ``T_k`` = the distinct client ranks ``≤ r_k`` plus ``r_k`` (:func:`nested_ranks`), and
-uploads its prefix.
+(:func:`fedlora.methods.prefix.truncate`), trains with the nested loss
+``mean_{t∈T_k} ℓ(adapter truncated to t)`` where ``T_k`` = the distinct client ranks ``≤ r_k``
+plus ``r_k`` (:mod:`fedlora.methods.prelort_client`), and uploads its prefix.
 
 Server, segment-wise: per rank index ``j``, the ``p_k``-weighted mean over the clients with
 ``r_k > j`` (the segments between consecutive distinct ranks share one set of contributors); an
@@ -16,7 +16,7 @@ Other keys are ``p_k``-averaged. ``metas[k]`` may declare ``{"rank": r_k}`` (or
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,18 +31,10 @@ from fedlora.methods._common import (
     lora_paths,
     masked_mean,
     other_keys,
-    prefix_factors,
     rank_of,
 )
 
 RANKS = "prefix"
-
-client_factors = prefix_factors
-
-
-def nested_ranks(client_ranks: Iterable[int], rank: int) -> list[int]:
-    """``T_k``: the distinct ranks of all clients that are ``≤ rank``, plus ``rank``, sorted."""
-    return sorted({int(r) for r in client_ranks if int(r) <= rank} | {int(rank)})
 
 
 def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
