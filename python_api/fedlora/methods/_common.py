@@ -181,7 +181,7 @@ def linear_combination(
     return acc.to(dtype)
 
 
-def copy_other_keys(
+def average_other_keys(
     new_state: dict[str, torch.Tensor],
     global_state: State,
     client_states: Sequence[State],

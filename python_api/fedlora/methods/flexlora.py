@@ -24,9 +24,9 @@ import torch
 from fedlora.methods._common import (
     State,
     a_key,
+    average_other_keys,
     b_key,
     check_declared_rank,
-    copy_other_keys,
     lora_paths,
     rank_of,
 )
@@ -112,5 +112,5 @@ def aggregate(
         new_state[b_key(path)] = B.to(B_g.dtype)
         total = float(S.square().sum())
         energy[path] = float(S[: A_g.shape[0]].square().sum()) / total if total > 0 else 1.0
-    copy_other_keys(new_state, global_state, client_states, weights)
+    average_other_keys(new_state, global_state, client_states, weights)
     return {k: new_state[k] for k in global_state}, {"flexlora_energy": energy}

@@ -25,9 +25,9 @@ import torch
 from fedlora.methods._common import (
     State,
     a_key,
+    average_other_keys,
     b_key,
     check_declared_rank,
-    copy_other_keys,
     lora_paths,
 )
 
@@ -74,7 +74,7 @@ def aggregate(
             draw = torch.rand(A_g.shape, generator=gen, dtype=torch.float32) * (2 * bound) - bound
             new_state[a_key(path)] = draw.to(device=A_g.device, dtype=A_g.dtype)
         new_state[b_key(path)] = torch.zeros_like(B_g)
-    copy_other_keys(new_state, global_state, client_states, weights)
+    average_other_keys(new_state, global_state, client_states, weights)
     out = {k: new_state[k] for k in global_state}
     out.update(merges)
     return out, {}

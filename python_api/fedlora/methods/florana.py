@@ -29,8 +29,8 @@ import torch
 from fedlora.methods._common import (
     State,
     a_key,
+    average_other_keys,
     b_key,
-    copy_other_keys,
     linear_combination,
     lora_paths,
 )
@@ -188,7 +188,7 @@ def aggregate(
         for key, c in ((a_key(path), a), (b_key(path), b)):
             basis = [global_state[key]] + [cs[key] for cs in client_states]
             new_state[key] = linear_combination(basis, c, global_state[key].dtype)
-    copy_other_keys(new_state, global_state, client_states, weights)
+    average_other_keys(new_state, global_state, client_states, weights)
     extra = {
         "florana_alpha": {path: coefs[path][0].tolist() for path in paths},
         "florana_beta": {path: coefs[path][1].tolist() for path in paths},

@@ -38,8 +38,8 @@ from fedlora.methods._common import (
     MaskedAccumulator,
     State,
     a_key,
+    average_other_keys,
     b_key,
-    copy_other_keys,
     lora_paths,
     masked_mean,
     other_keys,
@@ -204,7 +204,7 @@ def aggregate(
                 )
             else:
                 scores_out[path] = fb.clone()
-    copy_other_keys(new_state, global_state, client_states, weights)
+    average_other_keys(new_state, global_state, client_states, weights)
     extra: dict[str, Any] = {"hafl_updates": updates}
     if scores_out:
         extra["scores"] = scores_out

@@ -27,9 +27,9 @@ from fedlora.methods._common import (
     MaskedAccumulator,
     State,
     a_key,
+    average_other_keys,
     b_key,
     check_declared_rank,
-    copy_other_keys,
     factors,
     lora_paths,
     masked_mean,
@@ -88,7 +88,7 @@ def aggregate(
             shape = [1, 1]
             shape[dim] = rank
             new_state[key] = (mean.float() * (held / total).view(shape)).to(g.dtype)
-    copy_other_keys(new_state, global_state, client_states, weights)
+    average_other_keys(new_state, global_state, client_states, weights)
     return {k: new_state[k] for k in global_state}, {"hetlora_weights": layer_weights}
 
 

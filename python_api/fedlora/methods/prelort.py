@@ -25,9 +25,9 @@ from fedlora.methods._common import (
     MaskedAccumulator,
     State,
     a_key,
+    average_other_keys,
     b_key,
     check_declared_rank,
-    copy_other_keys,
     lora_paths,
     masked_mean,
     other_keys,
@@ -58,7 +58,7 @@ def aggregate(
             )
         ranks = [rank_of(cs, path) for cs in client_states]
         coverage[path] = [sum(r > j for r in ranks) for j in range(rank_of(global_state, path))]
-    copy_other_keys(new_state, global_state, client_states, weights)
+    average_other_keys(new_state, global_state, client_states, weights)
     return {k: new_state[k] for k in global_state}, {"prelort_coverage": coverage}
 
 
