@@ -345,16 +345,15 @@ class _LoRAMethods(_PeftLayerMixin):
     """Plain LoRA in PEFT's layout, forward through ``fedlora_kernels.masked_lora``."""
 
     def _create_adapter(self, name: str, r: int, init: Any, seed: int) -> None:
-        from fedlora.layers.lora import LoRALinear
+        from fedlora.layers.lora import lora_init_A
 
         options = self._fedlora_options
         kind = "gaussian" if init == "gaussian" else options.get("init", "kaiming")
-        # A exactly as fedlora.inject initialises it (shared seed per module path)
-        reference = LoRALinear(self.get_base_layer(), rank=r, init=kind, seed=seed)
         a = nn.Linear(self.in_features, r, bias=False)
         b = nn.Linear(r, self.out_features, bias=False)
         with torch.no_grad():
-            a.weight.copy_(reference.lora_A[0])
+            # A exactly as fedlora.inject initialises it (shared seed per module path)
+            a.weight.copy_(lora_init_A(self.in_features, r, init=kind, seed=seed))
             if init is False:  # PEFT's "no init": a non-zero B, so the adapter is not a no-op
                 nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
             else:

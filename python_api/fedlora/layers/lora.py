@@ -16,6 +16,22 @@ from fedlora.layers._base import AdapterLayer
 INITS = ("kaiming", "gaussian")
 
 
+def lora_init_A(d_in: int, rank: int, *, init: str = "kaiming", seed: int = 0) -> torch.Tensor:
+    """The initial ``A`` ``[rank, d_in]`` (float32, CPU) every party derives from ``seed``.
+
+    ``"kaiming"``: PEFT's default ``kaiming_uniform_(a=√5)``, i.e. U(-1/√d_in, 1/√d_in);
+    ``"gaussian"``: N(0, 1/rank), as PEFT's ``init_lora_weights="gaussian"``.
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    a = torch.empty(rank, d_in)
+    if init == "kaiming":
+        bound = 1.0 / math.sqrt(d_in)
+        return a.uniform_(-bound, bound, generator=gen)
+    return a.normal_(0.0, 1.0 / rank, generator=gen)
+
+
 class LoRALinear(AdapterLayer):
     """Drop-in replacement for an ``nn.Linear`` (or transformers ``Conv1D``) with a LoRA adapter.
 
@@ -63,14 +79,7 @@ class LoRALinear(AdapterLayer):
     def reset_adapter(self, slot: int | None = None) -> None:
         """Re-initialise ``A`` (as at construction, from ``seed``) and zero ``B``; all slots by default."""
         slots = range(self.num_clients) if slot is None else [self._check_slot(slot)]
-        gen = torch.Generator().manual_seed(int(self.seed))
-        a = torch.empty(self.rank, self.in_features)
-        if self.init == "kaiming":
-            # PEFT's default: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(d_in), 1/sqrt(d_in))
-            bound = 1.0 / math.sqrt(self.in_features)
-            a.uniform_(-bound, bound, generator=gen)
-        else:
-            a.normal_(0.0, 1.0 / self.rank, generator=gen)
+        a = lora_init_A(self.in_features, self.rank, init=self.init, seed=self.seed)
         with torch.no_grad():
             for c in slots:
                 self.lora_A[c].copy_(a)
