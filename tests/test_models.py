@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedlora.models import SequenceClassifier, default_model_path, load_encoder, tokenize
 from torch import nn
+
+from fedlora.models import SequenceClassifier, default_model_path, load_encoder, tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 

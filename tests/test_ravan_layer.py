@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import fedlora
 import pytest
 import torch
 from conftest import BACKENDS
-from fedlora.layers.ravan import ravan_bases
 from torch import nn
+
+import fedlora
+from fedlora.layers.ravan import ravan_bases
 
 
 def randomise(layer: fedlora.RavanLinear) -> None:
