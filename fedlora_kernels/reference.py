@@ -47,7 +47,16 @@ def multihead_lora(
     Hf, sf = H.float(), s.float()
     if num_slots == 1:
         T = torch.einsum("nhk,hjk->nhj", S, Hf[0]) * sf[0][None, :, None]
-    else:
+    elif not torch.compiler.is_compiling():  # eager: one small core product per segment
+        bounds = seg_offsets.tolist()
+        T = torch.cat(
+            [
+                torch.einsum("nhk,hjk->nhj", S[bounds[t] : bounds[t + 1]], Hf[c])
+                * sf[c][None, :, None]
+                for t, c in enumerate(seg_adapter.tolist())
+            ]
+        )
+    else:  # traced: gather each row's core (no data-dependent shapes)
         slot = row_slots(seg_offsets, seg_adapter, n)
         T = torch.einsum("nhk,nhjk->nhj", S, Hf[slot]) * sf[slot][:, :, None]
     y = (T.reshape(n, h * r) @ b_cat.T) * scale
@@ -82,8 +91,9 @@ def masked_lora(
     their gradient and drops it; the Triton kernels skip it). Differentiable in ``x``, ``A``,
     ``B``. Computed in float32 and returned in ``x.dtype``.
 
-    With ``C > 1`` the shrink and expand run against all slots at once (``[N, C·R]``): ``C`` times
-    the adapter FLOPs of one slot, but no data-dependent shapes, so ``torch.compile`` traces it.
+    With ``C > 1``, eager calls run one shrink/expand per segment (the adapter FLOPs of one slot
+    per row); while ``torch.compile`` traces, the shrink and expand run against all slots at once
+    (``[N, C·R]``: ``C`` times the FLOPs, but no data-dependent shapes).
     """
     n, d_in = x.shape
     num_slots, rank, _ = A.shape
@@ -94,6 +104,15 @@ def masked_lora(
         A = torch.where(keep[:, :, None], A, A.detach())
         B = torch.where(keep[:, None, :], B, B.detach())
     xf, af, bf = x.float(), A.float(), B.float()
+    if num_slots > 1 and not torch.compiler.is_compiling():
+        ys = []
+        bounds = seg_offsets.tolist()
+        for t, c in enumerate(seg_adapter.tolist()):
+            St = xf[bounds[t] : bounds[t + 1]] @ af[c].T
+            if rank_mask is not None:
+                St = St * rank_mask[t].float()
+            ys.append((St * scale) @ bf[c].T)
+        return torch.cat(ys).to(x.dtype) if ys else xf.new_zeros(0, d_out).to(x.dtype)
     if num_slots == 1:
         S = xf @ af[0].T
     else:
