@@ -74,7 +74,8 @@ def main() -> None:
         "same_test_loss": same,
     }
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    path = Path(__file__).resolve().parent / "results" / f"simulate-{slug}.json"
+    name = f"simulate-{slug}-c{args.clients}-b{args.batch_size}.json"
+    path = Path(__file__).resolve().parent / "results" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(

@@ -67,6 +67,21 @@ def test_every_method_runs_two_rounds(tiny_bert_dir, method, tmp_path):
         assert (tmp_path / method / name).stat().st_size > 0
     rows = json.loads((tmp_path / method / "metrics.json").read_text())["rounds"]
     assert len(rows) == 2
+    # the adapters themselves trained (not only the head): B factors / Ravan cores left zero
+    # (BERT's pooler is unused by mean pooling, so its adapter rightly gets no gradient)
+    trained = [
+        v
+        for k, v in result.global_state.items()
+        if k.endswith((".lora_B.weight", ".lora_H")) and ".pooler." not in k
+    ]
+    if method == "flora":  # FLoRA merges each round's stack into the base and restarts B at 0
+        from safetensors.torch import load_file
+
+        ckpt = load_file(str(tmp_path / method / "checkpoint.safetensors"))
+        assert any(k.endswith(".base_layer.weight") for k in ckpt)
+        assert all(v.abs().sum() == 0 for v in trained)
+    else:
+        assert trained and all(v.abs().sum() > 0 for v in trained), "an adapter never trained"
 
 
 def test_resume_continues_to_the_same_numbers(tiny_bert_dir, tmp_path):

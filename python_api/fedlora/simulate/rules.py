@@ -94,12 +94,30 @@ class PrefixRule(ClientRule):
 
 
 class FlexLoRARule(PrefixRule):
-    """FlexLoRA: the server's global ΔW is re-factored at each client's rank (best rank-r_k)."""
+    """FlexLoRA: the server's global ΔW is re-factored at each client's rank (best rank-r_k).
+
+    Where ΔW has fewer than ``r_k`` non-zero singular values (always in the first round, when
+    ΔW = 0) the SVD gives components with ``A`` row and ``B`` column both zero, which can never
+    train (each factor's gradient goes through the other). Those rows of ``A`` are refilled
+    from the run's initial adapter, with ``B`` still zero, so the function is unchanged.
+    """
+
+    def setup(self, model):
+        self.initial = get_adapter_state_dict(model, slot=0)
 
     def download(self, global_state, budget):
         from fedlora.methods import flexlora
 
-        return flexlora.client_factors(global_state, budget.rank)
+        state = flexlora.client_factors(global_state, budget.rank)
+        init = prefix.truncate(self.initial, budget.rank)
+        for path in prefix.lora_paths(state):
+            A, B = state[path + prefix.A_SUFFIX], state[path + prefix.B_SUFFIX]
+            dead = (A.abs().sum(1) == 0) & (B.abs().sum(0) == 0)
+            if bool(dead.any()):
+                A = A.clone()
+                A[dead] = init[path + prefix.A_SUFFIX][dead].to(A.dtype)
+                state[path + prefix.A_SUFFIX] = A
+        return state
 
 
 class PreLortRule(PrefixRule):
