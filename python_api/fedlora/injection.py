@@ -32,8 +32,8 @@ def _lora(base: nn.Module, *, layer_seed: int, **options: Any) -> AdapterLayer:
     return LoRALinear(base, seed=layer_seed, **options)
 
 
-register_layer("ravan", _ravan)
-for _method in (
+#: Methods whose client adapter is plain LoRA (one ``A``/``B`` pair per module).
+LORA_METHODS = (
     "fedit",
     "ffa",
     "hetlora",
@@ -43,7 +43,13 @@ for _method in (
     "hafl",
     "prelort",
     "florana",
-):
+)
+#: Methods whose client adapter is multi-head (frozen bases, trainable cores).
+RAVAN_METHODS = ("ravan",)
+
+for _method in RAVAN_METHODS:
+    register_layer(_method, _ravan)
+for _method in LORA_METHODS:
     register_layer(_method, _lora)
 
 

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 import fedlora_kernels as fk
-from fedlora.injection import layer_seed
+from fedlora.injection import LORA_METHODS, RAVAN_METHODS, layer_seed
 from fedlora.layers._base import _is_conv1d
 
 # built on first access (they subclass peft's LoraLayer): see __getattr__
@@ -73,20 +73,6 @@ __all__ = [
     "to_peft_state_dict",
 ]
 
-#: Methods whose client adapter is plain LoRA (one ``A``/``B`` pair per module).
-LORA_METHODS = (
-    "fedit",
-    "ffa",
-    "hetlora",
-    "flexlora",
-    "flora",
-    "fedex",
-    "hafl",
-    "prelort",
-    "florana",
-)
-#: Methods whose client adapter is multi-head (frozen bases, trainable cores).
-RAVAN_METHODS = ("ravan",)
 #: First PEFT release with ``LoraConfig._register_custom_module``.
 MIN_PEFT_VERSION = (0, 12)
 
