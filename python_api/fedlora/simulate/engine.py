@@ -325,7 +325,10 @@ def run(
         global_state, result.rounds = ckpt
         global_state = _restore_bases(model, global_state)
         start_round = len(result.rounds)
-        log(f"resuming {out} at round {start_round + 1}/{cfg.rounds}")
+        if start_round >= cfg.rounds:
+            log(f"{out} already holds all {start_round} rounds; nothing to run")
+        else:
+            log(f"resuming {out} at round {start_round + 1}/{cfg.rounds}")
 
     bar = _progress(cfg.rounds, start_round, progress)
     for r in range(start_round, cfg.rounds):
