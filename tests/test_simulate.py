@@ -175,3 +175,11 @@ def test_base_merge_keys_match_the_server_rules():
     from fedlora.state_dict import BASE_MERGE_SUFFIXES
 
     assert {s for pair in BASE_MERGE_SUFFIXES for s in pair} == set(SERVER_SUFFIXES)
+
+
+def test_ffa_uploads_only_b(tiny_bert_dir):
+    ffa = run(tiny(tiny_bert_dir, method="ffa", rounds=1), progress=False)
+    fedit = run(tiny(tiny_bert_dir, method="fedit", rounds=1), progress=False)
+    up_ffa, up_fedit = ffa.rounds[0]["bytes_up"], fedit.rounds[0]["bytes_up"]
+    assert up_ffa < 0.75 * up_fedit  # A (d_in x R per layer) stays home
+    assert any(k.endswith(".lora_A.weight") for k in ffa.global_state)  # the global keeps A

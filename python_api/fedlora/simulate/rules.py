@@ -75,11 +75,15 @@ def _lora_layers(model: nn.Module) -> list[Any]:
 
 
 class FFARule(ClientRule):
-    """FFA-LoRA: A frozen at its shared-seed initialisation, only B trains."""
+    """FFA-LoRA: A frozen at its shared-seed initialisation, only B trains and travels."""
 
     def setup(self, model: nn.Module) -> None:
         for layer in _lora_layers(model):
             layer.lora_A.requires_grad_(False)
+
+    def upload(self, model, slot, budget):
+        state = get_adapter_state_dict(model, slot=slot)
+        return {k: v for k, v in state.items() if not k.endswith(prefix.A_SUFFIX)}, {}
 
 
 class PrefixRule(ClientRule):
