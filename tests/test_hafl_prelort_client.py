@@ -103,8 +103,17 @@ def test_hafl_upload_and_truncation_mode_helpers():
     net = lora_net(rank=4)
     tracker = hafl_client.ImportanceTracker(net)
     sel = tracker.select(2)
-    state, meta = hafl_client.client_update(net, sel, tracker.component_scores())
+    compact, cmeta = hafl_client.client_update(net, sel, tracker.component_scores())
+    assert cmeta["updated"] == sel == cmeta["indices"]
+    for p, idx in sel.items():  # only the updated components travel, with their indices
+        assert compact[f"{p}.lora_A.weight"].shape[0] == len(idx) == len(cmeta["scores"][p])
+    state, meta = hafl_client.client_update(net, sel, tracker.component_scores(), compact=False)
     assert meta["updated"] == sel and all(len(v) == 4 for v in meta["scores"].values())
+    for p, idx in sel.items():
+        torch.testing.assert_close(compact[f"{p}.lora_A.weight"], state[f"{p}.lora_A.weight"][idx])
+        torch.testing.assert_close(
+            compact[f"{p}.lora_B.weight"], state[f"{p}.lora_B.weight"][:, idx]
+        )
     scores = {p: [0.1, 0.9, 0.5, 0.7] for p in sel}
     down, idx = hafl_client.truncation_download(state, scores, 2)
     assert all(v == [1, 3] for v in idx.values())
@@ -163,3 +172,29 @@ def test_single_truncation_equals_plain_lora_loss():
     torch.testing.assert_close(F.cross_entropy(net(x), y), plain)
     with pytest.raises(ValueError, match="truncations\\[0\\] is empty"):
         prelort_client.nested_segments([9], [0], [[]], 6)
+
+
+def test_compact_and_full_hafl_uploads_aggregate_the_same():
+    g = fedlora.get_adapter_state_dict(lora_net(rank=4))
+    compact, full = [], []
+    for seed, budget in ((1, 1), (2, 3)):
+        torch.manual_seed(seed)
+        net = lora_net(rank=4)
+        with torch.no_grad():
+            for _, layer in fedlora.adapter_layers(net):
+                layer.lora_A.normal_()
+                layer.lora_B.normal_()
+        tracker = hafl_client.ImportanceTracker(net)
+        F.cross_entropy(net(torch.randn(8, 20)), torch.randint(0, 5, (8,))).backward()
+        tracker.update()
+        sel = tracker.select(budget)
+        compact.append(hafl_client.client_update(net, sel, tracker.component_scores()))
+        full.append(hafl_client.client_update(net, sel, tracker.component_scores(), compact=False))
+    new_c, m_c = fedlora.aggregate(
+        "hafl", g, [s for s, _ in compact], [1.0, 3.0], [m for _, m in compact]
+    )
+    new_f, _ = fedlora.aggregate("hafl", g, [s for s, _ in full], [1.0, 3.0], [m for _, m in full])
+    assert not m_c["rejected"]
+    for k in new_f:
+        torch.testing.assert_close(new_c[k], new_f[k])
+    assert m_c["bytes_uploaded"] < sum(prefix.nbytes(s) for s, _ in full)

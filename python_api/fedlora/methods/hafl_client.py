@@ -140,15 +140,29 @@ def client_update(
     *,
     slot: int = 0,
     modules_to_save: Sequence[str] = (),
+    compact: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Upload in freezing mode: ``(state, {"updated": {path: indices}, "scores": {path: [R]}})``."""
+    """Upload in freezing mode: ``(state, meta)``.
+
+    With ``compact`` (default) only the updated components travel: per module the rows of ``A``
+    and columns of ``B`` in ``selection[path]``, with ``meta["indices"]`` saying where they
+    belong, so a client that trained ``m_k`` of ``R`` components sends ``m_k/R`` of the factor
+    bytes. ``compact=False`` sends every component. ``meta["updated"]`` lists the trained
+    components and ``meta["scores"]`` the component scores aligned with the uploaded rows.
+    """
     from fedlora.state_dict import get_adapter_state_dict
 
     state = get_adapter_state_dict(model, slot=slot, modules_to_save=modules_to_save)
-    meta = {
-        "updated": {p: list(v) for p, v in selection.items()},
-        "scores": {p: s.float().tolist() for p, s in scores.items()},
-    }
+    meta: dict[str, Any] = {"updated": {p: list(v) for p, v in selection.items()}}
+    if not compact:
+        meta["scores"] = {p: s.float().tolist() for p, s in scores.items()}
+        return state, meta
+    meta["indices"] = meta["updated"]
+    meta["scores"] = {}
+    for path, idx in selection.items():
+        state[path + A_SUFFIX] = state[path + A_SUFFIX][idx].clone()
+        state[path + B_SUFFIX] = state[path + B_SUFFIX][:, idx].clone()
+        meta["scores"][path] = scores[path].float()[idx].tolist()
     return state, meta
 
 
