@@ -198,3 +198,23 @@ def test_compact_and_full_hafl_uploads_aggregate_the_same():
     for k in new_f:
         torch.testing.assert_close(new_c[k], new_f[k])
     assert m_c["bytes_uploaded"] < sum(prefix.nbytes(s) for s, _ in full)
+
+
+def test_hafl_error_counts_unsent_components_as_the_global():
+    g = fedlora.get_adapter_state_dict(lora_net(rank=4))
+    ups = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        net = lora_net(rank=4)
+        with torch.no_grad():
+            for _, layer in fedlora.adapter_layers(net):
+                layer.lora_A.normal_()
+                layer.lora_B.normal_()
+        tracker = hafl_client.ImportanceTracker(net)
+        sel = {p: [0, 1, 2, 3] for p, _ in fedlora.adapter_layers(net)}  # all components trained
+        ups.append(hafl_client.client_update(net, sel, tracker.component_scores()))
+    _, m_full = fedlora.aggregate("hafl", g, [s for s, _ in ups], [1.0, 1.0], [m for _, m in ups])
+    _, m_fedit = fedlora.aggregate("fedit", g, [s for s, _ in ups], [1.0, 1.0])
+    # every client trained every component: HAFL's per-component mean is FedIT's average
+    assert m_full["aggregation_error"] == pytest.approx(m_fedit["aggregation_error"], rel=1e-6)
+    assert m_full["aggregation_error"] > 0

@@ -381,6 +381,15 @@ def _generic_error(
     return relative_error(diff_total, ideal_total), per_layer
 
 
+def _error_state(
+    impl: ModuleType, g: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], meta: Any
+) -> Mapping[str, torch.Tensor]:
+    """The client's whole adapter for the error: methods whose uploads may hold only some
+    components (HAFL) fill in the rest with ``error_state``; others upload it whole."""
+    fill = getattr(impl, "error_state", None)
+    return fill(g, state, meta or {}) if fill is not None else state
+
+
 def _unchanged(g: Mapping[str, torch.Tensor], why: str) -> dict[str, torch.Tensor]:
     warnings.warn(
         f"no client update was aggregated ({why}); the global state is unchanged", stacklevel=3
@@ -508,8 +517,12 @@ def aggregate(
     if "aggregation_error" in extra:
         metrics["aggregation_error"] = float(extra.pop("aggregation_error"))
     elif error:
+        whole = [
+            _error_state(impl, g, st, metas_all[k])
+            for k, st in zip(used, clean_states, strict=True)
+        ]
         metrics["aggregation_error"], metrics["aggregation_error_per_layer"] = _generic_error(
-            g, new_state, clean_states, p
+            g, new_state, whole, p
         )
     metrics.update(extra)
     return new_state, metrics
@@ -584,8 +597,9 @@ class Aggregator:
         self._used.append(k)
         self._weights.append(w)
         if self._error:
+            whole = _error_state(self._impl, self._g, clean, meta)
             self._kept.append(
-                {key: t.clone() for key, t in clean.items() if key.endswith((A_SUFFIX, B_SUFFIX))}
+                {key: t.clone() for key, t in whole.items() if key.endswith((A_SUFFIX, B_SUFFIX))}
             )
         return True
 

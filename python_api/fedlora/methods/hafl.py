@@ -150,6 +150,20 @@ def _placed(
     return A_full, B_full
 
 
+def error_state(global_state: State, state: State, meta: Mapping[str, Any]) -> State:
+    """The client's whole adapter, for the aggregation error: the components it uploaded at
+    their global indices, the global's components everywhere else (what the client holds)."""
+    out = dict(state)
+    for path in lora_paths(global_state):
+        indices, _ = layout(global_state, state, meta, path)
+        A = global_state[a_key(path)].clone()
+        B = global_state[b_key(path)].clone()
+        A[indices] = state[a_key(path)].to(A.dtype)
+        B[:, indices] = state[b_key(path)].to(B.dtype)
+        out[a_key(path)], out[b_key(path)] = A, B
+    return out
+
+
 def _mask(full: int, updated: list[int], device: torch.device) -> torch.Tensor:
     m = torch.zeros(full, dtype=torch.float32, device=device)
     m[updated] = 1.0
