@@ -509,6 +509,10 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
         x = [r["round"] for r in rounds]
         ax1.plot(x, [r["test_accuracy"] for r in rounds], marker="o", label=name)
         ax2.plot(x, [r["test_loss"] for r in rounds], marker="o", label=name)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set(xlabel="round", ylabel="test accuracy", title="global test accuracy")
     ax2.set(xlabel="round", ylabel="test loss", title="global test loss")
     ax1.legend(fontsize=8)
