@@ -23,6 +23,20 @@ def base_features(layer: nn.Module) -> tuple[int, int]:
     )
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an int >= 1 (not a bool); ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_slot(slot: object, num_clients: int) -> int:
+    """``slot`` if it indexes one of ``num_clients`` slots; ``ValueError`` otherwise."""
+    if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < num_clients:
+        raise ValueError(f"slot must be an int in [0, {num_clients}), got {slot!r}")
+    return slot
+
+
 def scale_offsets(offsets: torch.Tensor | None, items: int, x: torch.Tensor) -> torch.Tensor | None:
     """Offsets over ``items`` leading items turned into offsets over the rows of ``x``."""
     if offsets is None:
@@ -47,8 +61,7 @@ class AdapterLayer(nn.Module):
     def __init__(self, base: nn.Module, num_clients: int = 1) -> None:
         super().__init__()
         self.in_features, self.out_features = base_features(base)
-        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")
+        check_positive_int("num_clients", num_clients)
         self.base_layer = base
         self.fan_in_fan_out = _is_conv1d(base)
         self.num_clients = num_clients
@@ -99,9 +112,7 @@ class AdapterLayer(nn.Module):
 
     # ---------------------------------------------------------------- merging
     def _check_slot(self, slot: int) -> int:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_clients:
-            raise ValueError(f"slot must be an int in [0, {self.num_clients}), got {slot!r}")
-        return slot
+        return check_slot(slot, self.num_clients)
 
     def add_to_base(self, delta: torch.Tensor) -> None:
         """Add a dense ``[d_out, d_in]`` update to the frozen base weight (in its dtype)."""

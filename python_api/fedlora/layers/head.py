@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedlora.layers._base import scale_offsets
+from fedlora.layers._base import check_positive_int, check_slot, scale_offsets
 from fedlora_kernels._dispatch import check_segments, row_slots
 
 
@@ -26,8 +26,7 @@ class SlottedLinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
-            raise ValueError(f"num_clients must be a positive int, got {num_clients!r}")
+        check_positive_int("num_clients", num_clients)
         self.num_clients = num_clients
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach()
@@ -62,9 +61,7 @@ class SlottedLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _check_slot(self, slot: int) -> int:
-        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.num_clients:
-            raise ValueError(f"slot must be an int in [0, {self.num_clients}), got {slot!r}")
-        return slot
+        return check_slot(slot, self.num_clients)
 
     def adapter_state(self, slot: int = 0) -> dict[str, torch.Tensor]:
         """``weight`` and ``bias`` of ``slot``."""

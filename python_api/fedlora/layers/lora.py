@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fedlora_kernels as fk
-from fedlora.layers._base import AdapterLayer
+from fedlora.layers._base import AdapterLayer, check_positive_int
 
 INITS = ("kaiming", "gaussian")
 
@@ -60,8 +60,7 @@ class LoRALinear(AdapterLayer):
         seed: int = 0,
     ) -> None:
         super().__init__(base, num_clients)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        check_positive_int("rank", rank)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.rank, self.alpha, self.init, self.seed = rank, float(alpha), init, seed

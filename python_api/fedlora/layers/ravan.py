@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fedlora_kernels as fk
-from fedlora.layers._base import AdapterLayer
+from fedlora.layers._base import AdapterLayer, check_positive_int
 
 INITS = ("orthogonal", "gaussian")
 
@@ -71,9 +71,8 @@ class RavanLinear(AdapterLayer):
         num_clients: int = 1,
     ) -> None:
         super().__init__(base, num_clients)
-        for name, v in (("heads", heads), ("rank", rank)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        check_positive_int("heads", heads)
+        check_positive_int("rank", rank)
         self.heads, self.rank, self.scale, self.init, self.seed = (
             heads,
             rank,
