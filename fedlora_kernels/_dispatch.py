@@ -21,6 +21,19 @@ import torch
 
 BACKENDS = ("triton", "torch")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: dtypes a 0/1 mask may have (bool is the cheap one: it needs no value check)
+MASK_DTYPES = (
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+)
 
 
 def triton_available() -> bool:
@@ -49,6 +62,9 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {choice!r}")
+    if choice == "triton" and device.type == "meta":
+        # meta tensors have shapes but no data: only the pure-torch path can propagate them
+        return "torch"
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package: pip install triton")
@@ -59,6 +75,57 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "in the interpreter"
             )
     return choice
+
+
+def values_unavailable(*tensors: torch.Tensor | None) -> bool:
+    """True when the values of ``tensors`` cannot (or must not) be read on the host.
+
+    That is while ``torch.compile`` traces (reading a value would break the graph), for ``meta``
+    tensors (shapes only, used for shape propagation) and for fake tensors. Value checks (0/1
+    masks, segment bounds, finite weights) are skipped then; shape and dtype checks still run.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "meta" or _is_fake(t):
+            return True
+    return False
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover - very old or very new torch
+        return False
+    return isinstance(t, FakeTensor)
+
+
+def check_binary_mask(name: str, mask: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming ``name`` unless every entry of ``mask`` is 0 or 1.
+
+    NaN, negative, fractional and larger values are refused. The check reads the values (a device
+    sync on CUDA), so it is skipped while ``torch.compile`` traces or when the values are not
+    available (meta / fake tensors, see :func:`values_unavailable`), and for ``bool`` masks, which
+    cannot hold anything else: hot loops on a GPU should keep their masks as ``bool``.
+    """
+    if mask.dtype == torch.bool or values_unavailable(mask):
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        example = mask[bad].flatten()[:4].tolist()
+        raise ValueError(f"{name} must contain only 0 and 1, got values such as {example}")
+
+
+def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    """``value`` if it is an ``int`` (not a ``bool``) ``>= minimum``; ``TypeError``/``ValueError``
+    naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return value
 
 
 def check_tensor(
@@ -157,7 +224,7 @@ def check_segments(
         check_tensor("seg_adapter", seg_adapter, ndim=1, dtypes=int_types)
         check_shape("seg_adapter", seg_adapter, [num_segs])
         adapter = seg_adapter.to(device=device, dtype=torch.int64)
-    if not torch.compiler.is_compiling():
+    if not values_unavailable(offsets, adapter):
         if int(offsets[0]) != 0 or int(offsets[-1]) != num_rows:
             raise ValueError(
                 f"seg_offsets must start at 0 and end at the number of rows {num_rows}, "

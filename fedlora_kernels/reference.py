@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlora_kernels._dispatch import row_slots
+from fedlora_kernels._dispatch import row_slots, values_unavailable
 
 
 def multihead_lora(
@@ -47,7 +47,7 @@ def multihead_lora(
     Hf, sf = H.float(), s.float()
     if num_slots == 1:
         T = torch.einsum("nhk,hjk->nhj", S, Hf[0]) * sf[0][None, :, None]
-    elif not torch.compiler.is_compiling():  # eager: one small core product per segment
+    elif not values_unavailable(x, seg_offsets):  # eager: one small core product per segment
         bounds = seg_offsets.tolist()
         T = torch.cat(
             [
@@ -56,7 +56,7 @@ def multihead_lora(
                 for t, c in enumerate(seg_adapter.tolist())
             ]
         )
-    else:  # traced: gather each row's core (no data-dependent shapes)
+    else:  # traced (or meta): gather each row's core (no data-dependent shapes)
         slot = row_slots(seg_offsets, seg_adapter, n)
         T = torch.einsum("nhk,nhjk->nhj", S, Hf[slot]) * sf[slot][:, :, None]
     y = (T.reshape(n, h * r) @ b_cat.T) * scale
@@ -104,7 +104,7 @@ def masked_lora(
         A = torch.where(keep[:, :, None], A, A.detach())
         B = torch.where(keep[:, None, :], B, B.detach())
     xf, af, bf = x.float(), A.float(), B.float()
-    if num_slots > 1 and not torch.compiler.is_compiling():
+    if num_slots > 1 and not values_unavailable(x, seg_offsets):
         ys = []
         bounds = seg_offsets.tolist()
         for t, c in enumerate(seg_adapter.tolist()):
@@ -180,7 +180,7 @@ def masked_adamw_(
     keep = (mask != 0)[:, :, None] if rank_dim == 0 else (mask != 0)[:, None, :]
     # Every component on (the common case): update in place like torch.optim.AdamW, no select.
     # Value-dependent, so taken only in eager mode; the traced path is the selecting one.
-    all_on = not torch.compiler.is_compiling() and bool(keep.all())
+    all_on = not values_unavailable(param, keep) and bool(keep.all())
     step_size, bc2_sqrt = adamw_bias_terms(step, lr, beta1, beta2)
     if isinstance(step_size, torch.Tensor):
         step_size = step_size.view(-1, 1, 1)
@@ -228,18 +228,34 @@ def _write_back(dst: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None)
 def masked_mean_coefficients(
     weights: torch.Tensor, mask: torch.Tensor | None, ranks: list[int], rank: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-client, per-rank-index coefficients of :func:`masked_weighted_mean` and their sums.
+    """Convex per-client, per-rank-index coefficients of :func:`masked_weighted_mean`.
 
-    ``coef[k, j] = w_k · m_kj`` for ``j < r_k`` and 0 beyond the client's rank ``r_k``; ``den[j] =
-    Σ_k coef[k, j]`` (a fixed-order float32 reduction). The Triton path uses the same two tensors,
-    so both paths divide by bitwise the same denominators.
+    With ``c[k, j] = w_k · m_kj`` for ``j < r_k`` (0 beyond the client's rank ``r_k``), returns
+    ``coef[k, j] = c[k, j] / Σ_k c[k, j]`` (float32 ``[C, R]``) and ``has[j] = Σ_k c[k, j] > 0``
+    (bool ``[R]``). Each column of ``coef`` with ``has`` is a convex combination (non-negative,
+    summing to 1 up to rounding), so ``Σ_k coef[k, j] X_k[j]`` lies between the smallest and the
+    largest contributing value and cannot overflow for finite inputs, even near the float32
+    maximum. The coefficients are formed in float64 after dividing ``weights`` and ``mask`` by
+    their largest entry, so weights anywhere in float64's range (1e308 as well as 1e-300) give
+    the same answer as weights near 1. The Triton path uses the same two tensors, so both paths
+    combine clients with bitwise the same coefficients.
     """
-    idx = torch.arange(rank, device=weights.device)
-    held = idx[None, :] < torch.tensor(ranks, device=weights.device)[:, None]
-    coef = weights.to(torch.float32)[:, None] * held.to(torch.float32)
+    device = weights.device
+    w = weights.to(torch.float64)
+    if w.numel():
+        w = w / torch.where(w.amax() > 0, w.amax(), 1.0)
+    idx = torch.arange(rank, device=device)
+    held = idx[None, :] < torch.tensor(ranks, device=device, dtype=torch.int64)[:, None]
+    c = w[:, None] * held.to(torch.float64)
     if mask is not None:
-        coef = coef * mask.to(torch.float32)
-    return coef, coef.sum(0)
+        m = mask.to(device=device, dtype=torch.float64)
+        if m.numel():
+            m = m / torch.where(m.amax() > 0, m.amax(), 1.0)
+        c = c * m
+    den = c.sum(0)
+    has = den > 0
+    coef = c / torch.where(has, den, 1.0)
+    return coef.to(torch.float32), has
 
 
 def masked_weighted_mean(
@@ -256,12 +272,13 @@ def masked_weighted_mean(
 
     ``out[j] = Σ_k w_k m_kj X_k[j] / Σ_k w_k m_kj`` along ``rank_dim`` (of full size ``rank``),
     where client ``k`` of rank ``r_k`` has ``m_kj = 0`` for ``j ≥ r_k``; ``fallback[j]`` (or 0)
-    where the denominator is 0. Accumulates in float32 in client order; elements with a zero
-    coefficient are never read into the sum (a masked-out NaN does not propagate). Returns a new
-    tensor of ``dtype``.
+    where the denominator is 0. Evaluated as ``Σ_k coef[k, j] X_k[j]`` with the convex
+    coefficients of :func:`masked_mean_coefficients` (no overflow for finite inputs), accumulated
+    in float32 in client order; elements with a zero coefficient are never read into the sum (a
+    masked-out NaN does not propagate). Returns a new tensor of ``dtype``.
     """
     ranks = [int(x.shape[rank_dim]) for x in tensors]
-    coef, den = masked_mean_coefficients(weights, mask, ranks, rank)
+    coef, has = masked_mean_coefficients(weights, mask, ranks, rank)
     shape = list(fallback.shape if fallback is not None else tensors[0].shape)
     shape[rank_dim] = rank
     device = fallback.device if fallback is not None else tensors[0].device
@@ -272,7 +289,6 @@ def masked_weighted_mean(
         c = coef[k, : ranks[k]].view(view)
         contrib = torch.where(c != 0, x.to(torch.float32) * c, 0.0)
         num.narrow(rank_dim, 0, ranks[k]).add_(contrib)
-    d = den.view(view)
     fb = fallback.to(torch.float32) if fallback is not None else torch.zeros((), device=device)
-    out = torch.where(d > 0, num / torch.where(d > 0, d, 1.0), fb)
+    out = torch.where(has.view(view), num, fb)
     return out.to(dtype)

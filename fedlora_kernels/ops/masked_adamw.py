@@ -23,12 +23,14 @@ import torch
 from fedlora_kernels import reference
 from fedlora_kernels._dispatch import (
     FLOAT_DTYPES,
+    MASK_DTYPES,
+    check_binary_mask,
     check_finite_scalar,
     check_same_device,
     check_tensor,
     resolve_backend,
+    values_unavailable,
 )
-from fedlora_kernels.ops.masked_lora import MASK_DTYPES, check_binary_mask
 
 __all__ = ["masked_adamw_"]
 
@@ -147,7 +149,7 @@ def masked_adamw_(
                 f"step must be an int or a tensor [C={slots}] (one step number per slot), "
                 f"got shape {list(step.shape)}"
             )
-        if not torch.compiler.is_compiling() and bool((step < 1).any()):
+        if not values_unavailable(step) and bool((step < 1).any()):
             raise ValueError(f"step must be >= 1 (the first step is 1), got {step.tolist()}")
     else:
         if isinstance(step, bool) or not isinstance(step, int):

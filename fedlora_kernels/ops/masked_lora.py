@@ -32,6 +32,8 @@ import torch
 from fedlora_kernels import reference
 from fedlora_kernels._dispatch import (
     FLOAT_DTYPES,
+    MASK_DTYPES,
+    check_binary_mask,
     check_finite_scalar,
     check_same_device,
     check_segments,
@@ -40,35 +42,9 @@ from fedlora_kernels._dispatch import (
     resolve_backend,
 )
 
-__all__ = ["check_binary_mask", "masked_lora"]
-
-MASK_DTYPES = (
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-)
-
-
-def check_binary_mask(name: str, mask: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming ``name`` unless every entry of ``mask`` is 0 or 1.
-
-    The check reads the values (a device sync on CUDA), so it is skipped while ``torch.compile``
-    traces, and for ``bool`` masks, which cannot hold anything else: hot loops on a GPU should
-    keep their masks as ``bool``.
-    """
-    if torch.compiler.is_compiling() or mask.dtype == torch.bool:
-        return
-    bad = (mask != 0) & (mask != 1)
-    if bool(bad.any()):
-        example = mask[bad].flatten()[:4].tolist()
-        raise ValueError(f"{name} must contain only 0 and 1, got values such as {example}")
+# check_binary_mask and MASK_DTYPES live in fedlora_kernels._dispatch (shared by every op);
+# they stay importable from here for existing callers
+__all__ = ["MASK_DTYPES", "check_binary_mask", "masked_lora"]
 
 
 def masked_lora(

@@ -4,13 +4,19 @@
 where no client contributes. Client ``k`` of rank ``r_k`` has ``m_kj = 0`` for ``j ≥ r_k``: its
 tensor is read as it is, never padded, stacked or copied.
 
+The sum is evaluated as a convex combination ``Σ_k (c_kj / Σ_k' c_k'j) X_k[j]`` with
+``c_kj = w_k m_kj``: the normalised coefficients are formed once, in float64, by
+:func:`fedlora_kernels.reference.masked_mean_coefficients` (weights and mask are first divided
+by their largest entry, so any finite positive weights work, 1e308 and 1e-300 alike). Every
+partial sum then stays within the range of the inputs: finite inputs, even near the float32
+maximum, give a finite result (an un-normalised ``Σ w_k X_k`` overflows there).
+
 Triton kernel: one program per block of the flattened output ``[pre, R, post]``; it loops over the
-clients in order, keeping a float32 numerator per element, and divides by the per-rank-index
-denominator at the end (deterministic: every element is summed in client order by one program, no
-atomics). The clients are reached through a device table of ``(data_ptr, r_k, stride_pre,
-stride_rank, stride_post)`` rows, so each client is read in place whatever its rank and strides.
-The coefficient matrix ``w_k · m_kj`` and its column sums are computed once, by the same function
-the torch reference uses, so both paths divide by bitwise the same denominators.
+clients in order, accumulating ``coef[k, j] · X_k`` in float32 per element (deterministic: every
+element is summed in client order by one program, no atomics). The clients are reached through a
+device table of ``(data_ptr, r_k, stride_pre, stride_rank, stride_post)`` rows, so each client is
+read in place whatever its rank and strides. Kernel and torch reference use bitwise the same
+coefficients and the same order of operations.
 
 Pointer tables work under ``TRITON_INTERPRET=1`` for CPU tensors in triton 3.9 (the interpreter
 dereferences raw host addresses), so the interpreter tests run the real kernel; no fallback path is
@@ -38,6 +44,7 @@ from fedlora_kernels._dispatch import (
     check_tensor,
     interpreting,
     resolve_backend,
+    values_unavailable,
 )
 from fedlora_kernels.ops._triton_utils import alloc_output
 
@@ -74,7 +81,10 @@ def masked_weighted_mean(
 
     Returns:
         A new tensor of the full shape in ``fallback``'s dtype (else the clients' dtype),
-        accumulated in float32 in client order (deterministic). Not differentiable.
+        accumulated in float32 in client order (deterministic) as a convex combination, so it
+        never overflows for finite inputs. Not differentiable. ``weights`` may be any
+        non-negative finite numbers (they are normalised in float64); all zero (or masked out)
+        for an index means "no contributor" there.
     """
     if isinstance(tensors, torch.Tensor) or not isinstance(tensors, Sequence):
         raise TypeError(f"tensors must be a list of C client tensors, got {type(tensors).__name__}")
@@ -141,18 +151,32 @@ def masked_weighted_mean(
             )
 
     if not isinstance(weights, torch.Tensor):
-        try:
-            weights = torch.tensor([float(w) for w in weights], dtype=torch.float32)
-        except (TypeError, ValueError) as exc:
+        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
             raise TypeError(
-                f"weights must be a [C] tensor or a sequence of numbers: {exc}"
-            ) from None
+                f"weights must be a [C] tensor or a sequence of numbers, got "
+                f"{type(weights).__name__}"
+            )
+        values = []
+        for k, w in enumerate(weights):
+            try:
+                if isinstance(w, (bool, str, bytes)):
+                    raise TypeError
+                values.append(float(w))
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"weights[{k}] must be a real number, got {type(w).__name__} {w!r}"
+                ) from None
+        # float64: weights such as 1e308 or 1e-300 must survive until they are normalised
+        weights = torch.tensor(values, dtype=torch.float64)
     check_tensor("weights", weights, ndim=1, dtypes=None)
     if weights.is_complex() or weights.dtype == torch.bool:
         raise TypeError(f"weights must be real numbers, got dtype {weights.dtype}")
     if weights.shape[0] != num_clients:
         raise ValueError(f"weights must have shape [C={num_clients}], got {list(weights.shape)}")
-    weights = weights.to(device=device, dtype=torch.float32)
+    if weights.device.type == "meta" and device.type != "meta":
+        raise ValueError(f"weights is on the meta device (no values), the tensors on {device}")
+    # validated in their own precision, then carried in float64 (see masked_mean_coefficients)
+    weights = weights.to(device=device)
     if mask is not None:
         check_tensor("mask", mask, ndim=2, dtypes=None)
         if mask.is_complex():
@@ -161,8 +185,10 @@ def masked_weighted_mean(
             raise ValueError(
                 f"mask must have shape [C={num_clients}, R={full_rank}], got {list(mask.shape)}"
             )
-        mask = mask.to(device=device, dtype=torch.float32)
-    if not torch.compiler.is_compiling():
+        if mask.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"mask is on the meta device (no values), the tensors on {device}")
+        mask = mask.to(device=device)
+    if not values_unavailable(weights, mask):
         for name, t in (("weights", weights), ("mask", mask)):
             if t is not None and t.numel() and not bool(((t >= 0) & torch.isfinite(t)).all()):
                 raise ValueError(f"{name} must be finite and non-negative, got {t.tolist()}")
@@ -178,7 +204,7 @@ def masked_weighted_mean(
             rank=full_rank,
             dtype=dtype,
         )
-    coef, den = reference.masked_mean_coefficients(weights, mask, ranks, full_rank)
+    coef, has = reference.masked_mean_coefficients(weights, mask, ranks, full_rank)
     # clients with nothing to read (rank 0, or an empty tensor) have no table row
     keep = [k for k, x in enumerate(tensors) if x.numel()]
     if len(keep) < num_clients:
@@ -189,7 +215,7 @@ def masked_weighted_mean(
             )  # fmt: skip
         tensors, coef = [tensors[k] for k in keep], coef[keep]
     return _masked_mean_triton(
-        tensors, coef.contiguous(), den, fallback, rank_dim, full_rank, dtype
+        tensors, coef.contiguous(), has.to(torch.float32), fallback, rank_dim, full_rank, dtype
     )
 
 
@@ -206,7 +232,7 @@ tl: Any = None  # triton.language, bound by _ensure_registered
 def _masked_mean_kernel(
     table_ptr,
     coef_ptr,
-    den_ptr,
+    has_ptr,
     fb_ptr,
     out_ptr,
     first_ptr,
@@ -224,7 +250,8 @@ def _masked_mean_kernel(
     """One program per BLOCK output elements of ``[pre, R, post]``; clients summed in order.
 
     ``table`` holds one int64 row per client: ``(data_ptr, r_k, stride_pre, stride_rank,
-    stride_post)``; ``coef`` ``[C, R]`` and ``den`` ``[R]`` are float32. ``first_ptr`` (client 0)
+    stride_post)``; ``coef`` ``[C, R]`` (convex per column) and ``has`` ``[R]`` (1.0 where some
+    client contributes, else 0.0) are float32. ``first_ptr`` (client 0)
     only carries the clients' element type for the pointer casts.
     """
     pid = tl.program_id(0)
@@ -247,16 +274,14 @@ def _masked_mean_kernel(
         take = inb & (j < rk) & (c != 0.0)
         x = tl.load(base + p * s_pre + j * s_rank + q * s_post, mask=take, other=0.0)
         num += tl.where(take, x.to(tl.float32) * c, 0.0)
-    d = tl.load(den_ptr + j, mask=inb, other=0.0)
-    has = d > 0.0
-    res = num / tl.where(has, d, 1.0)
+    has = tl.load(has_ptr + j, mask=inb, other=0.0) > 0.0
     if HAS_FB:
         fb = tl.load(
-            fb_ptr + p * sfb_pre + j * sfb_rank + q * sfb_post, mask=inb & (d <= 0.0), other=0.0
+            fb_ptr + p * sfb_pre + j * sfb_rank + q * sfb_post, mask=inb & (~has), other=0.0
         )
-        res = tl.where(has, res, fb.to(tl.float32))
+        res = tl.where(has, num, fb.to(tl.float32))
     else:
-        res = tl.where(has, res, 0.0)
+        res = tl.where(has, num, 0.0)
     if RTNE_BF16:
         # round to nearest even by hand: the interpreter truncates fp32 -> bf16 conversions
         bits = res.to(tl.uint32, bitcast=True)
@@ -276,7 +301,7 @@ def _as_3d(x: torch.Tensor, rank_dim: int) -> torch.Tensor:
 def _masked_mean_triton(
     tensors: list[torch.Tensor],
     coef: torch.Tensor,
-    den: torch.Tensor,
+    has: torch.Tensor,
     fallback: torch.Tensor | None,
     rank_dim: int,
     rank: int,
@@ -288,14 +313,14 @@ def _masked_mean_triton(
     views = [_as_3d(x, rank_dim) for x in tensors]
     fb = _as_3d(fallback, rank_dim) if fallback is not None else None
     _ensure_registered()
-    out = torch.ops.fedlora.masked_weighted_mean(views, coef, den, fb, dtype)
+    out = torch.ops.fedlora.masked_weighted_mean(views, coef, has, fb, dtype)
     return out.reshape(shape)
 
 
 def _launch(
     tensors: list[torch.Tensor],
     coef: torch.Tensor,
-    den: torch.Tensor,
+    has: torch.Tensor,
     fallback: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
@@ -314,7 +339,7 @@ def _launch(
     _KERNEL[grid](
         table,
         coef,
-        den,
+        has,
         fallback if fallback is not None else out,
         out,
         tensors[0],
@@ -334,7 +359,7 @@ def _launch(
 def _launch_fake(
     tensors: list[torch.Tensor],
     coef: torch.Tensor,
-    den: torch.Tensor,
+    has: torch.Tensor,
     fallback: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
@@ -359,7 +384,7 @@ def _ensure_registered() -> None:
     op = torch.library.custom_op(
         "fedlora::masked_weighted_mean",
         mutates_args=(),
-        schema="(Tensor[] tensors, Tensor coef, Tensor den, Tensor? fallback, ScalarType dtype) -> Tensor",
+        schema="(Tensor[] tensors, Tensor coef, Tensor has, Tensor? fallback, ScalarType dtype) -> Tensor",
     )(_launch)
     op.register_fake(_launch_fake)
     _KERNEL = kernel

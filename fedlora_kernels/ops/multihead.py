@@ -24,6 +24,8 @@ import torch
 from fedlora_kernels import reference
 from fedlora_kernels._dispatch import (
     FLOAT_DTYPES,
+    MASK_DTYPES,
+    check_binary_mask,
     check_finite_scalar,
     check_same_device,
     check_segments,
@@ -62,7 +64,9 @@ def multihead_lora(
             input form segment ``t``. Omitted: one segment.
         seg_adapter: int ``[S]``, the slot used by each segment. Omitted: segment ``t`` uses
             slot ``t`` (or slot 0 when ``C == 1``).
-        head_mask: ``[C, h]`` of 0/1: heads with 0 get exactly zero ``H``/``s`` gradient.
+        head_mask: ``[C, h]`` of 0/1 (bool, int or float; any other value, NaN included, is a
+            ``ValueError``, checked with a device sync unless the mask is ``bool``): heads with 0
+            get exactly zero ``H``/``s`` gradient.
         base_out: optional ``[..., d_out]`` base-layer output; the result is then
             ``base_out + adapter`` in ``base_out``'s dtype, computed without an adapter-sized
             temporary on the Triton path (the gradient to ``base_out`` is the identity).
@@ -77,6 +81,8 @@ def multihead_lora(
         raise ValueError(f"x must have at least 1 dimension [..., d_in], got shape {list(x.shape)}")
     check_tensor("A", A, ndim=3)
     h, r, d_in = A.shape
+    if h < 1 or r < 1 or d_in < 1:
+        raise ValueError(f"A must have non-zero sizes [h, r, d_in], got shape {list(A.shape)}")
     check_tensor("B", B, ndim=3)
     check_tensor("H", H, ndim=4)
     check_tensor("s", s, ndim=2)
@@ -87,6 +93,8 @@ def multihead_lora(
         )
     check_shape("B", B, [h, None, r])
     d_out = B.shape[1]
+    if d_out < 1:
+        raise ValueError(f"B must have d_out >= 1 ([h, d_out, r]), got shape {list(B.shape)}")
     num_slots = H.shape[0]
     check_shape("H", H, [None, h, r, r])
     check_shape("s", s, [num_slots, h])
@@ -96,8 +104,9 @@ def multihead_lora(
         if t.dtype != x.dtype:
             raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
     if head_mask is not None:
-        check_tensor("head_mask", head_mask, dtypes=None)
+        check_tensor("head_mask", head_mask, dtypes=MASK_DTYPES)
         check_shape("head_mask", head_mask, [num_slots, h])
+        check_binary_mask("head_mask", head_mask)
     scale = check_finite_scalar("scale", scale)
     device = check_same_device(x=x, A=A, B=B, H=H, s=s, head_mask=head_mask, base_out=base_out)
     if base_out is not None:
