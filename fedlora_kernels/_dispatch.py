@@ -14,6 +14,7 @@ check the kernels on machines without a GPU.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -119,10 +120,12 @@ def check_binary_mask(name: str, mask: torch.Tensor) -> None:
 
 
 def check_int(name: str, value: object, *, minimum: int | None = None) -> int:
-    """``value`` if it is an ``int`` (not a ``bool``) ``>= minimum``; ``TypeError``/``ValueError``
-    naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an ``int`` if it is an integer (``int``, numpy integer; not a ``bool``, not
+    a float such as ``2.0``) ``>= minimum``; ``TypeError``/``ValueError`` naming ``name``
+    otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
     return value

@@ -358,6 +358,10 @@ class _LoRAMethods(_PeftLayerMixin):
         return fk.masked_lora(x, A, B, scale=self.scaling[name])
 
 
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 class _RavanMethods(_PeftLayerMixin):
     """Ravan's multi-head adapter, forward through ``fedlora_kernels.multihead_lora``."""
 
@@ -384,23 +388,18 @@ class _RavanMethods(_PeftLayerMixin):
         self.lora_A[name], self.lora_B[name] = A, B
         self.lora_H[name] = nn.Parameter(H)
         self.lora_s[name] = nn.Parameter(torch.ones(heads))
-        self.lora_head_mask[name] = torch.ones(heads)
+        self.lora_head_mask[name] = torch.ones(heads, dtype=torch.bool)
 
     def set_trainable_heads(self, heads: list[int] | None, adapter_name: str = "default") -> None:
         """Train only ``heads`` of ``adapter_name`` (``None``: all): the other heads' ``H``/``s``
         get exactly zero gradient (Ravan clients train ``K_c`` of ``h`` heads)."""
         if not self._has_adapter(adapter_name):
             raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this layer")
+        from fedlora.layers.ravan import head_selection
+
         h = self.lora_H[adapter_name].shape[0]
-        mask = torch.zeros(h, device=self.lora_head_mask[adapter_name].device)
-        if heads is None:
-            mask.fill_(1)
-        else:
-            for i in heads:
-                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < h:
-                    raise ValueError(f"heads must hold ints in [0, {h}), got {heads!r}")
-                mask[i] = 1
-        self.lora_head_mask[adapter_name] = mask
+        device = self.lora_head_mask[adapter_name].device
+        self.lora_head_mask[adapter_name] = head_selection(heads, h, device)
 
     def trainable_heads(self, adapter_name: str = "default") -> list[int]:
         """Indices of the heads ``adapter_name`` trains."""
@@ -417,7 +416,9 @@ class _RavanMethods(_PeftLayerMixin):
             self.lora_H[name].unsqueeze(0),
             self.lora_s[name].unsqueeze(0),
             scale=self.scaling[name],
-            head_mask=self.lora_head_mask[name].unsqueeze(0),
+            # bool: the op checks other dtypes for 0/1 with a device sync; older PEFT versions
+            # cast every buffer to the base dtype, so turn a cast mask back into bool here
+            head_mask=_as_bool(self.lora_head_mask[name]).unsqueeze(0),
         )
 
     def _apply_adapter(self, x: torch.Tensor, name: str) -> torch.Tensor:

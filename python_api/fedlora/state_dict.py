@@ -8,12 +8,21 @@ own parameter names. Exported tensors are float32 by default: numpy and Flower c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from fedlora.layers._base import AdapterLayer
+from fedlora.layers._base import AdapterLayer, AdapterStateError
+
+__all__ = [
+    "AdapterStateError",
+    "adapter_layers",
+    "apply_base_merges",
+    "get_adapter_state_dict",
+    "set_adapter_state_dict",
+    "slotted_modules",
+]
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
@@ -78,8 +87,12 @@ def set_adapter_state_dict(
     """Load a dict made by :func:`get_adapter_state_dict` (or an aggregation) into ``slot``.
 
     Returns the keys of ``state`` that were not used. With ``strict`` (default) unused keys or an
-    adapter layer missing from ``state`` raise ``KeyError``; shapes are checked by each layer.
+    adapter layer missing from ``state`` raise :class:`AdapterStateError` (a ``ValueError``, and
+    a ``KeyError`` for older callers) naming the keys; each layer checks its own entries (missing
+    or unexpected names, shapes, NaN/inf) and names them the same way.
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of tensors, got {type(state).__name__}")
     used: set[str] = set()
     for path, layer in slotted_modules(model):
         prefix = f"{path}."
@@ -88,7 +101,10 @@ def set_adapter_state_dict(
         sub = {k: v for k, v in sub.items() if k in wanted}
         if not sub:
             if strict:
-                raise KeyError(f"state has no entries for adapter layer {path!r}")
+                raise AdapterStateError(
+                    f"state has no entries for adapter layer {path!r} (expected keys "
+                    f"{sorted(prefix + k for k in wanted)})"
+                )
             continue
         layer.load_adapter_state(sub, slot)
         used.update(prefix + k for k in sub)
@@ -99,7 +115,8 @@ def set_adapter_state_dict(
         used.update(prefix + k for k in sub)
     unused = sorted(set(state) - used)
     if strict and unused:
-        raise KeyError(f"state has keys the model does not use: {unused[:5]}")
+        more = f" and {len(unused) - 5} more" if len(unused) > 5 else ""
+        raise AdapterStateError(f"state has keys the model does not use: {unused[:5]}{more}")
     return unused
 
 
@@ -115,7 +132,7 @@ def apply_base_merges(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
 
     FLoRA's and FedEx-LoRA's aggregations return such instructions (``<path>.lora_merge_B/A``,
     ``<path>.lora_residual_B/A``); ``scale`` is the layer's own. A path with no adapter layer
-    raises ``KeyError``.
+    raises :class:`AdapterStateError` (a ``ValueError`` and a ``KeyError``).
     """
     layers = dict(adapter_layers(model))
     rest = dict(state)
@@ -123,7 +140,7 @@ def apply_base_merges(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
         for key in [k for k in state if k.endswith(b_suffix)]:
             path = key[: -len(b_suffix)]
             if path not in layers or path + a_suffix not in state:
-                raise KeyError(
+                raise AdapterStateError(
                     f"merge instruction {key!r} has no adapter layer or no {a_suffix} partner"
                 )
             B, A = rest.pop(key).float(), rest.pop(path + a_suffix).float()

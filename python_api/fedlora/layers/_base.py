@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping, Sequence
+
 import torch
 from torch import nn
+
+from fedlora_kernels._dispatch import check_finite_scalar, check_int
+
+__all__ = [
+    "AdapterLayer",
+    "AdapterStateError",
+    "base_features",
+    "check_finite_scalar",
+    "check_int",
+    "check_positive_int",
+    "check_slot",
+    "check_state_keys",
+    "selection_mask",
+]
 
 
 def _is_conv1d(layer: nn.Module) -> bool:
@@ -21,6 +38,99 @@ def base_features(layer: nn.Module) -> tuple[int, int]:
     raise TypeError(
         f"base must be an nn.Linear or a transformers Conv1D, got {type(layer).__name__}"
     )
+
+
+class AdapterStateError(ValueError, KeyError):
+    """A state dict that does not fit the model: missing or unexpected keys, wrong shapes.
+
+    A ``ValueError`` (bad input, named key by key); also a ``KeyError`` so that code written
+    against the earlier behaviour (``except KeyError``) keeps working.
+    """
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+def check_state_keys(
+    what: str, state: object, required: Sequence[str], optional: Sequence[str] = ()
+) -> None:
+    """Check that ``state`` is a dict holding exactly ``required`` (plus any of ``optional``)
+    tensor entries; ``TypeError`` / :class:`AdapterStateError` naming the keys otherwise."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{what} must be a dict of tensors, got {type(state).__name__}")
+    missing = [k for k in required if k not in state]
+    unexpected = sorted(str(k) for k in state if k not in required and k not in optional)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing key(s) {missing}")
+        if unexpected:
+            parts.append(f"unexpected key(s) {unexpected}")
+        raise AdapterStateError(
+            f"{what} has {' and '.join(parts)}; expected exactly {list(required)}"
+        )
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{what}[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+        if not v.is_floating_point():
+            raise TypeError(f"{what}[{k!r}] must be a floating tensor, got dtype {v.dtype}")
+
+
+def selection_mask(
+    name: str,
+    selection: object,
+    size: int,
+    device: torch.device,
+    *,
+    prefix: bool,
+    what: str = "component indices",
+) -> torch.Tensor:
+    """Bool mask ``[size]`` from a selection: ``None`` (all), a prefix length (an int in
+    ``[0, size]``, when ``prefix``), a list / tuple / range / integer tensor of indices in
+    ``[0, size)``, or a bool tensor ``[size]`` (the mask itself).
+
+    Anything else (a bool or float where an int is expected, floats among the indices, a float
+    tensor) is a ``TypeError`` naming ``name``; out-of-range values are a ``ValueError``. Values
+    are never rounded or coerced.
+    """
+    mask = torch.zeros(size, dtype=torch.bool, device=device)
+    if selection is None:
+        return mask.fill_(True)
+    if isinstance(selection, numbers.Integral) and not isinstance(selection, bool):
+        if not prefix:
+            raise TypeError(f"{name} must be a list of {what} or None, got int {selection!r}")
+        if not 0 <= selection <= size:
+            raise ValueError(f"{name}: a rank must lie in [0, {size}], got {selection}")
+        mask[: int(selection)] = True
+        return mask
+    kinds = (
+        "an int (a prefix length), a list of indices or None"
+        if prefix
+        else f"a list of {what} or None"
+    )
+    if isinstance(selection, torch.Tensor):
+        if selection.dtype == torch.bool:
+            if tuple(selection.shape) != (size,):
+                raise ValueError(
+                    f"{name}: a bool mask must have shape [{size}], got {list(selection.shape)}"
+                )
+            return mask | selection.to(device)
+        if selection.is_floating_point() or selection.is_complex():
+            raise TypeError(f"{name} must hold integer {what}, got a tensor of {selection.dtype}")
+        idx = selection.flatten().to(torch.long)
+    elif isinstance(selection, (list, tuple, range)):
+        for i in selection:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise TypeError(
+                    f"{name} must hold int {what}, got {type(i).__name__} {i!r} in {selection!r}"
+                )
+        idx = torch.tensor([int(i) for i in selection], dtype=torch.long)
+    else:
+        raise TypeError(f"{name} must be {kinds}, got {type(selection).__name__} {selection!r}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        raise ValueError(f"{name}: {what} must lie in [0, {size}), got {idx.tolist()}")
+    mask[idx.to(device)] = True
+    return mask
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -61,6 +171,11 @@ class AdapterLayer(nn.Module):
     def __init__(self, base: nn.Module, num_clients: int = 1) -> None:
         super().__init__()
         self.in_features, self.out_features = base_features(base)
+        if self.in_features < 1 or self.out_features < 1:
+            raise ValueError(
+                f"base must have in_features >= 1 and out_features >= 1, got "
+                f"in_features={self.in_features}, out_features={self.out_features}"
+            )
         check_positive_int("num_clients", num_clients)
         self.base_layer = base
         self.fan_in_fan_out = _is_conv1d(base)
@@ -104,7 +219,37 @@ class AdapterLayer(nn.Module):
         """``y + adapter(x)``; layers whose op can accumulate into ``y`` in one pass override it."""
         return y + self.adapter_output(x).to(y.dtype)
 
+    def check_input(self, x: object) -> torch.Tensor:
+        """Check the forward input against the layer (metadata only: no sync, traceable).
+
+        ``x`` must be a floating tensor ``[..., in_features]`` of the base weight's dtype (any
+        dtype under ``torch.autocast``, or when the base weight is not floating, e.g. quantised).
+        Raises ``TypeError`` / ``ValueError`` naming the input; without this check a wrong size
+        or dtype reaches torch as an anonymous matmul error.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input x must have shape [..., in_features={self.in_features}], "
+                f"got {list(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"input x must be a floating-point tensor, got dtype {x.dtype}")
+        w = self.base_layer.weight
+        if (
+            w.is_floating_point()
+            and x.dtype != w.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            raise TypeError(
+                f"input x must have the base layer's dtype {w.dtype} (or run under "
+                f"torch.autocast), got {x.dtype}"
+            )
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
         y = self.base_layer(x)
         if self.merged:
             return y

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedlora.layers._base import check_positive_int, check_slot, scale_offsets
+from fedlora.layers._base import check_positive_int, check_slot, check_state_keys, scale_offsets
 from fedlora_kernels._dispatch import check_segments, row_slots
 
 
@@ -71,9 +71,8 @@ class SlottedLinear(nn.Module):
     def load_adapter_state(self, state: dict[str, torch.Tensor], slot: int = 0) -> None:
         """Load ``weight`` / ``bias`` into ``slot``."""
         self._check_slot(slot)
+        check_state_keys("head state", state, ("weight", "bias"))
         for name, shape in (("weight", self.weight.shape[1:]), ("bias", self.bias.shape[1:])):
-            if name not in state:
-                raise KeyError(f"head state is missing {name!r}")
             if tuple(state[name].shape) != tuple(shape):
                 raise ValueError(
                     f"{name} must have shape {list(shape)}, got {list(state[name].shape)}"

@@ -6,12 +6,20 @@ The layer behind FedIT, FFA-LoRA, HetLoRA, FlexLoRA, FLoRA, FedEx-LoRA, HAFL, Pr
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
 import fedlora_kernels as fk
-from fedlora.layers._base import AdapterLayer, check_positive_int
+from fedlora.layers._base import (
+    AdapterLayer,
+    check_finite_scalar,
+    check_int,
+    check_positive_int,
+    check_state_keys,
+    selection_mask,
+)
 
 INITS = ("kaiming", "gaussian")
 
@@ -22,9 +30,11 @@ def lora_init_A(d_in: int, rank: int, *, init: str = "kaiming", seed: int = 0) -
     ``"kaiming"``: PEFT's default ``kaiming_uniform_(a=√5)``, i.e. U(-1/√d_in, 1/√d_in);
     ``"gaussian"``: N(0, 1/rank), as PEFT's ``init_lora_weights="gaussian"``.
     """
+    check_positive_int("d_in", d_in)
+    check_positive_int("rank", rank)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(check_int("seed", seed))
     a = torch.empty(rank, d_in)
     if init == "kaiming":
         bound = 1.0 / math.sqrt(d_in)
@@ -61,9 +71,11 @@ class LoRALinear(AdapterLayer):
     ) -> None:
         super().__init__(base, num_clients)
         check_positive_int("rank", rank)
+        alpha = check_finite_scalar("alpha", alpha)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        self.rank, self.alpha, self.init, self.seed = rank, float(alpha), init, seed
+        seed = check_int("seed", seed)
+        self.rank, self.alpha, self.init, self.seed = rank, alpha, init, seed
         self.scale = self.alpha / rank
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(num_clients, rank, self.in_features, device=device))
@@ -91,34 +103,29 @@ class LoRALinear(AdapterLayer):
         )
 
     # ---------------------------------------------------------------- masks
-    def _component_mask(
-        self, name: str, components: torch.Tensor | list[int] | int | None
-    ) -> torch.Tensor:
-        mask = torch.zeros(self.rank, dtype=torch.bool, device=self.rank_mask.device)
-        if components is None:
-            mask.fill_(True)
-        elif isinstance(components, int) and not isinstance(components, bool):
-            if not 0 <= components <= self.rank:
-                raise ValueError(f"{name}: a rank must lie in [0, {self.rank}], got {components}")
-            mask[:components] = True
-        else:
-            idx = torch.as_tensor(components, dtype=torch.long).flatten()
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.rank):
-                raise ValueError(
-                    f"{name}: component indices must lie in [0, {self.rank}), got {idx.tolist()}"
-                )
-            mask[idx.to(mask.device)] = True
-        return mask
-
     def set_rank(self, rank: int | None, slot: int = 0) -> None:
-        """Use only the first ``rank`` components of ``slot`` (``None``: all)."""
-        self.rank_mask[self._check_slot(slot)] = self._component_mask("rank", rank)
+        """Use only the first ``rank`` components of ``slot`` (an int in ``[0, rank]``; ``None``:
+        all). A bool, a float such as ``2.5`` or a list is a ``TypeError``, never rounded."""
+        slot = self._check_slot(slot)
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral)):
+            raise TypeError(
+                f"rank must be an int in [0, {self.rank}] (a prefix length) or None, got "
+                f"{type(rank).__name__} {rank!r}"
+            )
+        self.rank_mask[slot] = selection_mask(
+            "rank", rank, self.rank, self.rank_mask.device, prefix=True
+        )
 
     def set_trainable(
         self, components: list[int] | torch.Tensor | int | None, slot: int = 0
     ) -> None:
-        """Train only ``components`` of ``slot`` (indices, a prefix length, or ``None`` for all)."""
-        self.grad_mask[self._check_slot(slot)] = self._component_mask("components", components)
+        """Train only ``components`` of ``slot``: a list (or integer tensor) of component
+        indices, a bool tensor ``[rank]``, a prefix length (int), or ``None`` for all. Floats and
+        bools where an index is expected are a ``TypeError``, never rounded."""
+        slot = self._check_slot(slot)
+        self.grad_mask[slot] = selection_mask(
+            "components", components, self.rank, self.grad_mask.device, prefix=True
+        )
 
     def set_segments(
         self,
@@ -185,8 +192,7 @@ class LoRALinear(AdapterLayer):
         """Load A/B into ``slot``; a rank prefix (``[r, d_in]``, ``[d_out, r]``, r ≤ rank) loads into
         the first ``r`` components, zeroes the others and truncates the slot to rank ``r``."""
         self._check_slot(slot)
-        if "lora_A.weight" not in state or "lora_B.weight" not in state:
-            raise KeyError("adapter state needs both 'lora_A.weight' and 'lora_B.weight'")
+        check_state_keys("adapter state", state, ("lora_A.weight", "lora_B.weight"))
         A, B = state["lora_A.weight"], state["lora_B.weight"]
         r = A.shape[0] if A.dim() == 2 else -1
         if A.dim() != 2 or A.shape[1] != self.in_features or not 0 <= r <= self.rank:

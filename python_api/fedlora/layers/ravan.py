@@ -6,7 +6,14 @@ import torch
 from torch import nn
 
 import fedlora_kernels as fk
-from fedlora.layers._base import AdapterLayer, check_positive_int
+from fedlora.layers._base import (
+    AdapterLayer,
+    check_finite_scalar,
+    check_int,
+    check_positive_int,
+    check_state_keys,
+    selection_mask,
+)
 
 INITS = ("orthogonal", "gaussian")
 
@@ -21,10 +28,27 @@ def ravan_bases(
     heads' rows of ``A`` (columns of ``B``) are orthonormal together; where ``h·r > d`` each head
     is orthonormalised on its own (heads then overlap). ``"gaussian"``: entries of ``A`` drawn
     from N(0, 1/d_in) and of ``B`` from N(0, 1/r).
+
+    Orthonormal bases need ``rank <= min(d_in, d_out)``: a head's ``r`` rows of ``A`` cannot be
+    orthonormal in a space of ``d_in < r`` dimensions (nor ``B``'s ``r`` columns in ``d_out``);
+    that is a ``ValueError`` (use ``init="gaussian"``, whose bases exist for any sizes, or a
+    smaller ``rank``). ``heads · rank`` may exceed the dimensions (heads then overlap).
     """
+    check_positive_int("d_in", d_in)
+    check_positive_int("d_out", d_out)
+    check_positive_int("heads", heads)
+    check_positive_int("rank", rank)
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    seed = check_int("seed", seed)
+    if init == "orthogonal" and rank > min(d_in, d_out):
+        raise ValueError(
+            f"rank={rank} is larger than min(d_in={d_in}, d_out={d_out}): orthonormal bases "
+            f"(init='orthogonal') need rank <= {min(d_in, d_out)} (each head's rank rows of A lie "
+            f"in R^d_in, its rank columns of B in R^d_out); use a smaller rank or "
+            f"init='gaussian'"
+        )
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     g_a = torch.randn(d_in, heads * rank, generator=gen, dtype=torch.float64)
     g_b = torch.randn(d_out, heads * rank, generator=gen, dtype=torch.float64)
     if init == "gaussian":
@@ -41,6 +65,18 @@ def ravan_bases(
     A = qa.T.reshape(heads, rank, d_in)
     B = qb.reshape(d_out, heads, rank).permute(1, 0, 2)
     return A.float().contiguous(), B.float().contiguous()
+
+
+def head_selection(heads: object, num_heads: int, device: torch.device) -> torch.Tensor:
+    """Bool mask ``[num_heads]`` of the selected heads: ``None`` (all), a list / tuple / integer
+    tensor of indices in ``[0, num_heads)``, or a bool tensor ``[num_heads]``. A bare int, a bool
+    or a float index is a ``TypeError``; an index out of range a ``ValueError``."""
+    try:
+        return selection_mask("heads", heads, num_heads, device, prefix=False, what="head indices")
+    except ValueError as err:
+        if "must lie in" not in str(err):
+            raise
+        raise ValueError(f"heads must hold ints in [0, {num_heads}), got {heads!r}") from None
 
 
 def _qr_q(g: torch.Tensor) -> torch.Tensor:
@@ -73,13 +109,9 @@ class RavanLinear(AdapterLayer):
         super().__init__(base, num_clients)
         check_positive_int("heads", heads)
         check_positive_int("rank", rank)
-        self.heads, self.rank, self.scale, self.init, self.seed = (
-            heads,
-            rank,
-            float(scale),
-            init,
-            seed,
-        )
+        scale = check_finite_scalar("scale", scale)
+        seed = check_int("seed", seed)
+        self.heads, self.rank, self.scale, self.init, self.seed = heads, rank, scale, init, seed
         weight = base.weight
         A, B = ravan_bases(self.in_features, self.out_features, heads, rank, init=init, seed=seed)
         self.register_buffer("lora_A", A.to(device=weight.device, dtype=weight.dtype))
@@ -101,18 +133,11 @@ class RavanLinear(AdapterLayer):
             f"num_clients={self.num_clients}"
         )
 
-    def set_trainable_heads(self, heads: list[int] | None, slot: int = 0) -> None:
-        """Train only ``heads`` of ``slot`` (``None``: all heads)."""
-        self._check_slot(slot)
-        mask = torch.zeros(self.heads, dtype=torch.bool, device=self.head_mask.device)
-        if heads is None:
-            mask.fill_(True)
-        else:
-            for i in heads:
-                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.heads:
-                    raise ValueError(f"heads must hold ints in [0, {self.heads}), got {heads!r}")
-                mask[i] = True
-        self.head_mask[slot] = mask
+    def set_trainable_heads(self, heads: list[int] | torch.Tensor | None, slot: int = 0) -> None:
+        """Train only ``heads`` of ``slot``: a list (or integer tensor) of head indices, a bool
+        tensor ``[heads]``, or ``None`` for all heads (see :func:`head_selection`)."""
+        slot = self._check_slot(slot)
+        self.head_mask[slot] = head_selection(heads, self.heads, self.head_mask.device)
 
     def trainable_heads(self, slot: int = 0) -> list[int]:
         """Indices of the heads ``slot`` trains."""
@@ -162,9 +187,8 @@ class RavanLinear(AdapterLayer):
         """Load ``lora_H`` / ``lora_s`` (as produced by :meth:`adapter_state`) into ``slot``."""
         self._check_slot(slot)
         expected = {"lora_H": (self.heads, self.rank, self.rank), "lora_s": (self.heads,)}
+        check_state_keys("adapter state", state, tuple(expected))
         for name, shape in expected.items():
-            if name not in state:
-                raise KeyError(f"adapter state is missing {name!r}")
             t = state[name]
             if tuple(t.shape) != shape:
                 raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
