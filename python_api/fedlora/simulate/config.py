@@ -4,20 +4,25 @@ Budget spec (``--budgets``): ``"uniform"`` (every client gets the global rank, a
 components, ``local_steps``), ``"hetero"`` (ranks R/4, R/2, R; heads 1, h/2, h; components
 R/4, R/2, R; cycled over clients), or explicit ``key=v1,v2,...`` items joined by ``;`` with keys
 ``rank``, ``heads``, ``components``, ``steps``; client ``k`` takes value ``k mod len(values)``.
-Example: ``"rank=2,4,8;steps=5,3"``.
+Example: ``"rank=2,4,8;steps=5,3"``. Each key at most once; an empty spec (``""``, ``";;"``)
+is an error, not ``uniform``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from fedlora.aggregation import METHODS
 
 ENGINES = ("sequential", "batched")
+HEAD_SCORES = ("weight", "gradient", "random")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
+MAX_SEED = 2**32 - 1  # numpy's and the per-round key's range
 
 
 class ConfigError(ValueError):
@@ -62,19 +67,29 @@ class SimConfig:
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
 
     def validate(self) -> SimConfig:
-        """Check every field; raise :class:`ConfigError` naming the option."""
+        """Check every field; raise :class:`ConfigError` naming the option.
 
-        def positive(name: str) -> None:
+        Ranges: the counts (``clients``, ``rounds``, ``local_steps``, ``batch_size``, ``rank``,
+        ``heads``, ``max_length``) are positive integers; ``hafl_score_steps`` and ``max_test``
+        (0 or None = the whole test split) are integers >= 0; ``max_train_per_client`` is None or
+        positive; ``seed`` is in [0, 2**32); ``lr`` is finite in (0, 1] and ``weight_decay``
+        finite in [0, 1] (AdamW: larger values move or shrink every weight by more than itself
+        per step); ``alpha`` (LoRA scale numerator) is finite and positive;
+        ``dirichlet_alpha`` is positive (``inf`` = IID); ``model`` and ``data``, when given,
+        name an existing folder / file.
+        """
+        for name in ("method", "engine", "head_score", "budgets"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be a positive integer, got {v!r}"
-                )
-
+            if not isinstance(v, str):
+                raise ConfigError(f"{_opt(name)} must be a string, got {v!r}")
         if self.method not in METHODS:
             raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if self.head_score not in HEAD_SCORES:
+            raise ConfigError(
+                f"--head-score must be one of {', '.join(HEAD_SCORES)}; got {self.head_score!r}"
+            )
         for name in (
             "clients",
             "rounds",
@@ -84,19 +99,29 @@ class SimConfig:
             "heads",
             "max_length",
         ):
-            positive(name)
-        if self.hafl_score_steps < 0:
-            raise ConfigError(f"--hafl-score-steps must be >= 0, got {self.hafl_score_steps}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if not self.dirichlet_alpha > 0:
-            raise ConfigError(f"--dirichlet-alpha must be positive, got {self.dirichlet_alpha}")
-        if self.head_score not in ("weight", "gradient", "random"):
-            raise ConfigError(
-                f"--head-score must be weight, gradient or random; got {self.head_score!r}"
-            )
-        if not self.target_modules:
-            raise ConfigError("--target-modules must name at least one module")
+            _check_int(name, getattr(self, name), 1)
+        _check_int("hafl_score_steps", self.hafl_score_steps, 0)
+        _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.max_test is not None:
+            _check_int("max_test", self.max_test, 0)
+        if self.max_train_per_client is not None:
+            _check_int("max_train_per_client", self.max_train_per_client, 1)
+        _check_float("lr", self.lr, 0.0, 1.0, low_open=True)
+        _check_float("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_float("alpha", self.alpha, 0.0, math.inf, low_open=True)
+        _check_float(
+            "dirichlet_alpha", self.dirichlet_alpha, 0.0, math.inf, low_open=True, allow_inf=True
+        )
+        tm = self.target_modules
+        if isinstance(tm, str) or not isinstance(tm, (list, tuple)):
+            raise ConfigError(f"--target-modules must be a list of module names, got {tm!r}")
+        if not tm or not all(isinstance(t, str) and t.strip() for t in tm):
+            raise ConfigError(f"--target-modules must name at least one module, got {tm!r}")
+        dup = sorted({t for t in tm if list(tm).count(t) > 1})
+        if dup:
+            raise ConfigError(f"--target-modules names {', '.join(dup)} more than once")
+        _check_path("model", self.model, want_dir=True)
+        _check_path("data", self.data, want_dir=False)
         parse_budgets(self)
         return self
 
@@ -116,8 +141,66 @@ class SimConfig:
         return json.dumps(data, sort_keys=True)
 
 
+def _opt(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _check_int(name: str, v: Any, low: int, high: int | None = None) -> None:
+    """``v`` is an int (not a bool) in ``[low, high]``, else a :class:`ConfigError`."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{_opt(name)} must be an integer, got {v!r}")
+    if v < low or (high is not None and v > high):
+        if high is None:
+            want = "a positive integer" if low == 1 else f"an integer >= {low}"
+        else:
+            want = f"an integer in [{low}, {high}]"
+        raise ConfigError(f"{_opt(name)} must be {want}, got {v}")
+
+
+def _check_float(
+    name: str,
+    v: Any,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    """``v`` is a real number in the range, finite unless ``allow_inf``, never NaN."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{_opt(name)} must be a number, got {v!r}")
+    v = float(v)
+    if math.isnan(v) or (math.isinf(v) and not allow_inf):
+        raise ConfigError(f"{_opt(name)} must be a finite number, got {v}")
+    too_low = v <= low if low_open else v < low
+    if too_low or v > high:
+        lo = "(" if low_open else "["
+        hi = "inf)" if math.isinf(high) else f"{high:g}]"
+        raise ConfigError(f"{_opt(name)} must be in {lo}{low:g}, {hi}, got {v:g}")
+
+
+def _check_path(name: str, v: Any, *, want_dir: bool) -> None:
+    """``v`` is None or names an existing folder (``want_dir``) or file."""
+    if v is None:
+        return
+    if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
+        raise ConfigError(f"{_opt(name)} must be a path, got {v!r}")
+    try:
+        path = os.path.expanduser(os.fspath(v))
+        exists, is_dir = os.path.exists(path), os.path.isdir(path)
+    except (OSError, ValueError) as err:  # embedded NUL, name too long
+        raise ConfigError(f"{_opt(name)} {str(v)!r}: {err}") from None
+    kind = "folder" if want_dir else "file"
+    if not exists:
+        raise ConfigError(f"{_opt(name)} {str(v)!r} does not exist")
+    if is_dir != want_dir:
+        raise ConfigError(f"{_opt(name)} {str(v)!r} is not a {kind}")
+
+
 def parse_budgets(cfg: SimConfig) -> list[Budget]:
     """One :class:`Budget` per client from ``cfg.budgets`` (see the module docstring)."""
+    if not isinstance(cfg.budgets, str):
+        raise ConfigError(f"--budgets must be a string, got {cfg.budgets!r}")
     spec = cfg.budgets.strip()
     R, h = cfg.rank, cfg.heads
     values: dict[str, list[int]] = {
@@ -133,7 +216,14 @@ def parse_budgets(cfg: SimConfig) -> list[Budget]:
             components=[max(1, R // 4), max(1, R // 2), R],
         )
     elif spec != "uniform":
-        for item in filter(None, (p.strip() for p in spec.split(";"))):
+        items = [p.strip() for p in spec.split(";") if p.strip()]
+        if not items:
+            raise ConfigError(
+                f"--budgets: empty spec {cfg.budgets!r}; expected uniform, hetero or "
+                f"key=v1,v2,... with key in {', '.join(BUDGET_KEYS)}"
+            )
+        seen: set[str] = set()
+        for item in items:
             key, sep, rest = item.partition("=")
             key = key.strip()
             if not sep or key not in BUDGET_KEYS:
@@ -141,13 +231,21 @@ def parse_budgets(cfg: SimConfig) -> list[Budget]:
                     f"--budgets: cannot parse {item!r}; expected uniform, hetero or "
                     f"key=v1,v2,... with key in {', '.join(BUDGET_KEYS)}"
                 )
+            if key in seen:
+                raise ConfigError(f"--budgets: {key} is given more than once in {cfg.budgets!r}")
+            seen.add(key)
+            texts = [v.strip() for v in rest.split(",")]
+            if not rest.strip() or not all(texts):
+                raise ConfigError(
+                    f"--budgets: {key} needs comma-separated positive integers, got {rest!r}"
+                )
             try:
-                nums = [int(v) for v in rest.split(",") if v.strip()]
+                nums = [int(v) for v in texts]
             except ValueError:
                 raise ConfigError(
                     f"--budgets: {key} values must be integers, got {rest!r}"
                 ) from None
-            if not nums or min(nums) < 1:
+            if min(nums) < 1:
                 raise ConfigError(f"--budgets: {key} needs positive integers, got {rest!r}")
             values[key] = nums
     limits = {"rank": R, "components": R, "heads": h}
