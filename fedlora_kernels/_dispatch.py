@@ -174,12 +174,23 @@ def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
 
 def check_finite_scalar(name: str, value: object) -> float:
     """Check that ``value`` is a real finite number; return it as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def check_segment_offsets_arg(seg_offsets: object) -> int:
+    """Check a layer's ``seg_offsets`` argument (int ``[S+1]`` tensor); return its last entry
+    (the number of items it covers)."""
+    check_tensor("seg_offsets", seg_offsets, ndim=1, dtypes=(torch.int32, torch.int64))
+    if seg_offsets.numel() < 2:
+        raise ValueError(
+            f"seg_offsets must have at least 2 entries ([S+1]), got shape {list(seg_offsets.shape)}"
+        )
+    return 0 if values_unavailable(seg_offsets) else int(seg_offsets[-1])
 
 
 def check_segments(

@@ -16,6 +16,7 @@ unchanged: a frozen component has no gradient, so it has no new sensitivity eith
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -50,6 +51,38 @@ def _check_state(name: str, t: object, shape: torch.Size) -> torch.Tensor:
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (it is updated in place)")
     return t
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """Byte range ``[start, end)`` that ``t``'s elements occupy in memory."""
+    if t.numel() == 0:
+        return (0, 0)
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
+    start = t.data_ptr()
+    return start, start + (last + 1) * t.element_size()
+
+
+def _check_no_overlap(**tensors: torch.Tensor | None) -> None:
+    """``ValueError`` when a tensor updated in place shares memory with another argument.
+
+    The in-place tensors (all but the last, ``grad``) must not overlap each other or ``grad``:
+    an update would read values it has just written. Address arithmetic only (no sync);
+    skipped when the addresses mean nothing (meta / fake tensors, ``torch.compile`` tracing).
+    """
+    given = {n: t for n, t in tensors.items() if t is not None and t.numel()}
+    if values_unavailable(*given.values()):
+        return
+    names = list(given)
+    spans = {n: _span(t) for n, t in given.items()}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (s1, e1), (s2, e2) = spans[a], spans[b]
+            if s1 < e2 and s2 < e1:
+                raise ValueError(
+                    f"{a} and {b} share memory; the tensors updated in place (param, exp_avg, "
+                    "exp_avg_sq, importance ema/unc) must be distinct from each other and from "
+                    "grad"
+                )
 
 
 def masked_adamw_(
@@ -149,11 +182,18 @@ def masked_adamw_(
                 f"step must be an int or a tensor [C={slots}] (one step number per slot), "
                 f"got shape {list(step.shape)}"
             )
-        if not values_unavailable(step) and bool((step < 1).any()):
-            raise ValueError(f"step must be >= 1 (the first step is 1), got {step.tolist()}")
+        if not values_unavailable(step):
+            bad = ~(step >= 1)  # NaN too
+            if step.is_floating_point():
+                bad |= step != torch.floor(step)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"step must be >= 1 (the first step is 1) and whole, got {step.tolist()}"
+                )
     else:
-        if isinstance(step, bool) or not isinstance(step, int):
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TypeError(f"step must be an int or a tensor, got {type(step).__name__}")
+        step = int(step)
         if step < 1:
             raise ValueError(f"step must be >= 1 (the first step is 1), got {step}")
 
@@ -168,6 +208,9 @@ def masked_adamw_(
         imp_b2 = _check_beta("importance[3] (beta2)", importance[3])
     device = check_same_device(
         param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, mask=mask, ema=ema, unc=unc
+    )
+    _check_no_overlap(
+        param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ema=ema, unc=unc, grad=grad
     )
     if isinstance(step, torch.Tensor):  # may live on the CPU, as torch.optim keeps its steps
         step = step.to(device)

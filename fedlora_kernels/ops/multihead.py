@@ -108,10 +108,10 @@ def multihead_lora(
         check_shape("head_mask", head_mask, [num_slots, h])
         check_binary_mask("head_mask", head_mask)
     scale = check_finite_scalar("scale", scale)
-    device = check_same_device(x=x, A=A, B=B, H=H, s=s, head_mask=head_mask, base_out=base_out)
     if base_out is not None:
         check_tensor("base_out", base_out, dtypes=FLOAT_DTYPES)
         check_shape("base_out", base_out, [*x.shape[:-1], d_out])
+    device = check_same_device(x=x, A=A, B=B, H=H, s=s, head_mask=head_mask, base_out=base_out)
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, d_in)

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fedlora_kernels._dispatch import check_finite_scalar, check_int
+from fedlora_kernels._dispatch import check_finite_scalar, check_int, check_segment_offsets_arg
 
 __all__ = [
     "AdapterLayer",
@@ -200,8 +200,8 @@ class AdapterLayer(nn.Module):
         """
         if seg_offsets is not None and self.merged:
             raise RuntimeError("cannot serve several slots while slot 0 is merged: unmerge() first")
+        self._seg_items = check_segment_offsets_arg(seg_offsets) if seg_offsets is not None else 0
         self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
-        self._seg_items = int(seg_offsets[-1]) if seg_offsets is not None else 0
 
     def row_offsets(self, x: torch.Tensor) -> torch.Tensor | None:
         """Segment offsets in rows of ``x`` flattened to ``[rows, d]``."""

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fedlora.layers._base import check_positive_int, check_slot, check_state_keys, scale_offsets
-from fedlora_kernels._dispatch import check_segments, row_slots
+from fedlora_kernels._dispatch import check_segment_offsets_arg, check_segments, row_slots
 
 
 class SlottedLinear(nn.Module):
@@ -41,8 +41,8 @@ class SlottedLinear(nn.Module):
         self, seg_offsets: torch.Tensor | None, seg_adapter: torch.Tensor | None = None
     ) -> None:
         """Route the next calls' inputs to slots (``None``: slot 0), like the adapter layers."""
+        self._seg_items = check_segment_offsets_arg(seg_offsets) if seg_offsets is not None else 0
         self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
-        self._seg_items = int(seg_offsets[-1]) if seg_offsets is not None else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
