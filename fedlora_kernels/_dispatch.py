@@ -182,15 +182,16 @@ def check_finite_scalar(name: str, value: object) -> float:
     return value
 
 
-def check_segment_offsets_arg(seg_offsets: object) -> int:
+def check_segment_offsets_arg(seg_offsets: object) -> int | None:
     """Check a layer's ``seg_offsets`` argument (int ``[S+1]`` tensor); return its last entry
-    (the number of items it covers)."""
+    (the number of items it covers), or ``None`` when its values cannot be read (meta / fake
+    tensors, tracing)."""
     check_tensor("seg_offsets", seg_offsets, ndim=1, dtypes=(torch.int32, torch.int64))
     if seg_offsets.numel() < 2:
         raise ValueError(
             f"seg_offsets must have at least 2 entries ([S+1]), got shape {list(seg_offsets.shape)}"
         )
-    return 0 if values_unavailable(seg_offsets) else int(seg_offsets[-1])
+    return None if values_unavailable(seg_offsets) else int(seg_offsets[-1])
 
 
 def check_segments(
