@@ -65,6 +65,7 @@ from fedlora.methods._common import (
     b_key,
     ideal_terms,
     lora_paths,
+    normalised,
 )
 from fedlora.metrics import error_parts, relative_error
 
@@ -121,8 +122,7 @@ def _nonfinite_key(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> st
     for k in keys:
         if not bool(torch.isfinite(state[k]).all()):
             return k
-    # finite values whose squared norm overflows: treat the largest as the culprit
-    return max(keys, key=lambda k: float(state[k].abs().max()) if state[k].numel() else 0.0)
+    return None  # finite values whose norm overflowed (|x| >= ~2e19): nothing is wrong
 
 
 def _check_global(global_state: Any) -> dict[str, torch.Tensor]:
@@ -390,6 +390,25 @@ def _error_state(
     return fill(g, state, meta or {}) if fill is not None else state
 
 
+def _isolate(
+    impl: ModuleType,
+    g: Mapping[str, torch.Tensor],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    metas: Sequence[Any],
+    options: Mapping[str, Any],
+) -> set[int] | None:
+    """Indices of the clients on which the rule raises when run alone (the safety net that
+    keeps one client the validation missed from losing the round); None when every client
+    fails alone, i.e. the fault is not a client's."""
+    bad = set()
+    for i, (state, meta) in enumerate(zip(states, metas, strict=True)):
+        try:
+            impl.aggregate(dict(g), [state], [1.0], [meta], **options)
+        except Exception:
+            bad.add(i)
+    return None if len(bad) == len(states) else bad
+
+
 def _unchanged(g: Mapping[str, torch.Tensor], why: str) -> dict[str, torch.Tensor]:
     warnings.warn(
         f"no client update was aggregated ({why}); the global state is unchanged", stacklevel=3
@@ -486,16 +505,29 @@ def aggregate(
     }
 
     def run() -> tuple[dict[str, torch.Tensor], dict[str, Any], list[float]] | None:
-        total = sum(w_all[k] for k in used)
-        if not used or total <= 0:
+        if not used or not any(w_all[k] > 0 for k in used):
             return None
-        p = [w_all[k] / total for k in used]
+        p = normalised([w_all[k] for k in used])
         out, extra = impl.aggregate(
             dict(g), clean_states, p, [metas_all[k] for k in used], **options
         )
         return dict(out), extra, p
 
-    result = run()
+    try:
+        result = run()
+    except Exception as exc:  # a rule failed on input validation let through: find who
+        if strict:
+            raise
+        result = None
+        culprits = _isolate(impl, g, clean_states, [metas_all[k] for k in used], options)
+        if culprits is None:  # every client alone fails too: not a client's fault
+            raise
+        for i in culprits:
+            reject(used[i], ClientRejected(None, f"the {method!r} rule failed on it: {exc!r:.200}"))
+        rejected.sort(key=lambda r: r["client"])
+        keep = [i for i in range(len(used)) if i not in culprits]
+        used, clean_states = [used[i] for i in keep], [clean_states[i] for i in keep]
+        result = run()
     if deferred and result is not None and _nonfinite_key(result[0], list(result[0])) is not None:
         keep = []
         for k, cs in zip(used, clean_states, strict=True):
@@ -606,7 +638,6 @@ class Aggregator:
     def result(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(new_global_state, metrics)`` for the clients added so far (same keys as
         :func:`aggregate`'s metrics)."""
-        total = sum(self._weights)
         metrics: dict[str, Any] = {
             "method": self.method,
             "clients_total": self._count,
@@ -618,12 +649,12 @@ class Aggregator:
             "aggregation_error": math.nan,
             "aggregation_error_per_layer": {},
         }
-        if not self._used or total <= 0:
+        if not self._used or not any(w > 0 for w in self._weights):
             why = "no client was accepted" if not self._used else "the accepted weights are 0"
             return _unchanged(self._g, why), metrics
         new_state, extra = self._impl.stream_result(self._acc, **self._options)
         new_state = _own_storage(dict(new_state), self._g)
-        p = [w / total for w in self._weights]
+        p = normalised(self._weights)
         metrics.update(clients_used=len(self._used), used=list(self._used), weights=p)
         if self._error:
             metrics["aggregation_error"], metrics["aggregation_error_per_layer"] = _generic_error(

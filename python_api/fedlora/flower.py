@@ -234,6 +234,7 @@ class RoundResult:
         used = [self.ids[k] for k in self.metrics.get("used", []) if 0 <= k < len(self.ids)]
         rejected = [c for c, _ in self.rejected]
         for key, ids in (("used", used), ("rejected", rejected)):
+            ids = [c for c in ids if c is not None]  # a reply with no sender is only counted
             if all(isinstance(c, int) and not isinstance(c, bool) for c in ids):
                 out[key] = ids
         out["clients_total"] = self.num_clients
@@ -381,6 +382,15 @@ def train_reply(
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _node_id(msg: Any) -> int | None:
+    """The sender's node id of a reply, or None when ``msg`` is not a Message (e.g. None)."""
+    try:
+        nid = msg.metadata.src_node_id
+    except AttributeError:
+        return None
+    return int(nid) if isinstance(nid, int) and not isinstance(nid, bool) else None
 
 
 def _decode_reply(msg: Any, weighted_by_key: str, arrayrecord_key: str, meta_key: str) -> tuple:
@@ -587,7 +597,10 @@ def _build_classes() -> dict[str, type]:
             replies = list(replies)
             clients, good = [], []
             for msg in replies:
-                nid = int(msg.metadata.src_node_id)
+                nid = _node_id(msg)
+                if nid is None:  # None or not a Message: nothing to decode, no sender to name
+                    clients.append((None, None, None, None, f"not a reply: {type(msg).__name__}"))
+                    continue
                 state, weight, meta, reason = _decode_reply(
                     msg, self.weighted_by_key, self.arrayrecord_key, self.meta_key
                 )
@@ -613,7 +626,7 @@ def _build_classes() -> dict[str, type]:
                 logger.warning("round %d: update of node %s rejected: %s", server_round, nid, why)
             metrics = MetricRecord()
             rejected_ids = {nid for nid, _ in result.rejected}
-            used = [m for m in good if int(m.metadata.src_node_id) not in rejected_ids]
+            used = [m for m in good if _node_id(m) not in rejected_ids]
             if used:
                 try:
                     client_metrics = self.train_metrics_aggr_fn(
@@ -686,7 +699,11 @@ def _build_classes() -> dict[str, type]:
             if failures and not self.accept_failures:
                 return None, {"aggregation_failed": 1, "num_rejected": len(failures)}
             clients = []
-            for proxy, fit_res in results:
+            for entry in results:
+                if not (isinstance(entry, tuple) and len(entry) == 2):
+                    clients.append((None, None, None, None, f"not a fit result: {entry!r:.60}"))
+                    continue
+                proxy, fit_res = entry
                 cid = getattr(proxy, "cid", None)
                 try:
                     state = ndarrays_to_state(parameters_to_ndarrays(fit_res.parameters), self.keys)

@@ -9,6 +9,7 @@ accepted clients) and never modify them in place.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,8 +86,76 @@ def ideal_terms(
 
 
 def sparsity_weight(B: torch.Tensor, A: torch.Tensor) -> float:
-    """``‖B A‖_F`` from factors (HetLoRA's sparsity-weighted aggregation)."""
-    return factored_sq_norm([(B, A, 1.0)]) ** 0.5
+    """``‖B A‖_F`` from factors (HetLoRA's sparsity-weighted aggregation).
+
+    Scaled first: ``‖B A‖ = max|B| · max|A| · ‖(B / max|B|)(A / max|A|)‖``, with the Gram products
+    in float64 on factors of magnitude at most 1, so neither tiny (1e-30) nor huge (1e30) float32
+    factors underflow or overflow (every float32 product of two factors is a normal float64).
+    """
+    sb, sa = float(B.abs().max()) if B.numel() else 0.0, float(A.abs().max()) if A.numel() else 0.0
+    if sb == 0.0 or sa == 0.0:
+        return 0.0
+    unit = factored_sq_norm([(B.double() / sb, A.double() / sa, 1.0)]) ** 0.5
+    return sb * sa * unit
+
+
+def normalised(weights: Sequence[float]) -> list[float]:
+    """``w_k / Σ_j w_j`` computed without overflow or underflow for any finite non-negative
+    weights (divided by the largest first, so ``[1e308, 1e308]`` gives ``[0.5, 0.5]``); all
+    zeros when every weight is 0."""
+    w = [float(x) for x in weights]
+    top = max(w, default=0.0)
+    if top <= 0.0:
+        return [0.0 for _ in w]
+    w = [x / top for x in w]
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def index_list(value: Any, what: str, key: str | None, size: int) -> list[int]:
+    """A client's list of distinct indices in ``[0, size)`` from its meta (a list, tuple or 1-D
+    integer tensor of ints; numpy integers count as ints, bools and floats do not), or
+    :class:`ClientRejected` naming ``what`` and the offending entry."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.is_floating_point() or value.dtype == torch.bool:
+            raise ClientRejected(
+                key, f"meta {what!r} must be a list of ints, got a {value.dtype} tensor"
+            )
+        value = value.tolist()
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+        raise ClientRejected(
+            key, f"meta {what!r} must be a list of ints, got {type(value).__name__}"
+        )
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 0 <= v < size:
+            raise ClientRejected(
+                key, f"meta {what!r} entries must be ints in [0, {size}), got {v!r}"
+            )
+        out.append(int(v))
+    if len(set(out)) != len(out):
+        raise ClientRejected(key, f"meta {what!r} has repeated indices: {out}")
+    return out
+
+
+def per_layer(meta: Mapping[str, Any], name: str, paths: Sequence[str]) -> Mapping[str, Any]:
+    """``meta[name]`` as a ``{path: value}`` dict (empty when absent), rejecting a value that is
+    not a dict and layer paths the global state does not have (a typo would otherwise be read
+    as "no entry for this layer")."""
+    value = meta.get(name, {})
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ClientRejected(
+            None,
+            f"meta {name!r} must be a {{path: ...}} dict keyed by layer path, got {type(value).__name__}",
+        )
+    unknown = [p for p in value if p not in paths]
+    if unknown:
+        raise ClientRejected(
+            None, f"meta {name!r} names layers not in the global state: {unknown[:3]}"
+        )
+    return value
 
 
 def declared_rank(meta: Mapping[str, Any], path: str) -> int | None:
@@ -97,11 +166,11 @@ def declared_rank(meta: Mapping[str, Any], path: str) -> int | None:
         rank = rank.get(path)
     if rank is None:
         return None
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
         raise ClientRejected(
             None, f"meta 'rank' must be an int or a {{path: int}} dict, got {rank!r}"
         )
-    return rank
+    return int(rank)
 
 
 def check_declared_rank(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
@@ -142,7 +211,7 @@ def weighted_average(
     w = [float(x) for x in weights]
     total = sum(w)
     if like[keys[0]].device.type == "cuda":
-        wt = torch.tensor(w, dtype=torch.float32)
+        wt = torch.tensor(w, dtype=torch.float64)
         return {
             k: fk.masked_weighted_mean([cs[k] for cs in client_states], wt).to(like[k].dtype)
             for k in keys
@@ -166,8 +235,10 @@ def masked_mean(
     rank_dim: int,
     fallback: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`fedlora_kernels.masked_weighted_mean` with the weights as a float32 tensor."""
-    wt = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    """:func:`fedlora_kernels.masked_weighted_mean` with the weights as a float64 tensor."""
+    # float64: a weight far below the others (1e-270 relative) still counts where it is the
+    # only contributor; the op normalises in float64
+    wt = torch.tensor([float(x) for x in weights], dtype=torch.float64)
     return fk.masked_weighted_mean(list(tensors), wt, mask, rank_dim=rank_dim, fallback=fallback)
 
 
@@ -198,20 +269,28 @@ def average_other_keys(
 
 
 class MaskedAccumulator:
-    """Running sums ``Σ_k c_kj X_k[j]`` (float32) and ``Σ_k c_kj`` per key and rank index.
+    """Running weighted means ``Σ_k c_kj X_k[j] / Σ_k c_kj`` per key and rank index.
 
     The streaming form of :func:`fedlora_kernels.masked_weighted_mean`: ``add`` one client at a
     time (its tensor may have a shorter rank than the global, meaning a prefix), then ``mean``
-    returns ``num / den`` per rank index with a fallback where ``den = 0``, or ``zero_padded``
-    returns ``num / Σ_k w_k`` (HetLoRA). Only the sums are kept, never a client.
+    returns the mean per rank index with a fallback where nobody contributed, or
+    ``zero_padded`` returns ``Σ_k c_kj X_k[j] / Σ_k w_k`` (HetLoRA). Only the running means and
+    weight sums are kept, never a client.
+
+    Overflow- and underflow-safe for any finite input: the state is a running mean (each update
+    is a convex combination of the old mean and the new client, so it stays within the range
+    of the inputs), in float64, and each key's weights are held relative to the largest weight
+    it has seen, so ``1e308`` and ``1e-300`` weights, values near the float32 maximum, and a
+    tiny value of a lone tiny-weight contributor all come out as a batch call gives them.
     """
 
     def __init__(self, global_state: State) -> None:
         self.global_state = global_state
-        self.num: dict[str, torch.Tensor] = {}
-        self.den: dict[str, torch.Tensor] = {}
-        self.total: dict[str, float] = {}
+        self.avg: dict[str, torch.Tensor] = {}  # running means, float64
+        self.den: dict[str, torch.Tensor] = {}  # per rank index: Σ c_kj (relative to scale)
+        self.total: dict[str, float] = {}  # Σ w_k (relative to scale)
         self.like: dict[str, torch.Tensor] = {}
+        self.scale: dict[str, float] = {}  # per key: the weight that counts as 1
         self.full: set[str] = set()  # keys summed by add_full: one denominator, the total weight
 
     def _view(self, key: str, rank_dim: int) -> list[int]:
@@ -219,6 +298,28 @@ class MaskedAccumulator:
         if view:
             view[rank_dim] = -1
         return view
+
+    def _coef(self, key: str, weight: float) -> float:
+        """``weight`` relative to the key's scale; a new largest weight becomes the scale (the
+        key's weight sums are rescaled; its means do not depend on the scale)."""
+        weight = float(weight)
+        old = self.scale.get(key, 0.0)
+        if weight > old:
+            if old > 0:
+                ratio = old / weight
+                if key in self.den:
+                    self.den[key].mul_(ratio)
+                self.total[key] *= ratio
+            self.scale[key] = old = weight
+        return weight / old if old > 0 else 0.0
+
+    def _start(self, key: str, like: torch.Tensor | None, rank_dim: int | None) -> None:
+        g = self.like.setdefault(key, like if like is not None else self.global_state[key])
+        self.avg[key] = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
+        if rank_dim is not None:
+            size = g.shape[rank_dim] if g.dim() else 1
+            self.den[key] = torch.zeros(size, dtype=torch.float64, device=g.device)
+        self.total[key] = 0.0
 
     def add(
         self,
@@ -230,66 +331,76 @@ class MaskedAccumulator:
         mask: torch.Tensor | None = None,
         like: torch.Tensor | None = None,
     ) -> None:
-        """Add ``weight · mask[j] · x[j]`` for the ``r = x.shape[rank_dim]`` leading indices.
+        """Add ``weight · mask[j]`` times ``x[j]`` for the ``r = x.shape[rank_dim]`` leading
+        indices.
 
         ``like`` gives the full shape of a sum that is not a key of the global state.
         """
         if key in self.full:
             raise ValueError(f"{key!r} was accumulated with add_full(); use one form per key")
-        g = self.like.setdefault(key, like if like is not None else self.global_state[key])
-        if key not in self.num:
-            self.num[key] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-            size = g.shape[rank_dim] if g.dim() else 1
-            self.den[key] = torch.zeros(size, dtype=torch.float32, device=g.device)
-            self.total[key] = 0.0
+        if key not in self.avg:
+            self._start(key, like, rank_dim)
+        g = self.like[key]
+        w = self._coef(key, weight)
+        self.total[key] += w
         r = x.shape[rank_dim] if x.dim() else 1
-        coef = torch.full((r,), float(weight), dtype=torch.float32, device=g.device)
+        coef = torch.full((r,), w, dtype=torch.float64, device=g.device)
         if mask is not None:
-            coef = coef * mask[:r].to(device=g.device, dtype=torch.float32)
-        c = coef.view(self._view(key, rank_dim)) if g.dim() else coef[0]
-        contrib = torch.where(c != 0, x.to(torch.float32) * c, 0.0)
-        target = self.num[key].narrow(rank_dim, 0, r) if g.dim() else self.num[key]
-        target.add_(contrib)
-        self.den[key][:r] += coef
-        self.total[key] += float(weight)
+            coef = coef * mask[:r].to(device=g.device, dtype=torch.float64)
+        den = self.den[key][:r]
+        new = den + coef
+        safe = torch.where(new > 0, new, 1.0)
+        keep, take = den / safe, coef / safe  # convex: keep + take = 1 where new > 0
+        shape = self._view(key, rank_dim)
+        keep = keep.view(shape) if g.dim() else keep[0]
+        take = take.view(shape) if g.dim() else take[0]
+        target = self.avg[key].narrow(rank_dim, 0, r) if g.dim() else self.avg[key]
+        target.copy_(torch.where(take > 0, target * keep + x.to(torch.float64) * take, target))
+        den.copy_(new)
 
     def add_full(self, keys: Sequence[str], state: State, weight: float) -> None:
-        """``add`` of whole tensors (global shape, no mask) for many keys in one multi-tensor
-        call: the streaming counterpart of :func:`weighted_average`."""
+        """``add`` of whole tensors (global shape, no mask) for many keys in multi-tensor calls:
+        the streaming counterpart of :func:`weighted_average`."""
         if not keys:
             return
+        groups: dict[tuple[float, float], list[str]] = {}
         for key in keys:
-            if key not in self.num:
-                g = self.like.setdefault(key, self.global_state[key])
-                self.num[key] = torch.zeros(g.shape, dtype=torch.float32, device=g.device)
-                self.total[key] = 0.0
+            if key not in self.avg:
+                self._start(key, None, None)
                 self.full.add(key)
             elif key not in self.full:
                 raise ValueError(f"{key!r} was accumulated with add(); use one form per key")
-            self.total[key] += float(weight)
-        xs = [state[k] for k in keys]
-        if any(x.dtype != torch.float32 for x in xs):
-            xs = [x.float() for x in xs]
-        torch._foreach_add_([self.num[k] for k in keys], xs, alpha=float(weight))
+            w = self._coef(key, weight)
+            old = self.total[key]
+            self.total[key] = new = old + w
+            if new > 0:
+                groups.setdefault((old / new, w / new), []).append(key)
+        for (keep, take), group in groups.items():  # one group unless scales differ per key
+            avgs = [self.avg[k] for k in group]
+            torch._foreach_mul_(avgs, keep)
+            torch._foreach_add_(avgs, [state[k].to(torch.float64) for k in group], alpha=take)
 
     def mean(self, key: str, *, rank_dim: int = 0, fallback: bool = True) -> torch.Tensor:
-        """``num / den`` per rank index; the global's value (or 0) where nobody contributed."""
-        if key not in self.num:
+        """The mean per rank index; the global's value (or 0) where nobody contributed."""
+        if key not in self.avg:
             g = self.global_state[key]
             return g.clone() if fallback else torch.zeros_like(g)
         g = self.like[key]
         if key in self.full:
             if self.total[key] > 0:
-                return (self.num[key] / self.total[key]).to(g.dtype)
+                return self.avg[key].to(g.dtype)
             return g.clone() if fallback else torch.zeros_like(g)
         d = self.den[key].view(self._view(key, rank_dim)) if g.dim() else self.den[key][0]
-        fb = g.float() if fallback else torch.zeros((), device=g.device)
-        out = torch.where(d > 0, self.num[key] / torch.where(d > 0, d, 1.0), fb)
-        return out.to(g.dtype)
+        fb = g.double() if fallback else torch.zeros((), device=g.device, dtype=torch.float64)
+        return torch.where(d > 0, self.avg[key], fb).to(g.dtype)
 
-    def zero_padded(self, key: str) -> torch.Tensor:
-        """``num / Σ_k w_k``: missing rank indices count as zeros (zero-padding)."""
-        if key not in self.num or self.total[key] <= 0:
+    def zero_padded(self, key: str, *, rank_dim: int = 0) -> torch.Tensor:
+        """``Σ_k c_kj X_k[j] / Σ_k w_k``: missing rank indices count as zeros (zero-padding)."""
+        if key not in self.avg or self.total[key] <= 0:
             return torch.zeros_like(self.global_state[key])
         g = self.like[key]
-        return (self.num[key] / self.total[key]).to(g.dtype)
+        if key in self.full:
+            return self.avg[key].to(g.dtype)
+        share = self.den[key] / self.total[key]
+        share = share.view(self._view(key, rank_dim)) if g.dim() else share[0]
+        return (self.avg[key] * share).to(g.dtype)

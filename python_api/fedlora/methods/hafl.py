@@ -40,32 +40,15 @@ from fedlora.methods._common import (
     a_key,
     average_other_keys,
     b_key,
+    index_list,
     lora_paths,
     masked_mean,
     other_keys,
+    per_layer,
     rank_of,
 )
 
 RANKS = "indexed"
-
-
-def _index_list(value: Any, what: str, key: str, full: int) -> list[int]:
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise ClientRejected(
-            key, f"meta {what!r} must be a list of ints, got {type(value).__name__}"
-        )
-    out = []
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < full:
-            raise ClientRejected(
-                key, f"meta {what!r} entries must be ints in [0, {full}), got {v!r}"
-            )
-        out.append(int(v))
-    if len(set(out)) != len(out):
-        raise ClientRejected(key, f"meta {what!r} has repeated indices: {out}")
-    return out
 
 
 def _per_layer(meta: Mapping[str, Any], name: str, key: str) -> Mapping[str, Any]:
@@ -85,7 +68,7 @@ def layout(
     held = rank_of(state, path)
     indices_meta = _per_layer(meta, "indices", key)
     if path in indices_meta:
-        indices = _index_list(indices_meta[path], "indices", key, full)
+        indices = index_list(indices_meta[path], "indices", key, full)
         if len(indices) != held:
             raise ClientRejected(
                 key, f"meta 'indices' lists {len(indices)} components, the upload has rank {held}"
@@ -98,7 +81,7 @@ def layout(
         )
     updated_meta = _per_layer(meta, "updated", key)
     if path in updated_meta:
-        updated = _index_list(updated_meta[path], "updated", key, full)
+        updated = index_list(updated_meta[path], "updated", key, full)
         missing = sorted(set(updated) - set(indices))
         if missing:
             raise ClientRejected(key, f"meta 'updated' names components {missing} not uploaded")
@@ -130,7 +113,10 @@ def scores_of(meta: Mapping[str, Any], path: str, held: int) -> torch.Tensor | N
 
 def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
     """Validate the per-layer indices, updated components and scores of a client's meta."""
-    for path in lora_paths(global_state):
+    paths = lora_paths(global_state)
+    for name in ("indices", "updated", "scores"):
+        per_layer(meta, name, paths)
+    for path in paths:
         layout(global_state, state, meta, path)
 
 
@@ -274,9 +260,8 @@ def stream_result(
             if prev is not None
             else torch.zeros(full, dtype=torch.float32, device=g[a_key(path)].device)
         )
-        if key in acc.num:
-            d = acc.den[key]
-            scores_out[path] = torch.where(d > 0, acc.num[key] / torch.where(d > 0, d, 1.0), fb)
+        if key in acc.avg:
+            scores_out[path] = torch.where(acc.den[key] > 0, acc.avg[key].float(), fb)
         elif prev is not None:
             scores_out[path] = fb.clone()
     for key in other_keys(g):

@@ -33,6 +33,7 @@ from fedlora.methods._common import (
     factors,
     lora_paths,
     masked_mean,
+    normalised,
     other_keys,
     sparsity_weight,
 )
@@ -55,9 +56,9 @@ def _layer_weights(
     client_states: Sequence[State], weights: Sequence[float], path: str, weighting: str
 ) -> list[float]:
     if weighting == "data":
-        return [float(w) for w in weights]
+        return normalised(weights)
     norms = [sparsity_weight(*factors(cs, path)) for cs in client_states]
-    return norms if sum(norms) > 0 else [float(w) for w in weights]
+    return normalised(norms) if any(norms) else normalised(weights)
 
 
 def aggregate(
@@ -74,8 +75,8 @@ def aggregate(
     layer_weights: dict[str, list[float]] = {}
     for path in lora_paths(global_state):
         w = _layer_weights(client_states, weights, path, weighting)
-        total = sum(w)
-        layer_weights[path] = [x / total for x in w]
+        total = sum(w)  # 1 up to rounding: the weights come normalised
+        layer_weights[path] = list(w)
         for key, dim in ((a_key(path), 0), (b_key(path), 1)):
             g = global_state[key]
             rank = g.shape[dim]
@@ -122,11 +123,12 @@ def stream_result(
     """Zero-padded means of the layers, weighted means of the other keys."""
     out = {}
     for path in lora_paths(acc.global_state):
-        for key in (a_key(path), b_key(path)):
-            if acc.total.get(key, 0.0) <= 0 and key + "#data" in acc.num:
-                out[key] = acc.zero_padded(key + "#data").to(acc.global_state[key].dtype)
+        for key, dim in ((a_key(path), 0), (b_key(path), 1)):
+            if acc.total.get(key, 0.0) <= 0 and key + "#data" in acc.avg:
+                out[key] = acc.zero_padded(key + "#data", rank_dim=dim)
+                out[key] = out[key].to(acc.global_state[key].dtype)
             else:
-                out[key] = acc.zero_padded(key)
+                out[key] = acc.zero_padded(key, rank_dim=dim)
     for key in other_keys(acc.global_state):
         out[key] = acc.mean(key)
     return {k: out[k] for k in acc.global_state}, {}

@@ -26,7 +26,7 @@ classifier head) is weighted-averaged over all accepted clients. ``metas[k]`` ma
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -34,8 +34,10 @@ from torch import nn
 
 import fedlora_kernels as fk
 from fedlora.layers.ravan import RavanLinear
+from fedlora.methods._common import index_list, normalised, per_layer, weighted_average
 
 SCORES = ("weight", "gradient", "random")
+_SUFFIXES = (".lora_H", ".lora_s")
 
 
 def ravan_layers(model: nn.Module) -> list[tuple[str, RavanLinear]]:
@@ -123,6 +125,34 @@ def client_update(
     return state, {"heads": heads}
 
 
+def _paths(state: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k[: -len(".lora_H")] for k in state if k.endswith(".lora_H")]
+
+
+def trained_heads(
+    global_state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+) -> dict[str, list[int]]:
+    """The validated ``meta["heads"]``: ``{path: distinct head indices in [0, h)}`` for the
+    layers it names (a layer it does not name counts as fully trained)."""
+    paths = _paths(global_state)
+    heads = per_layer(meta, "heads", paths)
+    out = {}
+    for path, value in heads.items():
+        h = global_state[f"{path}.lora_H"].shape[0]
+        out[path] = index_list(value, "heads", f"{path}.lora_H", h)
+    return out
+
+
+def check_client(
+    global_state: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+) -> None:
+    """Reject a client whose ``meta["heads"]`` is not a ``{path: [head index, ...]}`` dict of
+    distinct ints in ``[0, h)`` over the global's Ravan layers."""
+    trained_heads(global_state, meta)
+
+
 def _folded(state: dict[str, torch.Tensor], path: str) -> torch.Tensor:
     """``s_i H_i`` of one layer as ``[h, r·r]`` float32."""
     H = state[f"{path}.lora_H"].float()
@@ -145,10 +175,11 @@ def aggregate(
     default orthonormal bases) and ``heads_trained`` (per layer, how many clients trained each
     head).
     """
-    paths = [k[: -len(".lora_H")] for k in global_state if k.endswith(".lora_H")]
+    paths = _paths(global_state)
     if not paths:
         raise ValueError("global_state has no '<path>.lora_H' keys: not a Ravan adapter state")
-    w = torch.as_tensor(weights, dtype=torch.float32)
+    w = torch.as_tensor(normalised(weights), dtype=torch.float64)
+    heads_of = [trained_heads(global_state, meta or {}) for meta in metas]
     new_state: dict[str, torch.Tensor] = {}
     err_num, err_den = 0.0, 0.0
     heads_trained: dict[str, list[int]] = {}
@@ -157,11 +188,10 @@ def aggregate(
         h = g.shape[0]
         clients = [_folded(cs, path) for cs in client_states]
         mask = torch.ones(len(clients), h)
-        for k, meta in enumerate(metas):
-            trained = (meta or {}).get("heads", {}).get(path)
-            if trained is not None:
+        for k, trained in enumerate(heads_of):
+            if path in trained:
                 mask[k] = 0
-                mask[k, list(trained)] = 1
+                mask[k, trained[path]] = 1
         new = fk.masked_weighted_mean(clients, w, mask, rank_dim=0, fallback=g)
         H_shape = global_state[f"{path}.lora_H"].shape
         dtype = global_state[f"{path}.lora_H"].dtype
@@ -174,13 +204,11 @@ def aggregate(
         client_full = torch.stack(
             [torch.where(m[:, None] > 0, c, g) for c, m in zip(clients, mask, strict=True)]
         )
-        ideal = torch.einsum("k,kq->q", w / w.sum(), client_full.reshape(len(clients), -1))
-        err_num += float((ideal - new.reshape(-1)).square().sum())
+        ideal = torch.einsum("k,kq->q", w, client_full.reshape(len(clients), -1).double())
+        # float64: squares of finite float32 cores never overflow
+        err_num += float((ideal - new.reshape(-1).double()).square().sum())
         err_den += float(ideal.square().sum())
-    for key, value in global_state.items():
-        if key in new_state or key.endswith((".lora_H", ".lora_s")):
-            continue
-        stacked = torch.stack([cs[key].float() for cs in client_states])
-        new_state[key] = torch.einsum("k,k...->...", w / w.sum(), stacked).to(value.dtype)
+    rest = [k for k in global_state if k not in new_state and not k.endswith(_SUFFIXES)]
+    new_state.update(weighted_average(client_states, w.tolist(), rest, global_state))
     error = (err_num**0.5) / (err_den**0.5) if err_den > 0 else 0.0
     return new_state, {"aggregation_error": error, "heads_trained": heads_trained}
