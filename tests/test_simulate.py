@@ -57,13 +57,7 @@ def test_every_method_runs_two_rounds(tiny_bert_dir, method, tmp_path):
     for r in result.rounds:
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["bytes_up"] > 0 and r["bytes_down"] > 0
         assert r["aggregation_error"] == r["aggregation_error"]  # reported, not NaN
-    for name in (
-        "metrics.json",
-        "metrics.csv",
-        "curves.png",
-        "checkpoint.json",
-        "checkpoint.safetensors",
-    ):
+    for name in ("metrics.json", "metrics.csv", "curves.png", "checkpoint.safetensors"):
         assert (tmp_path / method / name).stat().st_size > 0
     rows = json.loads((tmp_path / method / "metrics.json").read_text())["rounds"]
     assert len(rows) == 2

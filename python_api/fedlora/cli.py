@@ -1,8 +1,13 @@
 """The ``fedlora`` command: ``fedlora simulate`` and ``fedlora compare``.
 
-Errors in the configuration (unknown method or option, a budget spec that does not parse, a data
-file with missing columns, an output directory holding another run) print one line and exit
-with code 2, before anything is written.
+Errors in the configuration print one line on stderr and exit with code 2 before anything is
+written or trained: an unknown option or a value argparse cannot convert, a number out of its
+range (counts must be positive integers, ``--lr`` finite in (0, 1], ...; see
+:meth:`SimConfig.validate`), a budget spec that does not parse, a ``--model`` that is not a
+loadable model folder, a ``--data`` file that cannot be read, an ``--out`` that is a file, under
+a file, not writable or holding another run, and a corrupted checkpoint on ``--resume``. The
+checks live in :class:`SimConfig` and :func:`fedlora.simulate.run`, so the Python API raises the
+same :class:`ConfigError`. An interrupted run exits with code 130 and can be resumed.
 """
 
 from __future__ import annotations
@@ -11,10 +16,18 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from fedlora.simulate.config import METHODS, ConfigError, SimConfig
+from fedlora.simulate.config import ENGINES, HEAD_SCORES, METHODS, ConfigError, SimConfig
 
 _DEFAULTS = SimConfig()
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -48,7 +61,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--head-score",
         default=d.head_score,
-        choices=["weight", "gradient", "random"],
+        choices=list(HEAD_SCORES),
         help="Ravan head selection",
     )
     p.add_argument(
@@ -60,7 +73,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine",
         default=d.engine,
-        help="sequential | batched (all clients of a round in one pass)",
+        help=f"{' | '.join(ENGINES)} (batched: all clients of a round in one pass)",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
@@ -93,7 +106,7 @@ def _config(args: argparse.Namespace, method: str) -> SimConfig:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["method"] = method
     values["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    values["max_test"] = args.max_test or None
+    values["max_test"] = None if args.max_test == 0 else args.max_test  # 0 = all; < 0 refused
     return SimConfig(**values).validate()
 
 
@@ -118,15 +131,16 @@ def _compare(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--methods must list methods from {', '.join(METHODS)}; got {args.methods!r}"
         )
+    dup = sorted({m for m in methods if methods.count(m) > 1})
+    if dup:
+        raise ConfigError(f"--methods names {', '.join(dup)} more than once")
     configs = [_config(args, m) for m in methods]
     compare(configs, Path(args.out), progress=not args.no_progress)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedlora", description="Federated LoRA-family fine-tuning, offline."
-    )
+    parser = _Parser(prog="fedlora", description="Federated LoRA-family fine-tuning, offline.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run one federated experiment")
     sim.add_argument("--method", default=_DEFAULTS.method, help=f"one of {', '.join(METHODS)}")
@@ -147,12 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedlora`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a one-line argparse error (2)
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.func(args)
     except ConfigError as err:
-        print(f"fedlora: error: {err}", file=sys.stderr)
+        print(f"fedlora: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted; continue the run with --resume", file=sys.stderr)
+        return 130
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text else text
 
 
 if __name__ == "__main__":

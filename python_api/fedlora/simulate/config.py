@@ -23,6 +23,7 @@ ENGINES = ("sequential", "batched")
 HEAD_SCORES = ("weight", "gradient", "random")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
 MAX_SEED = 2**32 - 1  # numpy's and the per-round key's range
+MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
 
 
 class ConfigError(ValueError):
@@ -70,8 +71,9 @@ class SimConfig:
         """Check every field; raise :class:`ConfigError` naming the option.
 
         Ranges: the counts (``clients``, ``rounds``, ``local_steps``, ``batch_size``, ``rank``,
-        ``heads``, ``max_length``) are positive integers; ``hafl_score_steps`` and ``max_test``
-        (0 or None = the whole test split) are integers >= 0; ``max_train_per_client`` is None or
+        ``heads``) are integers in [1, 10**6], ``max_length`` in [2, 10**6] (and at most the
+        model's positions, checked when it is loaded); ``hafl_score_steps`` is in [0, 10**6] and
+        ``max_test`` (0 or None = the whole test split) an integer >= 0; ``max_train_per_client`` is None or
         positive; ``seed`` is in [0, 2**32); ``lr`` is finite in (0, 1] and ``weight_decay``
         finite in [0, 1] (AdamW: larger values move or shrink every weight by more than itself
         per step); ``alpha`` (LoRA scale numerator) is finite and positive;
@@ -90,17 +92,10 @@ class SimConfig:
             raise ConfigError(
                 f"--head-score must be one of {', '.join(HEAD_SCORES)}; got {self.head_score!r}"
             )
-        for name in (
-            "clients",
-            "rounds",
-            "local_steps",
-            "batch_size",
-            "rank",
-            "heads",
-            "max_length",
-        ):
-            _check_int(name, getattr(self, name), 1)
-        _check_int("hafl_score_steps", self.hafl_score_steps, 0)
+        for name in ("clients", "rounds", "local_steps", "batch_size", "rank", "heads"):
+            _check_int(name, getattr(self, name), 1, MAX_COUNT)
+        _check_int("max_length", self.max_length, 2, MAX_COUNT)  # [CLS] and [SEP] at least
+        _check_int("hafl_score_steps", self.hafl_score_steps, 0, MAX_COUNT)
         _check_int("seed", self.seed, 0, MAX_SEED)
         if self.max_test is not None:
             _check_int("max_test", self.max_test, 0)
@@ -150,10 +145,9 @@ def _check_int(name: str, v: Any, low: int, high: int | None = None) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(f"{_opt(name)} must be an integer, got {v!r}")
     if v < low or (high is not None and v > high):
-        if high is None:
-            want = "a positive integer" if low == 1 else f"an integer >= {low}"
-        else:
-            want = f"an integer in [{low}, {high}]"
+        want = "a positive integer" if low == 1 else f"an integer >= {low}"
+        if high is not None:
+            want += f" and <= {high}"
         raise ConfigError(f"{_opt(name)} must be {want}, got {v}")
 
 

@@ -11,10 +11,13 @@ so they give the same numbers up to floating-point summation order.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,20 +64,24 @@ def load_dataset(cfg: SimConfig):
         return build_stdlib_topics()
     try:
         return load_text_file(cfg.data)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         raise ConfigError(f"--data: {err}") from None
 
 
 def tokenize_split(
     tokenizer: Any, texts: list[str], labels: list[int], max_length: int
 ) -> Tokenized:
-    enc = tokenizer(
-        list(texts),
-        padding="max_length",
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
+    try:
+        enc = tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+    except (ValueError, TypeError) as err:  # e.g. a tokenizer without a padding token
+        why = str(err).split(". ")[0][:200]
+        raise ConfigError(f"--model: its tokenizer cannot encode the data ({why})") from None
     return Tokenized(
         enc["input_ids"], enc["attention_mask"], torch.as_tensor(labels, dtype=torch.long)
     )
@@ -108,7 +115,13 @@ def build_model(
     from fedlora.layers.head import SlottedLinear
     from fedlora.models import SequenceClassifier, load_encoder
 
-    encoder, tokenizer = encoder_and_tok or load_encoder(cfg.model)
+    if encoder_and_tok is None:
+        try:
+            encoder_and_tok = load_encoder(cfg.model)
+        except (ImportError, OSError, ValueError) as err:
+            raise ConfigError(f"--model: {err}") from None
+    encoder, tokenizer = encoder_and_tok
+    _check_max_length(cfg, encoder, tokenizer)
     model = SequenceClassifier(encoder, num_labels)
     gen = torch.Generator().manual_seed(_key(cfg.seed, 7))
     head = nn.Linear(model.classifier.in_features, num_labels)
@@ -131,6 +144,13 @@ def build_model(
     model.eval()  # dropout off: the frozen base is deterministic, engines agree
     rule.setup(model)
     return model, tokenizer
+
+
+def _check_max_length(cfg: SimConfig, encoder: nn.Module, tokenizer: Any) -> None:
+    """``--max-length`` fits the model's position embeddings (else round 1 fails indexing)."""
+    limit = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.max_length > limit:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds the model's {limit} positions")
 
 
 def set_segments(
@@ -286,24 +306,41 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
     shared=None,
+    plot: bool | None = None,
 ) -> RunResult:
-    """Run a whole federated experiment; write metrics, plot and checkpoint to ``out_dir``."""
+    """Run a whole federated experiment; write metrics, plot and checkpoint to ``out_dir``.
+
+    Everything that can be checked is checked before the first round (the config, ``out_dir``
+    by creating it and a probe file, the checkpoint when resuming, the data file, the model, the
+    partition): any problem is a one-line :class:`ConfigError` and nothing is written.
+    ``plot``: draw curves.png (None: when matplotlib imports; otherwise skip it with one
+    warning). Stale temp files of a killed run are removed before the first write.
+    """
     from fedlora import aggregate
     from fedlora.data import dirichlet_partition
     from fedlora.methods.prefix import nbytes
 
     cfg.validate()
     budgets = parse_budgets(cfg)
-    out = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None and not str(out_dir).strip():
+        raise ConfigError("--out must name a directory, got ''")
+    out = Path(out_dir).expanduser() if out_dir is not None else None
     result = RunResult(cfg)
     start_round = 0
     ckpt = None
     if out is not None:
-        ckpt = _check_out_dir(out, cfg, resume)
+        ckpt = check_out_dir(out, cfg, resume)
+        if resume and ckpt is None:
+            log(
+                f"{out} holds no checkpoint yet (stopped before round 1 ended?); starting at round 1"
+            )
     torch.manual_seed(cfg.seed)
     dataset = shared["dataset"] if shared else load_dataset(cfg)
     train, test = dataset.train, dataset.test
-    parts = dirichlet_partition(train.labels, cfg.clients, cfg.dirichlet_alpha, seed=cfg.seed)
+    try:
+        parts = dirichlet_partition(train.labels, cfg.clients, cfg.dirichlet_alpha, seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"--clients {cfg.clients}: {err}") from None
     if cfg.max_train_per_client:
         parts = [p[: cfg.max_train_per_client] for p in parts]
     weights = [float(len(p)) for p in parts]
@@ -323,12 +360,19 @@ def run(
     global_state = get_adapter_state_dict(model, slot=0)
     if ckpt is not None:
         global_state, result.rounds = ckpt
+        _check_resumable(model, cfg, global_state)
         global_state = _restore_bases(model, global_state)
         start_round = len(result.rounds)
         if start_round >= cfg.rounds:
             log(f"{out} already holds all {start_round} rounds; nothing to run")
         else:
             log(f"resuming {out} at round {start_round + 1}/{cfg.rounds}")
+    plot = check_plotting(plot) if out is not None else False
+    if out is not None:  # last check before training: --out is writable
+        probe_writable(out)
+        clean_stale_temps(out)
+        if ckpt is not None and start_round >= cfg.rounds:  # a kill may have hit the reports
+            write_reports(out, cfg, result.rounds, plot=plot)
 
     bar = _progress(cfg.rounds, start_round, progress)
     for r in range(start_round, cfg.rounds):
@@ -389,7 +433,9 @@ def run(
         if bar is not None:
             bar.update(1)
         if out is not None:
-            write_outputs(out, cfg, result.rounds, global_state | _changed_bases(model, cfg))
+            write_outputs(
+                out, cfg, result.rounds, global_state | _changed_bases(model, cfg), plot=plot
+            )
     if bar is not None:
         bar.close()
     result.global_state = global_state
@@ -430,51 +476,269 @@ def _progress(total: int, start: int, enabled: bool):
 
 
 # ------------------------------------------------------------------------------------- outputs
-CKPT_JSON, CKPT_TENSORS = "checkpoint.json", "checkpoint.safetensors"
+#: The checkpoint: ONE safetensors file (the global adapter state, plus the frozen base weights
+#: FLoRA / FedEx-LoRA changed) whose header metadata holds, under ``CKPT_META_KEY``, the JSON of
+#: ``{"format", "config", "config_fingerprint", "rounds"}`` and, under ``CKPT_DIGEST_KEY``, a
+#: SHA-256 over every tensor (name, dtype, shape, bytes) and that JSON text. It is written to a
+#: temp file in the same directory, fsync'd and renamed over the old one, so a kill at any instant
+#: leaves either the previous round's checkpoint or this round's, never a mix.
+CKPT = "checkpoint.safetensors"
+CKPT_META_KEY = "fedlora_checkpoint"
+CKPT_DIGEST_KEY = "fedlora_sha256"
+CKPT_FORMAT = 2
+#: The two-file checkpoint of format 1 (tensors and JSON replaced one after the other).
+LEGACY_CKPT_JSON = "checkpoint.json"
+REPORTS = ("metrics.json", "metrics.csv", "curves.png")
+OUTPUT_NAMES = (CKPT, *REPORTS)
+_PROBE = "fedlora-probe"
+_TMP_SUFFIX = ".tmp"
+#: Files whose temp copies (``.<name>.<random>.tmp``) are ours to clean up.
+_COMPARE_OUTPUTS = ("results.md", "results.json")
+_PLOT_HINT = "pip install 'fedlora-kernels[plot]'"
 
 
-def _check_out_dir(out: Path, cfg: SimConfig, resume: bool):
-    """Refuse to mix runs; return ``(global_state, rounds)`` to resume, or None to start fresh."""
-    meta_path = out / CKPT_JSON
-    if not meta_path.exists():
-        if resume:
-            raise ConfigError(f"--resume: {out} holds no checkpoint to resume")
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("config_fingerprint") != cfg.fingerprint():
-        raise ConfigError(
-            f"--out {out} holds a run of a different config; choose another directory"
+def _out_error(out: Path, problem: str) -> ConfigError:
+    return ConfigError(f"--out {str(out)!r}: {problem}")
+
+
+def _check_out_path(out: Path) -> None:
+    """``out`` is, or can become, a directory: not a file, not under a file (read-only check)."""
+    try:
+        kinds = [(p, p.exists(), p.is_dir()) for p in (out, *out.parents)]
+    except (OSError, ValueError) as err:  # embedded NUL byte, name too long, ...
+        raise _out_error(out, getattr(err, "strerror", None) or str(err)) from None
+    for path, exists, is_dir in kinds:
+        if exists:
+            if not is_dir:
+                where = "" if path == out else f"{str(path)!r} "
+                raise _out_error(out, f"{where}is a file, not a directory")
+            return
+
+
+def probe_writable(out: Path) -> None:
+    """Create ``out`` (and its parents) and a probe file in it, then remove the probe: the output
+    directory is writable before any training. On failure the directories it created are removed
+    again and a :class:`ConfigError` says why."""
+    _check_out_path(out)
+    created = [d for d in (out, *out.parents) if not d.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".{_PROBE}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, b"fedlora")
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except (OSError, ValueError) as err:  # ValueError: an embedded NUL byte
+        for d in created:  # deepest first
+            with contextlib.suppress(OSError, ValueError):
+                d.rmdir()
+        why = getattr(err, "strerror", None) or str(err)
+        raise _out_error(out, f"not writable ({why})") from None
+
+
+def _is_own_temp(name: str) -> bool:
+    return name.endswith(_TMP_SUFFIX) and any(
+        name.startswith(f".{n}.") for n in (*OUTPUT_NAMES, *_COMPARE_OUTPUTS, _PROBE)
+    )
+
+
+def clean_stale_temps(out: Path) -> list[str]:
+    """Remove the temp files a killed run of ours left in ``out``; return their names."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in out.iterdir():
+            if _is_own_temp(entry.name) and entry.is_file():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry.name)
+    return removed
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor], meta_text: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    h.update(meta_text.encode())
+    return h.hexdigest()
+
+
+def write_checkpoint(
+    out: Path, cfg: SimConfig, rounds: list[dict], state: dict[str, torch.Tensor]
+) -> None:
+    """Write the whole checkpoint (tensors and metadata) as one atomically replaced file."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta_text = json.dumps(
+        {
+            "format": CKPT_FORMAT,
+            "config": cfg.to_json(),
+            "config_fingerprint": cfg.fingerprint(),
+            "rounds": rounds,
+        }
+    )
+    header = {CKPT_META_KEY: meta_text, CKPT_DIGEST_KEY: _tensor_digest(tensors, meta_text)}
+    _atomic_write(out / CKPT, lambda p: save_file(tensors, p, metadata=header))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, metadata)`` of a checkpoint written by :func:`write_checkpoint`.
+
+    Raises:
+        ConfigError: (one line) the file is truncated, corrupted (digest mismatch), not a fedlora
+            checkpoint, or of another format version.
+    """
+    from safetensors import safe_open
+
+    def corrupt(why: str) -> ConfigError:
+        return ConfigError(
+            f"checkpoint {str(path)!r} is corrupted or truncated ({why}); delete it to start "
+            "over, or choose another --out"
         )
-    if not resume:
-        raise ConfigError(f"--out {out} already holds this run; pass --resume to continue it")
-    from safetensors.torch import load_file
 
-    return load_file(str(out / CKPT_TENSORS)), meta["rounds"]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error type for every malformation
+        raise corrupt(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+    meta_text, digest = header.get(CKPT_META_KEY), header.get(CKPT_DIGEST_KEY)
+    if meta_text is None or digest is None:
+        raise corrupt("no fedlora metadata in its header")
+    if _tensor_digest(tensors, meta_text) != digest:
+        raise corrupt("its SHA-256 digest does not match its contents")
+    try:
+        meta = json.loads(meta_text)
+    except ValueError:
+        raise corrupt("its metadata is not JSON") from None
+    rounds = meta.get("rounds") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != CKPT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise corrupt(f"format {got!r}, expected {CKPT_FORMAT}")
+    if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+        raise corrupt("its metadata has no list of rounds")
+    if [r.get("round") for r in rounds] != list(range(1, len(rounds) + 1)):
+        raise corrupt("its rounds are not numbered 1, 2, ...")
+    return tensors, meta
+
+
+def check_out_dir(out: Path, cfg: SimConfig, resume: bool):
+    """Refuse to mix runs; return ``(global_state, rounds)`` to resume, or None to start fresh.
+
+    Read-only: raises :class:`ConfigError` when ``out`` is a file or under one, holds another
+    config's run, holds this run without ``resume``, holds an old two-file or a corrupted
+    checkpoint, or holds another run's reports without a checkpoint.
+    """
+    _check_out_path(out)
+    if (out / LEGACY_CKPT_JSON).exists():
+        raise _out_error(
+            out,
+            f"holds a checkpoint in the old two-file format ({LEGACY_CKPT_JSON} + {CKPT}), "
+            "which cannot be resumed safely; choose another directory",
+        )
+    path = out / CKPT
+    if not path.exists():
+        reports = [n for n in REPORTS if (out / n).exists()]
+        if reports:
+            raise _out_error(
+                out,
+                f"holds {reports[0]} of another run but no checkpoint; choose another directory",
+            )
+        if resume and not out.is_dir():
+            raise ConfigError(f"--resume: {str(out)!r} holds no checkpoint to resume")
+        return None  # resuming a run killed before its first checkpoint: start at round 1
+    try:
+        state, meta = read_checkpoint(path)
+    except ConfigError as err:
+        raise ConfigError(f"{'--resume' if resume else '--out'}: {err}") from None
+    if meta.get("config_fingerprint") != cfg.fingerprint():
+        raise _out_error(out, "holds a run of a different config; choose another directory")
+    if not resume:
+        raise _out_error(out, "already holds this run; pass --resume to continue it")
+    return state, meta["rounds"]
+
+
+def _check_resumable(model: nn.Module, cfg: SimConfig, state: dict[str, torch.Tensor]) -> None:
+    """The checkpointed tensors have exactly the names and shapes this model's state has."""
+    want = {k: tuple(v.shape) for k, v in get_adapter_state_dict(model, slot=0).items()}
+    want |= {k: tuple(v.shape) for k, v in _changed_bases(model, cfg).items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    if have != want:
+        diff = sorted(set(have) ^ set(want)) or sorted(k for k in have if have[k] != want[k])
+        raise ConfigError(
+            f"--resume: the checkpoint does not match the model ({len(diff)} tensor(s) differ, "
+            f"e.g. {diff[0]!r}); was the model folder changed?"
+        )
+
+
+def _fsync(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a directory cannot be opened on some systems
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by the
+    classic set-and-restore."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    """Write ``path`` through ``write(tmp)``: a temp file next to it, given the mode a plain
+    ``open`` would give (0o666 minus the umask: some writers create 0o600 files), fsync'd, then
+    renamed over ``path``. On any failure the temp file is removed and ``path`` is unchanged."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(tmp)
+        write(str(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    _fsync(path.parent)
 
 
-def write_outputs(
-    out: Path, cfg: SimConfig, rounds: list[dict], global_state: dict[str, torch.Tensor]
-) -> None:
-    """metrics.json, metrics.csv, curves.png and the checkpoint (tensors first, then the JSON
-    that points at them, each written atomically)."""
-    from safetensors.torch import save_file
+def matplotlib_missing() -> str | None:
+    """Why ``curves.png`` cannot be drawn (matplotlib does not import), or None if it can."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        return str(err) or "matplotlib is not installed"
+    return None
 
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in global_state.items()}
-    _atomic_write(out / CKPT_TENSORS, lambda p: save_file(tensors, p))
-    meta = {"config": cfg.to_json(), "config_fingerprint": cfg.fingerprint(), "rounds": rounds}
-    _atomic_write(out / CKPT_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+
+def check_plotting(plot: bool | None) -> bool:
+    """Whether to draw curves: ``plot`` if given, otherwise whether matplotlib imports (with one
+    warning on stderr when it does not: the metrics are the essential output)."""
+    if plot is not None:
+        return plot
+    why = matplotlib_missing()
+    if why is not None:
+        print(
+            f"fedlora: warning: curves.png is not written: matplotlib is unavailable ({why}); "
+            f"`{_PLOT_HINT}` to get it",
+            file=sys.stderr,
+        )
+    return why is None
+
+
+def write_reports(out: Path, cfg: SimConfig, rounds: list[dict], *, plot: bool = True) -> None:
+    """metrics.json, metrics.csv and (with ``plot``) curves.png, each written atomically."""
     _atomic_write(
         out / "metrics.json",
         lambda p: Path(p).write_text(
@@ -494,7 +758,23 @@ def write_outputs(
     ]
     lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rounds]
     _atomic_write(out / "metrics.csv", lambda p: Path(p).write_text("\n".join(lines) + "\n"))
-    plot_curves({cfg.method: rounds}, out / "curves.png")
+    if plot:
+        plot_curves({cfg.method: rounds}, out / "curves.png")
+
+
+def write_outputs(
+    out: Path,
+    cfg: SimConfig,
+    rounds: list[dict],
+    global_state: dict[str, torch.Tensor],
+    *,
+    plot: bool = True,
+) -> None:
+    """The checkpoint first (the source of truth a resume reads), then the reports derived from
+    it; every file is written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(out, cfg, rounds, global_state)
+    write_reports(out, cfg, rounds, plot=plot)
 
 
 def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
@@ -517,5 +797,7 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> None:
     ax2.set(xlabel="round", ylabel="test loss", title="global test loss")
     ax1.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
+    try:
+        _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    finally:
+        plt.close(fig)
