@@ -121,7 +121,7 @@ def build_model(
         except (ImportError, OSError, ValueError) as err:
             raise ConfigError(f"--model: {err}") from None
     encoder, tokenizer = encoder_and_tok
-    _check_max_length(cfg, encoder, tokenizer)
+    _check_max_length(cfg, encoder)
     model = SequenceClassifier(encoder, num_labels)
     gen = torch.Generator().manual_seed(_key(cfg.seed, 7))
     head = nn.Linear(model.classifier.in_features, num_labels)
@@ -146,7 +146,7 @@ def build_model(
     return model, tokenizer
 
 
-def _check_max_length(cfg: SimConfig, encoder: nn.Module, tokenizer: Any) -> None:
+def _check_max_length(cfg: SimConfig, encoder: nn.Module) -> None:
     """``--max-length`` fits the model's position embeddings (else round 1 fails indexing)."""
     limit = getattr(getattr(encoder, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.max_length > limit:
@@ -596,8 +596,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
     def corrupt(why: str) -> ConfigError:
         return ConfigError(
-            f"checkpoint {str(path)!r} is corrupted or truncated ({why}); delete it to start "
-            "over, or choose another --out"
+            f"checkpoint {str(path)!r} is corrupted or truncated ({why}); start over in an "
+            "empty --out"
         )
 
     try:
@@ -626,7 +626,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, meta
 
 
-def check_out_dir(out: Path, cfg: SimConfig, resume: bool):
+def check_out_dir(
+    out: Path, cfg: SimConfig, resume: bool
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]] | None:
     """Refuse to mix runs; return ``(global_state, rounds)`` to resume, or None to start fresh.
 
     Read-only: raises :class:`ConfigError` when ``out`` is a file or under one, holds another
