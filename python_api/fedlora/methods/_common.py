@@ -16,15 +16,18 @@ from typing import Any
 import torch
 
 import fedlora_kernels as fk
+from fedlora.keys import (  # noqa: F401  (re-exported: the rules import them from here)
+    A_SUFFIX,
+    B_SUFFIX,
+    SERVER_SUFFIXES,
+    a_key,
+    b_key,
+    is_factor_key,
+    lora_paths,
+)
 from fedlora.metrics import FactorTerm, factored_sq_norm
 
 State = Mapping[str, torch.Tensor]
-
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
-# keys a server rule returns for the clients to apply to their frozen base (FLoRA's merge, FedEx's
-# residual); they are instructions, not adapter parameters, so they are ignored on input
-SERVER_SUFFIXES = (".lora_merge_A", ".lora_merge_B", ".lora_residual_A", ".lora_residual_B")
 
 
 class ClientRejected(Exception):
@@ -34,26 +37,6 @@ class ClientRejected(Exception):
         super().__init__(f"{key}: {reason}" if key else reason)
         self.key = key
         self.reason = reason
-
-
-def a_key(path: str) -> str:
-    """State-dict key of the ``A`` factor of the LoRA layer at ``path``."""
-    return path + A_SUFFIX
-
-
-def b_key(path: str) -> str:
-    """State-dict key of the ``B`` factor of the LoRA layer at ``path``."""
-    return path + B_SUFFIX
-
-
-def lora_paths(state: State) -> list[str]:
-    """Module paths of the LoRA layers of ``state`` (those with an ``A`` key), in key order."""
-    return [k[: -len(A_SUFFIX)] for k in state if k.endswith(A_SUFFIX)]
-
-
-def is_factor_key(key: str) -> bool:
-    """True for ``<path>.lora_A.weight`` and ``<path>.lora_B.weight`` keys."""
-    return key.endswith((A_SUFFIX, B_SUFFIX))
 
 
 def other_keys(state: State) -> list[str]:
