@@ -47,15 +47,16 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-import fedlora_kernels as fk
+from fedlora import keys
 from fedlora.injection import LORA_METHODS, RAVAN_METHODS, layer_seed
-from fedlora.layers._base import _is_conv1d
+from fedlora.layers import _core as core
+from fedlora.layers._base import _is_conv1d, check_int, check_positive_int
 
 # built on first access (they subclass peft's LoraLayer): see __getattr__
 _LAZY = ("PeftLoRALinear", "PeftRavanLinear")
@@ -91,8 +92,6 @@ _REFUSED_FLAGS = (
     "kasa_config",
 )
 _INIT_CHOICES = (True, False, "gaussian")
-# rows of the identity pushed through an op at a time when a dense ΔW is formed (bounds memory)
-_DELTA_BLOCK = 1024
 
 
 # ------------------------------------------------------------------------------------- peft
@@ -177,37 +176,17 @@ def check_config(config: Any = None, **kwargs: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _dense_delta(apply: Callable[[torch.Tensor], torch.Tensor], d_in: int, device) -> torch.Tensor:
-    """``ΔW`` ``[d_out, d_in]`` (float32) of a linear adapter map ``apply(x) = x ΔWᵀ``.
-
-    Pushes the identity through the adapter's own op in row blocks, so merging adds exactly the
-    function the forward pass computes and no second formula for ``ΔW`` exists.
-    """
-    rows = []
-    for start in range(0, d_in, _DELTA_BLOCK):
-        stop = min(start + _DELTA_BLOCK, d_in)
-        eye = torch.zeros(stop - start, d_in, device=device, dtype=torch.float32)
-        eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-        rows.append(apply(eye))
-    return torch.cat(rows).T
-
-
 def _scaling(lora_alpha: float, r: int, use_rslora: bool, scale_rank: int | None) -> float:
     rank = scale_rank if scale_rank is not None else r
     return float(lora_alpha) / (math.sqrt(rank) if use_rslora else rank)
-
-
-def _check_rank(r: Any, name: str = "r") -> int:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{name} must be a positive int, got {r!r}")
-    return r
 
 
 class _PeftLayerMixin:
     """What both PEFT-facing layers share: construction protocol, forward loop, merging.
 
     Subclasses set ``_fedlora_options`` (the ``register`` options) and implement
-    ``_create_adapter``, ``_adapter_output`` and ``_apply_adapter`` (the op on fp32 inputs).
+    ``_create_adapter``, ``_adapter_output`` and ``_delta_weight`` (``[d_out, d_in]`` float32)
+    with the functional core :mod:`fedlora.layers._core`, as fedlora's own layers do.
     """
 
     _fedlora_method = "fedit"
@@ -239,7 +218,7 @@ class _PeftLayerMixin:
     ) -> None:
         """Add adapter ``adapter_name`` of rank ``r`` (PEFT calls this for every new adapter)."""
         check_config(config, **kwargs)
-        r = _check_rank(r)
+        r = check_positive_int("r", r)
         use_rslora = bool(_setting(config, kwargs, "use_rslora", False))
         init = _setting(config, kwargs, "init_lora_weights", True)
         target = kwargs.get("target_name") or ""
@@ -287,11 +266,8 @@ class _PeftLayerMixin:
     # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW`` of ``adapter`` in the base weight's layout (``[d_out, d_in]``; transposed for
-        ``fan_in_fan_out`` / Conv1D), float32, computed by the adapter's own op."""
-        device = self.get_base_layer().weight.device
-        delta = _dense_delta(
-            lambda eye: self._apply_adapter(eye, adapter), self.in_features, device
-        )
+        ``fan_in_fan_out`` / Conv1D), float32, by the same formula as fedlora's layers."""
+        delta = self._delta_weight(adapter)
         return delta.T if self.fan_in_fan_out else delta
 
     def _add_delta(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
@@ -331,35 +307,27 @@ class _LoRAMethods(_PeftLayerMixin):
     """Plain LoRA in PEFT's layout, forward through ``fedlora_kernels.masked_lora``."""
 
     def _create_adapter(self, name: str, r: int, init: Any, seed: int) -> None:
-        from fedlora.layers.lora import lora_init_A
-
-        options = self._fedlora_options
-        kind = "gaussian" if init == "gaussian" else options.get("init", "kaiming")
+        kind = "gaussian" if init == "gaussian" else self._fedlora_options.get("init", "kaiming")
         a = nn.Linear(self.in_features, r, bias=False)
         b = nn.Linear(r, self.out_features, bias=False)
+        # A exactly as fedlora.inject initialises it (shared seed per module path); B zeros, or
+        # random for PEFT's "no init" (init_lora_weights=False), so the adapter is not a no-op
+        A, B = core.lora_factors(
+            self.in_features, self.out_features, r, init=kind, seed=seed, random_b=init is False
+        )
         with torch.no_grad():
-            # A exactly as fedlora.inject initialises it (shared seed per module path)
-            a.weight.copy_(lora_init_A(self.in_features, r, init=kind, seed=seed))
-            if init is False:  # PEFT's "no init": a non-zero B, so the adapter is not a no-op
-                nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
-            else:
-                b.weight.zero_()
+            a.weight.copy_(A)
+            b.weight.copy_(B)
         self.lora_A[name] = a
         self.lora_B[name] = b
 
     def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        x = self._cast_input_dtype(x, A.dtype)
-        return fk.masked_lora(x, A, B.to(A.dtype), scale=self.scaling[name])
+        return core.lora_forward(self._cast_input_dtype(x, A.dtype), A, B, scale=self.scaling[name])
 
-    def _apply_adapter(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        A = self.lora_A[name].weight.detach().float()
-        B = self.lora_B[name].weight.detach().float()
-        return fk.masked_lora(x, A, B, scale=self.scaling[name])
-
-
-def _as_bool(mask: torch.Tensor) -> torch.Tensor:
-    return mask if mask.dtype == torch.bool else mask != 0
+    def _delta_weight(self, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return core.lora_delta_weight(A, B, self.scaling[name])
 
 
 class _RavanMethods(_PeftLayerMixin):
@@ -367,8 +335,6 @@ class _RavanMethods(_PeftLayerMixin):
 
     def _create_adapter(self, name: str, r: int, init: Any, seed: int) -> None:
         from peft.tuners._buffer_dict import BufferDict
-
-        from fedlora.layers.ravan import ravan_bases
 
         options = self._fedlora_options
         heads = options["heads"]
@@ -379,56 +345,41 @@ class _RavanMethods(_PeftLayerMixin):
             self.lora_H = nn.ParameterDict()
             self.lora_s = nn.ParameterDict()
             self.lora_head_mask = BufferDict(persistent=False)
-        A, B = ravan_bases(
+        self.lora_A[name], self.lora_B[name] = core.ravan_bases(
             self.in_features, self.out_features, heads, r, init=options["init"], seed=seed
         )
-        H = torch.zeros(heads, r, r)
-        if init is False:  # PEFT's "no init": a non-zero core, so the adapter is not a no-op
-            H.normal_(0.0, 1.0 / r)
-        self.lora_A[name], self.lora_B[name] = A, B
-        self.lora_H[name] = nn.Parameter(H)
-        self.lora_s[name] = nn.Parameter(torch.ones(heads))
-        self.lora_head_mask[name] = torch.ones(heads, dtype=torch.bool)
+        # PEFT's "no init" (init_lora_weights=False): a random core, so the adapter is not a no-op
+        H, s, head_mask = core.ravan_cores(heads, r, random_core=init is False)
+        self.lora_H[name], self.lora_s[name] = nn.Parameter(H), nn.Parameter(s)
+        self.lora_head_mask[name] = head_mask
 
     def set_trainable_heads(self, heads: list[int] | None, adapter_name: str = "default") -> None:
         """Train only ``heads`` of ``adapter_name`` (``None``: all): the other heads' ``H``/``s``
         get exactly zero gradient (Ravan clients train ``K_c`` of ``h`` heads)."""
         if not self._has_adapter(adapter_name):
             raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this layer")
-        from fedlora.layers.ravan import head_selection
-
-        h = self.lora_H[adapter_name].shape[0]
-        device = self.lora_head_mask[adapter_name].device
-        self.lora_head_mask[adapter_name] = head_selection(heads, h, device)
+        mask = self.lora_head_mask[adapter_name]
+        self.lora_head_mask[adapter_name] = core.head_selection(heads, mask.shape[0], mask.device)
 
     def trainable_heads(self, adapter_name: str = "default") -> list[int]:
         """Indices of the heads ``adapter_name`` trains."""
-        return torch.nonzero(self.lora_head_mask[adapter_name]).flatten().tolist()
+        return core.mask_indices(self.lora_head_mask[adapter_name])
 
     def _adapter_output(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        A, B = self.lora_A[name], self.lora_B[name]
-        if A.dtype != x.dtype:  # e.g. bases upcast to fp32 by PEFT in a bf16 model
-            A, B = A.to(x.dtype), B.to(x.dtype)
-        return fk.multihead_lora(
+        return core.ravan_forward(
             x,
-            A,
-            B,
+            self.lora_A[name],
+            self.lora_B[name],
             self.lora_H[name].unsqueeze(0),
             self.lora_s[name].unsqueeze(0),
             scale=self.scaling[name],
-            # bool: the op checks other dtypes for 0/1 with a device sync; older PEFT versions
-            # cast every buffer to the base dtype, so turn a cast mask back into bool here
-            head_mask=_as_bool(self.lora_head_mask[name]).unsqueeze(0),
+            head_mask=self.lora_head_mask[name].unsqueeze(0),
         )
 
-    def _apply_adapter(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return fk.multihead_lora(
-            x,
-            self.lora_A[name].float(),
-            self.lora_B[name].float(),
-            self.lora_H[name].detach().float().unsqueeze(0),
-            self.lora_s[name].detach().float().unsqueeze(0),
-            scale=self.scaling[name],
+    def _delta_weight(self, name: str) -> torch.Tensor:
+        H, s = self.lora_H[name], self.lora_s[name]
+        return core.ravan_delta_weight(
+            self.lora_A[name], self.lora_B[name], H, s, self.scaling[name]
         )
 
 
@@ -465,7 +416,7 @@ def _base_classes() -> dict[str, type]:
         (non-persistent: every party derives them). Forward: ``fedlora_kernels.multihead_lora``.
         """
 
-        adapter_layer_names = ("lora_H", "lora_s")
+        adapter_layer_names = (core.H_NAME, core.S_NAME)  # the keys <path>.lora_H / .lora_s
         other_param_names = (*LoraLayer.other_param_names, "lora_A", "lora_B", "lora_head_mask")
 
     PeftLoRALinear.__module__ = PeftRavanLinear.__module__ = __name__
@@ -483,18 +434,14 @@ def _check_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
             f"options: {sorted(defaults)}"
         )
     out = {**defaults, **options}
-    if isinstance(out["seed"], bool) or not isinstance(out["seed"], int):
-        raise TypeError(f"seed must be an int, got {out['seed']!r}")
+    out["seed"] = check_int("seed", out["seed"])
     if out["scale_rank"] is not None:
-        _check_rank(out["scale_rank"], "scale_rank")
+        check_positive_int("scale_rank", out["scale_rank"])
     if method in RAVAN_METHODS:
-        heads = out["heads"]
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-            raise ValueError(f"heads must be a positive int, got {heads!r}")
-        if out["init"] not in ("orthogonal", "gaussian"):
-            raise ValueError(f"init must be 'orthogonal' or 'gaussian', got {out['init']!r}")
-    elif out["init"] not in ("kaiming", "gaussian"):
-        raise ValueError(f"init must be 'kaiming' or 'gaussian', got {out['init']!r}")
+        check_positive_int("heads", out["heads"])
+        core.check_init(out["init"], core.RAVAN_INITS)
+    else:
+        core.check_init(out["init"], core.LORA_INITS)
     return out
 
 
@@ -564,9 +511,9 @@ def _rescale_b(
     out = dict(state)
     if global_rank is None:
         return out
-    _check_rank(global_rank, "global_rank")
+    check_positive_int("global_rank", global_rank)
     for key, value in state.items():
-        if not key.endswith(".lora_B.weight"):
+        if not key.endswith(keys.B_SUFFIX):
             continue
         r = int(value.shape[1])
         factor = r / global_rank if to_peft else global_rank / r

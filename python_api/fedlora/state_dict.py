@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
+from fedlora import keys
 from fedlora.layers._base import AdapterLayer, AdapterStateError
 
 __all__ = [
@@ -121,9 +122,9 @@ def set_adapter_state_dict(
 
 
 # keys through which a server tells clients to fold a low-rank product into their frozen base
-# (FLoRA: the stacked client factors; FedEx-LoRA: the residual), as ``(B key, A key)`` suffixes;
-# the same keys as ``fedlora.methods._common.SERVER_SUFFIXES``
-BASE_MERGE_SUFFIXES = ((".lora_merge_B", ".lora_merge_A"), (".lora_residual_B", ".lora_residual_A"))
+# (FLoRA: the stacked client factors; FedEx-LoRA: the residual), as ``(B key, A key)`` suffixes
+# (:data:`fedlora.keys.SERVER_SUFFIXES`)
+BASE_MERGE_SUFFIXES = ((keys.MERGE_B, keys.MERGE_A), (keys.RESIDUAL_B, keys.RESIDUAL_A))
 
 
 def apply_base_merges(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,13 +5,11 @@ The layer behind FedIT, FFA-LoRA, HetLoRA, FlexLoRA, FLoRA, FedEx-LoRA, HAFL, Pr
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 from torch import nn
 
-import fedlora_kernels as fk
 from fedlora.layers._base import (
     AdapterLayer,
     check_finite_scalar,
@@ -20,26 +18,18 @@ from fedlora.layers._base import (
     check_state_keys,
     selection_mask,
 )
+from fedlora.layers._core import (
+    A_NAME,
+    B_NAME,
+    LORA_INITS,
+    check_init,
+    lora_delta_weight,
+    lora_factors,
+    lora_forward,
+    lora_init_A,
+)
 
-INITS = ("kaiming", "gaussian")
-
-
-def lora_init_A(d_in: int, rank: int, *, init: str = "kaiming", seed: int = 0) -> torch.Tensor:
-    """The initial ``A`` ``[rank, d_in]`` (float32, CPU) every party derives from ``seed``.
-
-    ``"kaiming"``: PEFT's default ``kaiming_uniform_(a=√5)``, i.e. U(-1/√d_in, 1/√d_in);
-    ``"gaussian"``: N(0, 1/rank), as PEFT's ``init_lora_weights="gaussian"``.
-    """
-    check_positive_int("d_in", d_in)
-    check_positive_int("rank", rank)
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    gen = torch.Generator().manual_seed(check_int("seed", seed))
-    a = torch.empty(rank, d_in)
-    if init == "kaiming":
-        bound = 1.0 / math.sqrt(d_in)
-        return a.uniform_(-bound, bound, generator=gen)
-    return a.normal_(0.0, 1.0 / rank, generator=gen)
+__all__ = ["LoRALinear", "lora_init_A"]
 
 
 class LoRALinear(AdapterLayer):
@@ -72,8 +62,7 @@ class LoRALinear(AdapterLayer):
         super().__init__(base, num_clients)
         check_positive_int("rank", rank)
         alpha = check_finite_scalar("alpha", alpha)
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        check_init(init, LORA_INITS)
         seed = check_int("seed", seed)
         self.rank, self.alpha, self.init, self.seed = rank, alpha, init, seed
         self.scale = self.alpha / rank
@@ -90,11 +79,13 @@ class LoRALinear(AdapterLayer):
     def reset_adapter(self, slot: int | None = None) -> None:
         """Re-initialise ``A`` (as at construction, from ``seed``) and zero ``B``; all slots by default."""
         slots = range(self.num_clients) if slot is None else [self._check_slot(slot)]
-        a = lora_init_A(self.in_features, self.rank, init=self.init, seed=self.seed)
+        a, b = lora_factors(
+            self.in_features, self.out_features, self.rank, init=self.init, seed=self.seed
+        )
         with torch.no_grad():
             for c in slots:
                 self.lora_A[c].copy_(a)
-                self.lora_B[c].zero_()
+                self.lora_B[c].copy_(b)
 
     def extra_repr(self) -> str:
         return (
@@ -155,13 +146,10 @@ class LoRALinear(AdapterLayer):
         return self.rank_mask[adapter.to(self.rank_mask.device)]
 
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A, self.lora_B
-        if A.dtype != x.dtype:
-            A, B = A.to(x.dtype), B.to(x.dtype)
-        return fk.masked_lora(
+        return lora_forward(
             x,
-            A,
-            B,
+            self.lora_A,
+            self.lora_B,
             scale=self.scale,
             rank_mask=self._segment_rank_mask(),
             grad_mask=self.grad_mask,
@@ -172,36 +160,30 @@ class LoRALinear(AdapterLayer):
     def delta_weight(self, slot: int = 0) -> torch.Tensor:
         """``scale · B_c diag(rank_mask_c) A_c`` as ``[d_out, d_in]`` float32."""
         self._check_slot(slot)
-        m = self.rank_mask[slot].float()
-        return (
-            (self.lora_B[slot].detach().float() * m)
-            @ self.lora_A[slot].detach().float()
-            * self.scale
+        return lora_delta_weight(
+            self.lora_A[slot], self.lora_B[slot], self.scale, self.rank_mask[slot]
         )
 
     # ---------------------------------------------------------------- state-dict contract
     def adapter_state(self, slot: int = 0) -> dict[str, torch.Tensor]:
         """``lora_A.weight`` ``[rank, d_in]`` and ``lora_B.weight`` ``[d_out, rank]`` of ``slot``."""
         self._check_slot(slot)
-        return {
-            "lora_A.weight": self.lora_A[slot].detach(),
-            "lora_B.weight": self.lora_B[slot].detach(),
-        }
+        return {A_NAME: self.lora_A[slot].detach(), B_NAME: self.lora_B[slot].detach()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor], slot: int = 0) -> None:
         """Load A/B into ``slot``; a rank prefix (``[r, d_in]``, ``[d_out, r]``, r ≤ rank) loads into
         the first ``r`` components, zeroes the others and truncates the slot to rank ``r``."""
         self._check_slot(slot)
-        check_state_keys("adapter state", state, ("lora_A.weight", "lora_B.weight"))
-        A, B = state["lora_A.weight"], state["lora_B.weight"]
+        check_state_keys("adapter state", state, (A_NAME, B_NAME))
+        A, B = state[A_NAME], state[B_NAME]
         r = A.shape[0] if A.dim() == 2 else -1
         if A.dim() != 2 or A.shape[1] != self.in_features or not 0 <= r <= self.rank:
             raise ValueError(
-                f"lora_A.weight must have shape [r <= {self.rank}, {self.in_features}], got {list(A.shape)}"
+                f"{A_NAME} must have shape [r <= {self.rank}, {self.in_features}], got {list(A.shape)}"
             )
         if tuple(B.shape) != (self.out_features, r):
             raise ValueError(
-                f"lora_B.weight must have shape [{self.out_features}, {r}] to match lora_A.weight, got {list(B.shape)}"
+                f"{B_NAME} must have shape [{self.out_features}, {r}] to match {A_NAME}, got {list(B.shape)}"
             )
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError("adapter state holds NaN or inf")
