@@ -14,7 +14,7 @@ from conftest import DEVICES
 
 import fedlora
 from fedlora.aggregation import METHODS, STREAMING_METHODS, Aggregator, aggregate
-from fedlora.methods import flexlora, hafl_client
+from fedlora.methods import flexlora, hafl
 
 PATHS = ("enc.0.q", "enc.1.v")
 D_IN, D_OUT, R = 13, 11, 5
@@ -222,11 +222,11 @@ def test_hafl_truncation_mode_writes_back_to_indices_and_averages_scores():
     torch.testing.assert_close(m["scores"][path], torch.tensor([0.0, 10.5, 2.0, 3.0, 7.0]))
     assert torch.equal(m["scores"][PATHS[1]], torch.ones(R))
     # the client side picks the top components by these scores and uploads them back in place
-    down, indices = hafl_client.truncation_download(new, m["scores"], 2)
+    down, indices = hafl.truncation_download(new, m["scores"], 2)
     assert indices[path] == [1, 4]
     assert torch.equal(down[A(path)], new[A(path)][[1, 4]])
     assert torch.equal(down[B(path)], new[B(path)][:, [1, 4]])
-    state, meta = hafl_client.truncation_upload(down, indices)
+    state, meta = hafl.truncation_upload(down, indices)
     again, m2 = aggregate("hafl", new, [state], [1.0], [meta])
     assert m2["rejected"] == [] and torch.equal(again[A(path)], new[A(path)])
 

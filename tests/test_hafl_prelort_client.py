@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fedlora
-from fedlora.methods import hafl_client, prefix, prelort_client
+from fedlora.methods import hafl, prefix, prelort
 from fedlora.simulate.optim import SlotAdamW
 
 
@@ -35,7 +35,7 @@ def train_steps(net, tracker, steps, x, y, select_after=None, budget=None):
 
 def test_freezing_mode_changes_exactly_the_top_m_components():
     net = lora_net()
-    tracker = hafl_client.ImportanceTracker(net)
+    tracker = hafl.ImportanceTracker(net)
     x, y = torch.randn(32, 20), torch.randint(0, 5, (32,))
     # score on two batches with nothing trained (lr 0 is not needed: scoring is a separate phase)
     for _ in range(2):
@@ -62,7 +62,7 @@ def test_freezing_mode_changes_exactly_the_top_m_components():
 
 def test_selection_follows_component_scores():
     net = lora_net()
-    tracker = hafl_client.ImportanceTracker(net)
+    tracker = hafl.ImportanceTracker(net)
     x, y = torch.randn(16, 20), torch.randint(0, 5, (16,))
     F.cross_entropy(net(x), y).backward()
     tracker.update()
@@ -81,7 +81,7 @@ def test_selection_follows_component_scores():
 def test_ema_sanity_constant_sensitivity():
     """Constant |w·g|: Ī converges to I and Ū decays to 0."""
     net = lora_net()
-    tracker = hafl_client.ImportanceTracker(net, beta1=0.85, beta2=0.85)
+    tracker = hafl.ImportanceTracker(net, beta1=0.85, beta2=0.85)
     layers = fedlora.adapter_layers(net)
     first = True
     for _ in range(60):
@@ -101,13 +101,13 @@ def test_ema_sanity_constant_sensitivity():
 
 def test_hafl_upload_and_truncation_mode_helpers():
     net = lora_net(rank=4)
-    tracker = hafl_client.ImportanceTracker(net)
+    tracker = hafl.ImportanceTracker(net)
     sel = tracker.select(2)
-    compact, cmeta = hafl_client.client_update(net, sel, tracker.component_scores())
+    compact, cmeta = hafl.client_update(net, sel, tracker.component_scores())
     assert cmeta["updated"] == sel == cmeta["indices"]
     for p, idx in sel.items():  # only the updated components travel, with their indices
         assert compact[f"{p}.lora_A.weight"].shape[0] == len(idx) == len(cmeta["scores"][p])
-    state, meta = hafl_client.client_update(net, sel, tracker.component_scores(), compact=False)
+    state, meta = hafl.client_update(net, sel, tracker.component_scores(), compact=False)
     assert meta["updated"] == sel and all(len(v) == 4 for v in meta["scores"].values())
     for p, idx in sel.items():
         torch.testing.assert_close(compact[f"{p}.lora_A.weight"], state[f"{p}.lora_A.weight"][idx])
@@ -115,7 +115,7 @@ def test_hafl_upload_and_truncation_mode_helpers():
             compact[f"{p}.lora_B.weight"], state[f"{p}.lora_B.weight"][:, idx]
         )
     scores = {p: [0.1, 0.9, 0.5, 0.7] for p in sel}
-    down, idx = hafl_client.truncation_download(state, scores, 2)
+    down, idx = hafl.truncation_download(state, scores, 2)
     assert all(v == [1, 3] for v in idx.values())
     assert prefix.state_rank(down) == 2
     for p in idx:
@@ -125,10 +125,10 @@ def test_hafl_upload_and_truncation_mode_helpers():
 
 
 def test_truncation_set():
-    assert prelort_client.truncation_set(8, [2, 4, 8, 16, 4]) == [2, 4, 8]
-    assert prelort_client.truncation_set(2, [4, 8]) == [2]
+    assert prelort.truncation_set(8, [2, 4, 8, 16, 4]) == [2, 4, 8]
+    assert prelort.truncation_set(2, [4, 8]) == [2]
     with pytest.raises(ValueError, match="rank must be a positive int"):
-        prelort_client.truncation_set(0, [2])
+        prelort.truncation_set(0, [2])
 
 
 def _truncated_loss(net, x, y, t):
@@ -148,7 +148,7 @@ def test_nested_loss_in_one_pass_equals_mean_of_separate_truncations():
     separate = sum(_truncated_loss(net, x, y, t) for t in ts) / len(ts)
     g_sep = torch.autograd.grad(separate, params)
 
-    off, ad, masks, owners = prelort_client.nested_segments([7], [0], [ts], 6)
+    off, ad, masks, owners = prelort.nested_segments([7], [0], [ts], 6)
     assert owners == [(0, 2), (0, 4), (0, 6)]
     for _, layer in fedlora.adapter_layers(net):
         layer.set_segments(off, ad, masks)
@@ -166,12 +166,12 @@ def test_single_truncation_equals_plain_lora_loss():
     net = lora_net(rank=6)
     x, y = torch.randn(9, 20), torch.randint(0, 5, (9,))
     plain = F.cross_entropy(net(x), y)
-    off, ad, masks, _ = prelort_client.nested_segments([9], [0], [[6]], 6)
+    off, ad, masks, _ = prelort.nested_segments([9], [0], [[6]], 6)
     for _, layer in fedlora.adapter_layers(net):
         layer.set_segments(off, ad, masks)
     torch.testing.assert_close(F.cross_entropy(net(x), y), plain)
     with pytest.raises(ValueError, match="truncations\\[0\\] is empty"):
-        prelort_client.nested_segments([9], [0], [[]], 6)
+        prelort.nested_segments([9], [0], [[]], 6)
 
 
 def test_compact_and_full_hafl_uploads_aggregate_the_same():
@@ -184,12 +184,12 @@ def test_compact_and_full_hafl_uploads_aggregate_the_same():
             for _, layer in fedlora.adapter_layers(net):
                 layer.lora_A.normal_()
                 layer.lora_B.normal_()
-        tracker = hafl_client.ImportanceTracker(net)
+        tracker = hafl.ImportanceTracker(net)
         F.cross_entropy(net(torch.randn(8, 20)), torch.randint(0, 5, (8,))).backward()
         tracker.update()
         sel = tracker.select(budget)
-        compact.append(hafl_client.client_update(net, sel, tracker.component_scores()))
-        full.append(hafl_client.client_update(net, sel, tracker.component_scores(), compact=False))
+        compact.append(hafl.client_update(net, sel, tracker.component_scores()))
+        full.append(hafl.client_update(net, sel, tracker.component_scores(), compact=False))
     new_c, m_c = fedlora.aggregate(
         "hafl", g, [s for s, _ in compact], [1.0, 3.0], [m for _, m in compact]
     )
@@ -210,9 +210,9 @@ def test_hafl_error_counts_unsent_components_as_the_global():
             for _, layer in fedlora.adapter_layers(net):
                 layer.lora_A.normal_()
                 layer.lora_B.normal_()
-        tracker = hafl_client.ImportanceTracker(net)
+        tracker = hafl.ImportanceTracker(net)
         sel = {p: [0, 1, 2, 3] for p, _ in fedlora.adapter_layers(net)}  # all components trained
-        ups.append(hafl_client.client_update(net, sel, tracker.component_scores()))
+        ups.append(hafl.client_update(net, sel, tracker.component_scores()))
     _, m_full = fedlora.aggregate("hafl", g, [s for s, _ in ups], [1.0, 1.0], [m for _, m in ups])
     _, m_fedit = fedlora.aggregate("fedit", g, [s for s, _ in ups], [1.0, 1.0])
     # every client trained every component: HAFL's per-component mean is FedIT's average

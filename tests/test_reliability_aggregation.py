@@ -11,6 +11,7 @@ Oracles are float64 sums written out in the tests.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedlora import methods as fm
 from fedlora.aggregation import Aggregator, aggregate
 from fedlora.methods import fedit
 
@@ -117,27 +119,29 @@ def test_valid_meta_spellings_are_accepted():
     assert m["rejected"] == []
 
 
-def test_a_rule_failing_on_one_client_loses_that_client_not_the_round(monkeypatch):
+def test_a_rule_failing_on_one_client_loses_that_client_not_the_round():
     """The safety net behind validation: a client on which the rule raises is isolated and
     rejected; if every client fails alone the fault is not theirs and the error is raised."""
-    real = fedit.aggregate
     marker = 123.0
 
     def fragile(global_state, client_states, weights, metas):
         if any(float(cs["head.weight"][0, 0]) == marker for cs in client_states):
             raise IndexError("planted fault")
-        return real(global_state, client_states, weights, metas)
+        return fedit.METHOD.aggregate(global_state, client_states, weights, metas)
 
-    monkeypatch.setattr(fedit, "aggregate", fragile)
-    g, clients = lora(), [lora(seed=s) for s in (1, 2, 3)]
-    clients[2]["head.weight"][0, 0] = marker
-    _, m = aggregate("fedit", g, clients, [1.0, 1.0, 1.0])
-    assert m["used"] == [0, 1]
-    assert m["rejected"][0]["client"] == 2 and "planted fault" in m["rejected"][0]["reason"]
-    for c in clients[:2]:
-        c["head.weight"][0, 0] = marker
-    with pytest.raises(IndexError, match="planted"):
-        aggregate("fedit", g, clients, [1.0, 1.0, 1.0])
+    fm.register(dataclasses.replace(fedit.METHOD, name="fragile", aggregate=fragile))
+    try:
+        g, clients = lora(), [lora(seed=s) for s in (1, 2, 3)]
+        clients[2]["head.weight"][0, 0] = marker
+        _, m = aggregate("fragile", g, clients, [1.0, 1.0, 1.0])
+        assert m["used"] == [0, 1]
+        assert m["rejected"][0]["client"] == 2 and "planted fault" in m["rejected"][0]["reason"]
+        for c in clients[:2]:
+            c["head.weight"][0, 0] = marker
+        with pytest.raises(IndexError, match="planted"):
+            aggregate("fragile", g, clients, [1.0, 1.0, 1.0])
+    finally:
+        fm.unregister("fragile")
 
 
 # ------------------------------------------------------------------------------ overflow

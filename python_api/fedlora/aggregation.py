@@ -25,17 +25,16 @@ validated inputs and never see a bad client):
 received states and metas) and ``aggregation_error`` (:mod:`fedlora.metrics`; NaN when not
 computed), plus ``aggregation_error_per_layer`` and whatever the method reports.
 
-A method is a module ``fedlora.methods.<name>`` with ``aggregate(global_state, client_states,
-weights, metas, **options) -> (new_state, extra_metrics)`` and optionally: ``RANKS`` (``"equal"``
-default, ``"prefix"``: client rank ``r_k ≤ R`` holding the leading components, ``"indexed"``:
-``r_k ≤ R`` components placed by the meta), ``OPTIONAL_SUFFIXES`` (key suffixes a client may
-omit), ``LINEAR`` (True when every uploaded element enters the result with a finite
-coefficient, so NaN/inf can be detected on the result and traced back to the client only when
-present), ``check_client(global_state, state, meta)`` raising
-:class:`fedlora.methods._common.ClientRejected`, and ``stream_add`` / ``stream_result`` for
-:class:`Aggregator`. A rule must build its outputs from new tensors (never return a client's
-tensor). A method that reports ``aggregation_error`` itself (Ravan) is trusted; otherwise it is
-computed here from the LoRA factors.
+A method is a :class:`fedlora.methods.Method` found through the registry
+(:func:`fedlora.methods.get`): its ``aggregate`` rule, its rank policy (``ranks``: ``"equal"``,
+``"prefix"``: client rank ``r_k ≤ R`` holding the leading components, ``"indexed"``: ``r_k ≤ R``
+components placed by the meta), ``optional_suffixes`` (key suffixes a client may omit),
+``linear`` (every uploaded element enters the result with a finite coefficient, so NaN/inf can
+be detected on the result and traced back to the client only when present), ``check_client``
+raising :class:`fedlora.methods._common.ClientRejected`, and ``stream_add`` / ``stream_result``
+for :class:`Aggregator`. A rule must build its outputs from new tensors (never return a
+client's tensor). A method that reports ``aggregation_error`` itself (Ravan) is trusted;
+otherwise it is computed here from the LoRA factors.
 
 Cost: validation and FedIT-style averaging take one multi-tensor pass per client. The aggregation
 error needs the Gram matrices of all clients' stacked factors (``m²(d_out + d_in)`` for a stack
@@ -45,16 +44,17 @@ seconds for 100 clients on a CPU; pass ``error=False`` where that matters.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from types import ModuleType
 from typing import Any
 
 import torch
 
+from fedlora.methods import Method
+from fedlora.methods import get as get_method
+from fedlora.methods import names as method_names
 from fedlora.methods._common import (
     A_SUFFIX,
     B_SUFFIX,
@@ -69,36 +69,19 @@ from fedlora.methods._common import (
 )
 from fedlora.metrics import error_parts, relative_error
 
-__all__ = ["METHODS", "STREAMING_METHODS", "Aggregator", "aggregate", "get_method"]
-
-METHODS = (
-    "fedit",
-    "ffa",
-    "hetlora",
-    "flexlora",
-    "flora",
-    "fedex",
-    "ravan",
-    "hafl",
-    "prelort",
-    "florana",
-)
-"""Names accepted by :func:`aggregate`; each is the module ``fedlora.methods.<name>``."""
-
-STREAMING_METHODS = ("fedit", "ffa", "hetlora", "prelort", "hafl")
-"""Methods whose rule is an exact running sum, usable with :class:`Aggregator`."""
-
-_RANK_POLICIES = ("equal", "prefix", "indexed")
+__all__ = ["Aggregator", "aggregate", "get_method"]  # METHODS, STREAMING_METHODS: __getattr__
 
 
-def get_method(method: str) -> ModuleType:
-    """The module implementing ``method`` (imported on first use)."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return importlib.import_module(f"fedlora.methods.{method}")
+def __getattr__(name: str) -> Any:
+    # METHODS / STREAMING_METHODS are views of the registry, so a registered method shows up
+    if name == "METHODS":
+        return method_names()
+    if name == "STREAMING_METHODS":
+        return tuple(n for n in method_names() if get_method(n).streaming)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _check_options(impl: ModuleType, method: str, fn: Any, options: Mapping[str, Any]) -> None:
+def _check_options(method: str, fn: Any, options: Mapping[str, Any]) -> None:
     params = inspect.signature(fn).parameters
     allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     for name in options:
@@ -215,7 +198,7 @@ def _check_client(
     state: Any,
     meta: Any,
     g: Mapping[str, torch.Tensor],
-    impl: ModuleType,
+    impl: Method,
     *,
     finite: bool = True,
     sig: tuple | None = None,
@@ -236,13 +219,11 @@ def _check_client(
         key = next(k for k in state if k in extra)
         raise ClientRejected(str(key), "unexpected key (not in the global state)")
     if len(state) != len(g):
-        optional = tuple(getattr(impl, "OPTIONAL_SUFFIXES", ()))
+        optional = impl.optional_suffixes
         for key in g:
             if key not in state and not (optional and key.endswith(optional)):
                 raise ClientRejected(key, "missing key")
-    policy = getattr(impl, "RANKS", "equal")
-    if policy not in _RANK_POLICIES:
-        raise RuntimeError(f"{impl.__name__}.RANKS must be one of {_RANK_POLICIES}, got {policy!r}")
+    policy = impl.ranks
     clean = fast if fast is not None else _fast_clean(state, sig)
     if clean is None:
         clean = {}
@@ -278,9 +259,8 @@ def _check_client(
                 )
     if finite:
         _check_finite(clean)
-    check = getattr(impl, "check_client", None)
-    if check is not None:
-        check(g, clean, meta)
+    if impl.check_client is not None:
+        impl.check_client(g, clean, meta)
     return clean
 
 
@@ -382,16 +362,16 @@ def _generic_error(
 
 
 def _error_state(
-    impl: ModuleType, g: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], meta: Any
+    impl: Method, g: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], meta: Any
 ) -> Mapping[str, torch.Tensor]:
     """The client's whole adapter for the error: methods whose uploads may hold only some
     components (HAFL) fill in the rest with ``error_state``; others upload it whole."""
-    fill = getattr(impl, "error_state", None)
+    fill = impl.error_state
     return fill(g, state, meta or {}) if fill is not None else state
 
 
 def _isolate(
-    impl: ModuleType,
+    impl: Method,
     g: Mapping[str, torch.Tensor],
     states: Sequence[Mapping[str, torch.Tensor]],
     metas: Sequence[Any],
@@ -435,8 +415,9 @@ def aggregate(
     """Aggregate one round of client updates with ``method``'s server rule.
 
     Args:
-        method: one of :data:`METHODS` (``"fedit"``, ``"ffa"``, ``"hetlora"``, ``"flexlora"``,
-            ``"flora"``, ``"fedex"``, ``"ravan"``, ``"hafl"``, ``"prelort"``, ``"florana"``).
+        method: a registered method name (:func:`fedlora.methods.names`: ``"fedit"``,
+            ``"ffa"``, ``"hetlora"``, ``"flexlora"``, ``"flora"``, ``"fedex"``, ``"ravan"``,
+            ``"hafl"``, ``"prelort"``, ``"florana"``).
         global_state: the state the clients started from (PEFT-style keys, DESIGN §2).
         client_states: one uploaded state per client.
         weights: one non-negative weight per client (default convention: its number of training
@@ -455,7 +436,7 @@ def aggregate(
         client is usable the global state is returned unchanged (a copy) with a warning.
     """
     impl = get_method(method)
-    _check_options(impl, method, impl.aggregate, options)
+    _check_options(method, impl.aggregate, options)
     g = _check_global(global_state)
     if isinstance(client_states, Mapping) or not isinstance(client_states, Sequence):
         raise TypeError(
@@ -469,7 +450,7 @@ def aggregate(
     # so a NaN/inf anywhere makes the result non-finite: their clients' values are checked once,
     # on the result, and per client only when that check fails (the common case costs one pass
     # fewer over all uploads). Zero-weight clients are always checked up front.
-    deferred = bool(getattr(impl, "LINEAR", False))
+    deferred = impl.linear
     sig = _signature(g)
     used: list[int] = []
     clean_states: list[dict[str, torch.Tensor]] = []
@@ -563,7 +544,7 @@ def aggregate(
 class Aggregator:
     """Streaming aggregation: ``add`` clients one at a time, then ``result()``.
 
-    For the methods whose rule is an exact running sum (:data:`STREAMING_METHODS`: fedit, ffa,
+    For the methods whose rule is an exact running sum (``Method.streaming``: fedit, ffa,
     hetlora, prelort, hafl) the result equals :func:`aggregate` on the same clients (up to float
     rounding of the sums), while only the running sums are held in memory, never the clients.
     Validation and rejection are those of :func:`aggregate`: a rejected client is reported in
@@ -587,12 +568,13 @@ class Aggregator:
     ) -> None:
         self.method = method
         self._impl = get_method(method)
-        if not hasattr(self._impl, "stream_add"):
+        if not self._impl.streaming:
+            streaming = [n for n in method_names() if get_method(n).streaming]
             raise ValueError(
                 f"method {method!r} cannot stream (its rule needs every client at once); use "
-                f"fedlora.aggregate, or one of {STREAMING_METHODS}"
+                f"fedlora.aggregate, or one of {tuple(streaming)}"
             )
-        _check_options(self._impl, method, self._impl.aggregate, options)
+        _check_options(method, self._impl.aggregate, options)
         self._g = {k: v.clone() for k, v in _check_global(global_state).items()}
         self._sig = _signature(self._g)
         self._options = options

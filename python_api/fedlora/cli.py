@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from fedlora.simulate.config import ENGINES, HEAD_SCORES, METHODS, ConfigError, SimConfig
+from fedlora.methods import names as method_names
+from fedlora.simulate.config import ENGINES, HEAD_SCORES, ConfigError, SimConfig
 
 _DEFAULTS = SimConfig()
 
@@ -126,10 +127,10 @@ def _compare(args: argparse.Namespace) -> int:
     from fedlora.simulate.compare import compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in method_names()]
     if bad or not methods:
         raise ConfigError(
-            f"--methods must list methods from {', '.join(METHODS)}; got {args.methods!r}"
+            f"--methods must list methods from {', '.join(method_names())}; got {args.methods!r}"
         )
     dup = sorted({m for m in methods if methods.count(m) > 1})
     if dup:
@@ -143,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fedlora", description="Federated LoRA-family fine-tuning, offline.")
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run one federated experiment")
-    sim.add_argument("--method", default=_DEFAULTS.method, help=f"one of {', '.join(METHODS)}")
+    sim.add_argument(
+        "--method", default=_DEFAULTS.method, help=f"one of {', '.join(method_names())}"
+    )
     sim.add_argument("--out", default="runs/simulate", help="output directory")
     sim.add_argument("--resume", action="store_true", help="continue the run checkpointed in --out")
     _add_run_options(sim)

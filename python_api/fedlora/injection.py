@@ -11,14 +11,6 @@ from torch import nn
 
 from fedlora.layers._base import AdapterLayer, base_features
 
-# method -> factory(base, path, seed, options) building its adapter layer
-_LAYER_FACTORIES: dict[str, Callable[..., AdapterLayer]] = {}
-
-
-def register_layer(method: str, factory: Callable[..., AdapterLayer]) -> None:
-    """Declare which adapter layer ``inject(model, method, ...)`` builds."""
-    _LAYER_FACTORIES[method] = factory
-
 
 def _ravan(base: nn.Module, *, layer_seed: int, **options: Any) -> AdapterLayer:
     from fedlora.layers.ravan import RavanLinear
@@ -32,25 +24,18 @@ def _lora(base: nn.Module, *, layer_seed: int, **options: Any) -> AdapterLayer:
     return LoRALinear(base, seed=layer_seed, **options)
 
 
-#: Methods whose client adapter is plain LoRA (one ``A``/``B`` pair per module).
-LORA_METHODS = (
-    "fedit",
-    "ffa",
-    "hetlora",
-    "flexlora",
-    "flora",
-    "fedex",
-    "hafl",
-    "prelort",
-    "florana",
-)
-#: Methods whose client adapter is multi-head (frozen bases, trainable cores).
-RAVAN_METHODS = ("ravan",)
+# the adapter layer of each layer kind a method declares (fedlora.methods.Method.layer)
+_LAYER_FACTORIES: dict[str, Callable[..., AdapterLayer]] = {"lora": _lora, "ravan": _ravan}
 
-for _method in RAVAN_METHODS:
-    register_layer(_method, _ravan)
-for _method in LORA_METHODS:
-    register_layer(_method, _lora)
+
+def __getattr__(name: str) -> Any:
+    # LORA_METHODS / RAVAN_METHODS: views of the method registry by layer kind
+    kinds = {"LORA_METHODS": "lora", "RAVAN_METHODS": "ravan"}
+    if name in kinds:
+        from fedlora import methods
+
+        return tuple(n for n in methods.names() if methods.get(n).layer == kinds[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def layer_seed(seed: int, path: str) -> int:
@@ -80,8 +65,9 @@ def inject(
     to the layer (e.g. ``heads``, ``rank``, ``num_clients``). The base model is frozen. Returns
     ``model``. Raises ``ValueError`` for an unknown method or when nothing matches.
     """
-    if method not in _LAYER_FACTORIES:
-        raise ValueError(f"method must be one of {sorted(_LAYER_FACTORIES)}, got {method!r}")
+    from fedlora import methods
+
+    factory = _LAYER_FACTORIES[methods.get(method).layer]  # ValueError naming the known methods
     if not isinstance(target_modules, str) and (
         not isinstance(target_modules, Sequence) or not target_modules
     ):
@@ -104,6 +90,6 @@ def inject(
     for path, module in targets:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        layer = _LAYER_FACTORIES[method](module, layer_seed=layer_seed(seed, path), **options)
+        layer = factory(module, layer_seed=layer_seed(seed, path), **options)
         setattr(parent, child, layer)
     return model

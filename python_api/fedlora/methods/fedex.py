@@ -20,9 +20,7 @@ from typing import Any
 import torch
 
 from fedlora.methods._common import State, a_key, b_key, lora_paths, weighted_average
-
-RANKS = "equal"
-LINEAR = True  # every uploaded value enters the result linearly: NaN/inf checked on it
+from fedlora.methods._protocol import Method
 
 
 def aggregate(
@@ -48,3 +46,14 @@ def aggregate(
             dim=0,
         )
     return new_state, {}
+
+
+METHOD = Method(
+    name="fedex",
+    layer="lora",
+    ranks="equal",
+    aggregate=aggregate,
+    changes_base=True,
+    linear=True,
+    summary="FedEx-LoRA: average A and B, fold the exact residual into the frozen base",
+)

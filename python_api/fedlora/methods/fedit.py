@@ -12,9 +12,7 @@ from typing import Any
 import torch
 
 from fedlora.methods._common import MaskedAccumulator, State, weighted_average
-
-RANKS = "equal"
-LINEAR = True  # every uploaded value enters the result linearly: NaN/inf checked on it
+from fedlora.methods._protocol import Method
 
 
 def aggregate(
@@ -37,3 +35,15 @@ def stream_add(
 def stream_result(acc: MaskedAccumulator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weighted mean of everything added so far."""
     return {key: acc.mean(key) for key in acc.global_state}, {}
+
+
+METHOD = Method(
+    name="fedit",
+    layer="lora",
+    ranks="equal",
+    aggregate=aggregate,
+    stream_add=stream_add,
+    stream_result=stream_result,
+    linear=True,  # every uploaded value enters the result linearly: NaN/inf checked on it
+    summary="FedIT baseline: average A and B (inexact)",
+)

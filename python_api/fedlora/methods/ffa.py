@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedlora.methods._common import (
     A_SUFFIX,
@@ -22,10 +23,7 @@ from fedlora.methods._common import (
     lora_paths,
     weighted_average,
 )
-
-RANKS = "equal"
-LINEAR = True  # every uploaded value enters the result linearly: NaN/inf checked on it
-OPTIONAL_SUFFIXES = (A_SUFFIX,)
+from fedlora.methods._protocol import Budget, Client, Method
 
 
 def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
@@ -60,3 +58,35 @@ def stream_add(
 def stream_result(acc: MaskedAccumulator) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Averaged ``B`` and other keys, frozen ``A``."""
     return {key: acc.mean(key) for key in acc.global_state}, {}
+
+
+class FFAClient(Client):
+    """FFA-LoRA client: ``A`` frozen at its shared-seed initialisation, only ``B`` trains and
+    travels (the upload leaves ``A`` out: half the bytes)."""
+
+    def setup(self, model: nn.Module) -> None:
+        from fedlora.state_dict import adapter_layers
+
+        for _, layer in adapter_layers(model):
+            layer.lora_A.requires_grad_(False)
+
+    def upload(
+        self, model: nn.Module, slot: int, budget: Budget
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        state, _ = super().upload(model, slot, budget)
+        return {k: v for k, v in state.items() if not k.endswith(A_SUFFIX)}, {}
+
+
+METHOD = Method(
+    name="ffa",
+    layer="lora",
+    ranks="equal",
+    aggregate=aggregate,
+    client=FFAClient,
+    check_client=check_client,
+    stream_add=stream_add,
+    stream_result=stream_result,
+    linear=True,
+    optional_suffixes=(A_SUFFIX,),
+    summary="FFA-LoRA: A frozen at a shared seed, only B trained and averaged (exact)",
+)

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedlora.methods._common import (
     State,
@@ -30,8 +31,8 @@ from fedlora.methods._common import (
     lora_paths,
     rank_of,
 )
-
-RANKS = "prefix"
+from fedlora.methods._protocol import Budget, Method
+from fedlora.methods.hetlora import PrefixClient
 
 
 def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
@@ -114,3 +115,52 @@ def aggregate(
         energy[path] = float(S[: A_g.shape[0]].square().sum()) / total if total > 0 else 1.0
     average_other_keys(new_state, global_state, client_states, weights)
     return {k: new_state[k] for k in global_state}, {"flexlora_energy": energy}
+
+
+class FlexLoRAClient(PrefixClient):
+    """FlexLoRA client: the server's global ΔW re-factored at the client's rank (best rank-r_k).
+
+    Where ΔW has fewer than ``r_k`` non-zero singular values (always in the first round, when
+    ΔW = 0) the SVD gives components with ``A`` row and ``B`` column both zero, which can never
+    train (each factor's gradient goes through the other). Those rows of ``A`` are refilled
+    from the run's initial adapter, with ``B`` still zero, so the function is unchanged. The
+    initial adapter is the model's at ``setup`` (simulator) or the first global state this
+    object downloads from (a server handing out downloads, e.g. the Flower strategy).
+    """
+
+    def __init__(self, options, budgets) -> None:
+        super().__init__(options, budgets)
+        self.initial: dict[str, torch.Tensor] | None = None
+
+    def setup(self, model: nn.Module) -> None:
+        from fedlora.state_dict import get_adapter_state_dict
+
+        self.initial = get_adapter_state_dict(model, slot=0)
+
+    def download(self, global_state: State, budget: Budget) -> dict[str, torch.Tensor]:
+        from fedlora.methods import prefix
+
+        if self.initial is None:
+            self.initial = {k: v.detach().clone() for k, v in global_state.items()}
+        state = client_factors(global_state, budget.rank)
+        init = prefix.truncate(self.initial, budget.rank)
+        for path in lora_paths(state):
+            A, B = state[a_key(path)], state[b_key(path)]
+            dead = (A.abs().sum(1) == 0) & (B.abs().sum(0) == 0)
+            if bool(dead.any()):
+                A = A.clone()
+                A[dead] = init[a_key(path)][dead].to(A.dtype)
+                state[a_key(path)] = A
+        return state
+
+
+METHOD = Method(
+    name="flexlora",
+    layer="lora",
+    ranks="prefix",
+    aggregate=aggregate,
+    client=FlexLoRAClient,
+    check_client=check_client,
+    budget_fields=("rank", "steps"),
+    summary="FlexLoRA: exact ΔW sum (no dense matrix), best rank-r_k factors per client",
+)

@@ -30,9 +30,7 @@ from fedlora.methods._common import (
     check_declared_rank,
     lora_paths,
 )
-
-RANKS = "prefix"
-LINEAR = True  # every uploaded value enters the result linearly: NaN/inf checked on it
+from fedlora.methods._protocol import Method
 
 
 def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
@@ -78,3 +76,21 @@ def aggregate(
     out = {k: new_state[k] for k in global_state}
     out.update(merges)
     return out, {}
+
+
+def _round_options(round_seed: int) -> dict[str, Any]:
+    """The seed of the fresh adapter the clients restart from after each merge."""
+    return {"seed": round_seed}
+
+
+METHOD = Method(
+    name="flora",
+    layer="lora",
+    ranks="prefix",
+    aggregate=aggregate,
+    check_client=check_client,
+    changes_base=True,
+    linear=True,
+    round_options=_round_options,
+    summary="FLoRA: stack every client's factors, merge into the base, restart the adapter",
+)

@@ -34,9 +34,8 @@ from fedlora.methods._common import (
     linear_combination,
     lora_paths,
 )
+from fedlora.methods._protocol import Method
 from fedlora.metrics import relative_error
-
-RANKS = "equal"
 
 
 @dataclass
@@ -196,3 +195,12 @@ def aggregate(
         "florana_fit_error": relative_error(fit_sq, ideal_sq),
     }
     return {k: new_state[k] for k in global_state}, extra
+
+
+METHOD = Method(
+    name="florana",
+    layer="lora",
+    ranks="equal",
+    aggregate=aggregate,
+    summary="FLoRA-NA: server-fitted per-client coefficients, error never above FedIT's",
+)

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from fedlora.methods._common import (
     MaskedAccumulator,
@@ -37,8 +38,8 @@ from fedlora.methods._common import (
     other_keys,
     sparsity_weight,
 )
+from fedlora.methods._protocol import Budget, Client, Method
 
-RANKS = "prefix"
 WEIGHTINGS = ("sparsity", "data")
 
 
@@ -132,3 +133,36 @@ def stream_result(
     for key in other_keys(acc.global_state):
         out[key] = acc.mean(key)
     return {k: out[k] for k in acc.global_state}, {}
+
+
+class PrefixClient(Client):
+    """Client of a prefix-rank method (HetLoRA, and the base of FlexLoRA's and PreLort's):
+    client ``k`` receives the rank-``r_k`` prefix ``A[:r_k]``, ``B[:, :r_k]``, trains it and
+    uploads it with ``{"rank": r_k}``."""
+
+    def download(self, global_state: State, budget: Budget) -> dict[str, torch.Tensor]:
+        from fedlora.methods import prefix
+
+        return prefix.truncate(dict(global_state), budget.rank)
+
+    def upload(
+        self, model: nn.Module, slot: int, budget: Budget
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from fedlora.methods import prefix
+
+        state, _ = super().upload(model, slot, budget)
+        return prefix.truncate(state, budget.rank), {"rank": budget.rank}
+
+
+METHOD = Method(
+    name="hetlora",
+    layer="lora",
+    ranks="prefix",
+    aggregate=aggregate,
+    client=PrefixClient,
+    check_client=check_client,
+    stream_add=stream_add,
+    stream_result=stream_result,
+    budget_fields=("rank", "steps"),
+    summary="HetLoRA baseline: rank prefixes, zero-padded sparsity-weighted average",
+)

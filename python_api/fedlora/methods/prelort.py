@@ -3,7 +3,11 @@
 Client side: client ``k`` downloads the rank prefix ``A[:r_k]``, ``B[:, :r_k]``
 (:func:`fedlora.methods.prefix.truncate`), trains with the nested loss
 ``mean_{t∈T_k} ℓ(adapter truncated to t)`` where ``T_k`` = the distinct client ranks ``≤ r_k``
-plus ``r_k`` (:mod:`fedlora.methods.prelort_client`), and uploads its prefix.
+plus ``r_k`` (:func:`truncation_set`), and uploads its prefix. The loss is computed in ONE
+forward/backward: the batch is repeated ``|T_k|`` times, each copy is its own segment using the
+client's slot with a prefix-``t`` rank mask (:func:`nested_segments`), and the per-copy mean
+losses are averaged. The sampled variant draws one ``t`` per step instead
+(:func:`sample_truncation`).
 
 Server, segment-wise: per rank index ``j``, the ``p_k``-weighted mean over the clients with
 ``r_k > j`` (the segments between consecutive distinct ranks share one set of contributors); an
@@ -16,7 +20,7 @@ Other keys are ``p_k``-averaged. ``metas[k]`` may declare ``{"rank": r_k}`` (or
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,8 +37,8 @@ from fedlora.methods._common import (
     other_keys,
     rank_of,
 )
-
-RANKS = "prefix"
+from fedlora.methods._protocol import Budget, Method
+from fedlora.methods.hetlora import PrefixClient
 
 
 def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
@@ -81,3 +85,82 @@ def stream_result(acc: MaskedAccumulator) -> tuple[dict[str, torch.Tensor], dict
     for key in other_keys(acc.global_state):
         out[key] = acc.mean(key)
     return {k: out[k] for k in acc.global_state}, {}
+
+
+# ------------------------------------------------------------------------------------------------
+# client side
+# ------------------------------------------------------------------------------------------------
+
+
+def truncation_set(rank: int, client_ranks: Iterable[int]) -> list[int]:
+    """``T_k``: the distinct ranks of ``client_ranks`` that are ``≤ rank``, plus ``rank``, sorted."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    ranks = sorted({int(r) for r in client_ranks if 1 <= int(r) <= rank} | {rank})
+    return ranks
+
+
+def sample_truncation(truncations: Sequence[int], generator: torch.Generator) -> int:
+    """One ``t`` drawn uniformly from ``truncations`` (the sampled variant)."""
+    if not truncations:
+        raise ValueError("truncations must not be empty")
+    i = int(torch.randint(len(truncations), (1,), generator=generator))
+    return int(truncations[i])
+
+
+def nested_segments(
+    rows_per_copy: Sequence[int],
+    slots: Sequence[int],
+    truncations: Sequence[Sequence[int]],
+    global_rank: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Segments for nested training of several clients in one pass.
+
+    Client ``i`` (``rows_per_copy[i]`` rows, slot ``slots[i]``) contributes one copy of its
+    batch per truncation in ``truncations[i]``. Returns ``seg_offsets`` ``[S+1]``,
+    ``seg_adapter`` ``[S]``, ``rank_mask`` ``[S, global_rank]`` (bool prefix masks) and, per segment,
+    ``(client index, truncation)``. The caller lays the batch copies out in that order.
+    """
+    if not (len(rows_per_copy) == len(slots) == len(truncations)):
+        raise ValueError("rows_per_copy, slots and truncations must have one entry per client")
+    offsets, adapter, masks, owners = [0], [], [], []
+    for i, (rows, slot, ts) in enumerate(zip(rows_per_copy, slots, truncations, strict=True)):
+        if not ts:
+            raise ValueError(f"truncations[{i}] is empty: a client needs at least one rank")
+        for t in ts:
+            if not 1 <= t <= global_rank:
+                raise ValueError(f"truncation {t} of client {i} is outside [1, {global_rank}]")
+            offsets.append(offsets[-1] + rows)
+            adapter.append(slot)
+            m = torch.zeros(global_rank, dtype=torch.bool)
+            m[:t] = True
+            masks.append(m)
+            owners.append((i, t))
+    return (
+        torch.tensor(offsets, dtype=torch.long),
+        torch.tensor(adapter, dtype=torch.long),
+        torch.stack(masks),
+        owners,
+    )
+
+
+class PreLortClient(PrefixClient):
+    """PreLort client: prefix download and upload, trained under the nested truncations
+    ``T_k`` (the distinct client ranks ``≤ r_k`` plus ``r_k``) in one pass."""
+
+    def truncations(self, budget: Budget) -> list[int]:
+        return truncation_set(budget.rank, [b.rank for b in self.budgets])
+
+
+METHOD = Method(
+    name="prelort",
+    layer="lora",
+    ranks="prefix",
+    aggregate=aggregate,
+    client=PreLortClient,
+    check_client=check_client,
+    stream_add=stream_add,
+    stream_result=stream_result,
+    budget_fields=("rank", "steps"),
+    summary="PreLort: prefix-nested ranks, nested-truncation loss, segment-wise average",
+)

@@ -35,6 +35,7 @@ from torch import nn
 import fedlora_kernels as fk
 from fedlora.layers.ravan import RavanLinear
 from fedlora.methods._common import index_list, normalised, per_layer, weighted_average
+from fedlora.methods._protocol import Budget, Client, Method
 
 SCORES = ("weight", "gradient", "random")
 _SUFFIXES = (".lora_H", ".lora_s")
@@ -212,3 +213,49 @@ def aggregate(
     new_state.update(weighted_average(client_states, w.tolist(), rest, global_state))
     error = (err_num**0.5) / (err_den**0.5) if err_den > 0 else 0.0
     return new_state, {"aggregation_error": error, "heads_trained": heads_trained}
+
+
+class RavanClient(Client):
+    """Ravan client: ``K_c = budget.heads`` heads per layer train, chosen by the run's head
+    score (``weight`` and ``random`` when the slot is prepared; ``gradient`` after one scoring
+    batch with every head trainable); the upload is ``s·H`` plus the trained heads."""
+
+    def layer_options(self) -> dict[str, Any]:
+        o = self.options
+        return {"heads": o.heads, "rank": o.rank, "scale": o.alpha / o.rank}
+
+    def prepare(
+        self,
+        model: nn.Module,
+        slot: int,
+        state: Mapping[str, torch.Tensor],
+        budget: Budget,
+        seed: int,
+    ) -> None:
+        super().prepare(model, slot, state, budget, seed)  # every head trainable
+        if self.options.head_score != "gradient":
+            select_heads(model, budget.heads, self.options.head_score, slot=slot, seed=seed)
+
+    def pre_steps(self, budget: Budget) -> int:
+        return 1 if self.options.head_score == "gradient" else 0
+
+    def scoring_done(self, model: nn.Module, slot: int, budget: Budget, seed: int) -> None:
+        if self.options.head_score == "gradient":
+            select_heads(model, budget.heads, "gradient", slot=slot, seed=seed)
+
+    def upload(
+        self, model: nn.Module, slot: int, budget: Budget
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return client_update(model, slot=slot, modules_to_save=())
+
+
+METHOD = Method(
+    name="ravan",
+    layer="ravan",
+    ranks="equal",
+    aggregate=aggregate,
+    client=RavanClient,
+    check_client=check_client,
+    budget_fields=("heads", "steps"),
+    summary="Ravan: multi-head LoRA, frozen shared bases, per-head average of trained cores",
+)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedlora.aggregation import METHODS
+from fedlora.methods import Budget, ClientOptions, names
 
 ENGINES = ("sequential", "batched")
 HEAD_SCORES = ("weight", "gradient", "random")
@@ -30,14 +30,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run (the CLI prints it on one line and exits with code 2)."""
 
 
-@dataclass(frozen=True)
-class Budget:
-    """What one client can afford: LoRA rank, Ravan heads, HAFL trainable components, steps."""
-
-    rank: int
-    heads: int
-    components: int
-    steps: int
+def __getattr__(name: str) -> Any:
+    if name == "METHODS":  # a view of the method registry (fedlora.methods.names)
+        return names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -67,6 +63,16 @@ class SimConfig:
     max_test: int | None = 256
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
 
+    def client_options(self) -> ClientOptions:
+        """The settings the method's client side reads (:class:`fedlora.methods.ClientOptions`)."""
+        return ClientOptions(
+            rank=self.rank,
+            alpha=self.alpha,
+            heads=self.heads,
+            head_score=self.head_score,
+            hafl_score_steps=self.hafl_score_steps,
+        )
+
     def validate(self) -> SimConfig:
         """Check every field; raise :class:`ConfigError` naming the option.
 
@@ -84,8 +90,8 @@ class SimConfig:
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise ConfigError(f"{_opt(name)} must be a string, got {v!r}")
-        if self.method not in METHODS:
-            raise ConfigError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.method not in names():
+            raise ConfigError(f"--method must be one of {', '.join(names())}; got {self.method!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         if self.head_score not in HEAD_SCORES:

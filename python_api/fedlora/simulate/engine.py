@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedlora.methods import Client
+from fedlora.methods import get as get_method
 from fedlora.simulate.config import Budget, ConfigError, SimConfig, parse_budgets
 from fedlora.simulate.optim import SlotAdamW
-from fedlora.simulate.rules import ClientRule, make_rule
 from fedlora.state_dict import (
     adapter_layers,
     apply_base_merges,
@@ -108,7 +109,7 @@ def _key(*parts: int) -> int:
 
 # ------------------------------------------------------------------------------------- model
 def build_model(
-    cfg: SimConfig, num_labels: int, num_slots: int, rule: ClientRule, encoder_and_tok=None
+    cfg: SimConfig, num_labels: int, num_slots: int, rule: Client, encoder_and_tok=None
 ):
     """Encoder with injected adapters (``num_slots`` slots) and a slotted classifier head."""
     from fedlora.injection import inject
@@ -185,7 +186,7 @@ class ClientJob:
 
 def train_group(
     model: nn.Module,
-    rule: ClientRule,
+    rule: Client,
     jobs: list[ClientJob],
     data: Tokenized,
     cfg: SimConfig,
@@ -344,7 +345,8 @@ def run(
     if cfg.max_train_per_client:
         parts = [p[: cfg.max_train_per_client] for p in parts]
     weights = [float(len(p)) for p in parts]
-    rule = make_rule(cfg, budgets)
+    method = get_method(cfg.method)
+    rule = method.client(cfg.client_options(), budgets)
     num_slots = cfg.clients if cfg.engine == "batched" else 1
     model, tokenizer = build_model(
         cfg, dataset.num_classes, num_slots, rule, shared.get("encoder") if shared else None
@@ -402,7 +404,7 @@ def run(
             losses += ls
         states = [u[0] for u in uploads]
         metas = [u[1] for u in uploads]
-        options = {"seed": _key(cfg.seed, r, 13)} if cfg.method == "flora" else {}
+        options = method.round_options(_key(cfg.seed, r, 13)) if method.round_options else {}
         new_state, agg = aggregate(cfg.method, global_state, states, weights, metas, **options)
         # FLoRA / FedEx-LoRA: fold the server's merge instructions into the shared frozen base
         global_state = apply_base_merges(model, new_state)
@@ -447,7 +449,7 @@ BASE_SUFFIX = ".base_layer.weight"
 
 def _changed_bases(model: nn.Module, cfg: SimConfig) -> dict[str, torch.Tensor]:
     """Frozen base weights that the run has changed (FLoRA, FedEx-LoRA), for the checkpoint."""
-    if cfg.method not in ("flora", "fedex"):
+    if not get_method(cfg.method).changes_base:
         return {}
     return {
         f"{p}{BASE_SUFFIX}": m.base_layer.weight.detach().clone() for p, m in adapter_layers(model)
