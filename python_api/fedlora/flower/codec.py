@@ -1,0 +1,250 @@
+"""The wire format: state dicts, client metas and budgets as Flower records (no flwr at import).
+
+- arrays: a state dict becomes one ``ArrayRecord`` of PEFT-style keys; tensors travel as float32
+  (numpy and Flower cannot carry bfloat16): :func:`to_arrayrecord`, :func:`from_arrayrecord`.
+- the legacy API's positional NDArrays: :func:`state_to_ndarrays`, :func:`ndarrays_to_state`.
+- a client meta: a ``ConfigRecord`` named :data:`META_KEY`; values a ConfigRecord cannot hold
+  (nested dicts, lists of lists, tensors, None) are JSON-encoded: :func:`encode_meta`,
+  :func:`decode_meta`, :func:`meta_record`.
+- a train reply (arrays, the weight, the meta, the budget the client trained under):
+  :func:`train_reply`.
+
+Only :func:`to_arrayrecord`, :func:`from_arrayrecord`, :func:`meta_record` and
+:func:`train_reply` need flwr, and import it when called.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora.flower.budget import BUDGET_KEYS, check_budget
+
+__all__ = [
+    "BUDGET_KEY",
+    "BUDGET_KEYS",
+    "META_KEY",
+    "decode_meta",
+    "encode_meta",
+    "from_arrayrecord",
+    "meta_record",
+    "ndarrays_to_state",
+    "state_to_ndarrays",
+    "to_arrayrecord",
+    "to_float32",
+    "train_reply",
+]
+
+#: Name of the ``ConfigRecord`` that carries a client's metadata in its train reply.
+META_KEY = "fedlora-meta"
+#: Name of the ``ConfigRecord`` of a train reply holding the budget the client trained under
+#: (``rank``, ``heads``, ``components``, ``steps``; see :mod:`fedlora.flower.budget`).
+BUDGET_KEY = "fedlora-budget"
+#: Entry of an encoded meta listing the keys whose values are JSON strings.
+_JSON_KEYS = "fedlora.json-keys"
+
+
+def _flwr_error() -> ImportError:
+    return ImportError(
+        "fedlora.flower needs Flower >= 1.21 (Message API): `pip install 'fedlora-kernels[flower]'` "
+        "(or `pip install 'flwr>=1.21'`)"
+    )
+
+
+# ------------------------------------------------------------------------------------- tensors
+def to_float32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies; floating tensors (bf16, fp16, fp64) become float32."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a dict of str -> Tensor, got {type(state).__name__}")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise TypeError(f"state keys must be str, got {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
+        t = value.detach().cpu()
+        if t.is_floating_point():
+            t = t.float()
+        out[key] = t.contiguous().clone()
+    return out
+
+
+def _config_value_ok(value: Any) -> bool:
+    scalar = (bool, int, float, str, bytes)
+    if isinstance(value, scalar):
+        return not isinstance(value, int) or isinstance(value, bool) or abs(value) < 2**63
+    if isinstance(value, list) and value:
+        kinds = {type(v) for v in value}
+        return len(kinds) == 1 and kinds.pop() in scalar
+    return False
+
+
+def encode_meta(meta: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A client meta as ``ConfigRecord`` content: scalars and flat lists stay as they are; other
+    values (nested dicts/lists, tensors, None) are JSON-encoded and their keys listed under
+    ``"fedlora.json-keys"``. Inverse: :func:`decode_meta`."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    out: dict[str, Any] = {}
+    encoded: list[str] = []
+    for key, value in meta.items():
+        if not isinstance(key, str) or key == _JSON_KEYS:
+            raise ValueError(f"meta keys must be str other than {_JSON_KEYS!r}, got {key!r}")
+        if _config_value_ok(value):
+            out[key] = value
+        else:
+            out[key] = json.dumps(_jsonable(value), sort_keys=True)
+            encoded.append(key)
+    if encoded:
+        out[_JSON_KEYS] = encoded
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"meta value of type {type(value).__name__} cannot be JSON-encoded")
+
+
+def decode_meta(record: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Inverse of :func:`encode_meta` (``ValueError`` for a malformed JSON entry)."""
+    if record is None:
+        return {}
+    out = dict(record.items())
+    encoded = out.pop(_JSON_KEYS, [])
+    if isinstance(encoded, str):
+        encoded = [encoded]
+    for key in encoded:
+        if key not in out or not isinstance(out[key], str):
+            raise ValueError(f"meta entry {key!r} is listed as JSON but holds no JSON string")
+        try:
+            out[key] = json.loads(out[key])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"meta entry {key!r} is not valid JSON: {e}") from None
+    return out
+
+
+def state_to_ndarrays(
+    state: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None
+) -> list[np.ndarray]:
+    """The values of ``state`` as float32 numpy arrays in the order of ``keys`` (default: the
+    dict's order); the legacy Flower API carries parameters as such a positional list."""
+    keys = list(state) if keys is None else list(keys)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"state has no entries for keys {missing[:5]}")
+    flat = to_float32({k: state[k] for k in keys})
+    return [flat[k].numpy() for k in keys]
+
+
+def ndarrays_to_state(arrays: Sequence[np.ndarray], keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`state_to_ndarrays` (``ValueError`` when the counts differ)."""
+    arrays = list(arrays)
+    if len(arrays) != len(keys):
+        raise ValueError(f"got {len(arrays)} arrays for {len(keys)} keys; the key order must match")
+    out = {}
+    for k, a in zip(keys, arrays, strict=True):
+        t = torch.from_numpy(np.array(a, copy=True))
+        out[k] = t.float() if t.is_floating_point() else t
+    return out
+
+
+def _weight_of(value: Any) -> tuple[float | None, str | None]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, f"weight must be a number, got {value!r}"
+    if not math.isfinite(value) or value < 0:
+        return None, f"weight must be finite and non-negative, got {value}"
+    return float(value), None
+
+
+# ------------------------------------------------------------------------------------- flwr helpers
+def to_arrayrecord(state: Any, *, dtype: torch.dtype = torch.float32) -> Any:
+    """A state dict (or a model with fedlora adapter layers) as a Flower ``ArrayRecord``.
+
+    Floating tensors are cast to ``dtype`` (float32 by default: Flower serialises with numpy,
+    which has no bfloat16). A model is read with :func:`fedlora.get_adapter_state_dict`.
+    """
+    try:
+        from flwr.app import ArrayRecord
+    except ImportError as e:
+        raise _flwr_error() from e
+    if isinstance(state, torch.nn.Module):
+        from fedlora.state_dict import get_adapter_state_dict
+
+        state = get_adapter_state_dict(state)
+    if dtype not in (torch.float32, torch.float16, torch.float64):
+        raise ValueError(f"dtype must be a numpy-compatible float dtype, got {dtype}")
+    flat = {k: v.to(dtype) if v.is_floating_point() else v for k, v in to_float32(state).items()}
+    return ArrayRecord(flat)
+
+
+def from_arrayrecord(record: Any) -> dict[str, torch.Tensor]:
+    """A Flower ``ArrayRecord`` as a flat ``dict[str, Tensor]`` (floating tensors in float32)."""
+    try:
+        from flwr.app import ArrayRecord
+    except ImportError as e:
+        raise _flwr_error() from e
+    if not isinstance(record, ArrayRecord):
+        raise TypeError(f"record must be a flwr ArrayRecord, got {type(record).__name__}")
+    return to_float32(dict(record.to_torch_state_dict()))
+
+
+def meta_record(meta: Mapping[str, Any] | None) -> Any:
+    """A client meta as the ``ConfigRecord`` a train reply carries under :data:`META_KEY`."""
+    try:
+        from flwr.app import ConfigRecord
+    except ImportError as e:
+        raise _flwr_error() from e
+    return ConfigRecord(encode_meta(meta))
+
+
+def train_reply(
+    msg: Any,
+    state: Any,
+    num_examples: int | float,
+    *,
+    meta: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    budget: Mapping[str, int] | None = None,
+    weighted_by_key: str = "num-examples",
+    arrayrecord_key: str = "arrays",
+) -> Any:
+    """The reply a ClientApp returns from ``@app.train()``: the uploaded state (float32 arrays),
+    a ``MetricRecord`` with ``weighted_by_key`` and ``metrics``, ``meta`` as a ConfigRecord
+    (:data:`META_KEY`) and, when given, the ``budget`` the client trained under
+    (:data:`BUDGET_KEY`; the strategy sends that node its budget's download from then on)."""
+    try:
+        from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+    except ImportError as e:
+        raise _flwr_error() from e
+    _, why = _weight_of(num_examples)
+    if why is not None:
+        raise ValueError(f"num_examples: {why}")
+    record = {weighted_by_key: num_examples, **dict(metrics or {})}
+    content = RecordDict(
+        {
+            arrayrecord_key: to_arrayrecord(state),
+            "metrics": MetricRecord(record),
+            META_KEY: meta_record(meta),
+        }
+    )
+    if budget is not None:
+        content[BUDGET_KEY] = ConfigRecord(check_budget(budget, "budget"))
+    return Message(content=content, reply_to=msg)
