@@ -13,8 +13,16 @@ import torch
 from conftest import DEVICES
 
 import fedlora
-from fedlora.aggregation import METHODS, STREAMING_METHODS, Aggregator, aggregate
+from fedlora.aggregation import METHODS, STREAMING_METHODS, Aggregator
+from fedlora.aggregation import aggregate as _aggregate
 from fedlora.methods import flexlora, hafl
+
+
+def aggregate(*args, **kwargs):
+    """``fedlora.aggregate`` with the aggregation error on: these tests check it too."""
+    kwargs.setdefault("error", True)
+    return _aggregate(*args, **kwargs)
+
 
 PATHS = ("enc.0.q", "enc.1.v")
 D_IN, D_OUT, R = 13, 11, 5
@@ -632,7 +640,7 @@ def test_mixed_dtype_clients_follow_the_global_dtype(round3):
 
 
 def test_public_exports():
-    assert fedlora.aggregate is aggregate and fedlora.Aggregator is Aggregator
+    assert fedlora.aggregate is _aggregate and fedlora.Aggregator is Aggregator
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -100,7 +100,7 @@ def test_folding_the_returned_merge_into_the_base_is_exact_on_a_model(method):
             pk * layer.scale * c[f"{path}.lora_B.weight"] @ c[f"{path}.lora_A.weight"]
             for c, pk in zip(clients, p, strict=True)
         )
-    new, m = aggregate(method, g, clients, w)
+    new, m = aggregate(method, g, clients, w, error=True)
     assert m["aggregation_error"] < 1e-6
     kind = "merge" if method == "flora" else "residual"
     adapter = {
@@ -118,7 +118,9 @@ def test_prefix_methods_on_a_model_load_back_and_match_the_rule():
     g = fedlora.get_adapter_state_dict(net)
     ranks = [4, 2, 3]
     clients = [trained(g, s, r) for s, r in enumerate(ranks)]
-    new, m = aggregate("prelort", g, clients, [1.0, 1.0, 2.0], [{"rank": r} for r in ranks])
+    new, m = aggregate(
+        "prelort", g, clients, [1.0, 1.0, 2.0], [{"rank": r} for r in ranks], error=True
+    )
     assert m["rejected"] == []
     fedlora.set_adapter_state_dict(net, new)
     for path, layer in fedlora.adapter_layers(net):

@@ -213,8 +213,9 @@ def test_hafl_error_counts_unsent_components_as_the_global():
         tracker = hafl.ImportanceTracker(net)
         sel = {p: [0, 1, 2, 3] for p, _ in fedlora.adapter_layers(net)}  # all components trained
         ups.append(hafl.client_update(net, sel, tracker.component_scores()))
-    _, m_full = fedlora.aggregate("hafl", g, [s for s, _ in ups], [1.0, 1.0], [m for _, m in ups])
-    _, m_fedit = fedlora.aggregate("fedit", g, [s for s, _ in ups], [1.0, 1.0])
+    ss, ms = [s for s, _ in ups], [m for _, m in ups]
+    _, m_full = fedlora.aggregate("hafl", g, ss, [1.0, 1.0], ms, error=True)
+    _, m_fedit = fedlora.aggregate("fedit", g, ss, [1.0, 1.0], error=True)
     # every client trained every component: HAFL's per-component mean is FedIT's average
     assert m_full["aggregation_error"] == pytest.approx(m_fedit["aggregation_error"], rel=1e-6)
     assert m_full["aggregation_error"] > 0

@@ -405,7 +405,9 @@ def run(
         states = [u[0] for u in uploads]
         metas = [u[1] for u in uploads]
         options = method.round_options(_key(cfg.seed, r, 13)) if method.round_options else {}
-        new_state, agg = aggregate(cfg.method, global_state, states, weights, metas, **options)
+        new_state, agg = aggregate(
+            cfg.method, global_state, states, weights, metas, error=True, **options
+        )
         # FLoRA / FedEx-LoRA: fold the server's merge instructions into the shared frozen base
         global_state = apply_base_merges(model, new_state)
         acc, test_loss = evaluate(model, global_state, test_tok)
