@@ -111,7 +111,7 @@ def test_aggregate_train_equals_fedlora_aggregate(method):
         metas = [{"rank": r} if method != "fedit" else {} for r in ranks]
     weights = [10, 30, 20]
     uploads = {k: (clients[k], weights[k], metas[k]) for k in range(n)}
-    st = strategy(method, n)
+    st = strategy(method, n, aggregate_options={"error": True})  # the error only when asked
     got, metrics, replies = run_round(st, g, uploads)
     # the expected result on the same dicts, in the order the replies arrived
     order = [int(m.metadata.src_node_id) - 1 for m in replies]
@@ -121,6 +121,7 @@ def test_aggregate_train_equals_fedlora_aggregate(method):
         [clients[k] for k in order],
         [weights[k] for k in order],
         [metas[k] for k in order],
+        error=True,
     )
     assert_state_close(got, want)
     assert metrics["clients_used"] == n and metrics["num_rejected"] == 0

@@ -276,6 +276,8 @@ class RoundCore:
 
     Attributes:
         method: the :mod:`fedlora.methods` name the rounds aggregate with.
+        registered: its :class:`fedlora.methods.Method`, or None for a name the registry does
+            not know (possible with a custom ``aggregate_fn``).
         global_state: the current global state (``dict[str, Tensor]``, float32), or None.
         last_metrics: the full metrics of the last ``fedlora.aggregate`` call.
         last_rejections: ``[(client id, reason)]`` of the last round.
@@ -289,7 +291,10 @@ class RoundCore:
         aggregate_options: Mapping[str, Any] | None,
         meta_key: str,
     ) -> None:
+        from fedlora import methods
+
         self.method = method
+        self.registered = methods.get(method) if method in methods.names() else None
         self.global_state = None if initial_state is None else to_float32(initial_state)
         self.aggregate_fn = aggregate_fn
         self.aggregate_options = dict(aggregate_options or {})
@@ -310,12 +315,14 @@ class RoundCore:
             result.error = "no global state: pass initial_state= or call configure_train first"
             logger.error("round %d: %s", server_round, result.error)
         else:
+            round_options = getattr(self.registered, "round_options", None)
+            options = dict(round_options(server_round)) if round_options is not None else {}
             result = aggregate_round(
                 self.method,
                 self.global_state,
                 clients,
                 aggregate_fn=self.aggregate_fn,
-                options=self.aggregate_options,
+                options={**options, **self.aggregate_options},  # e.g. FLoRA's per-round seed
             )
         self.last_metrics = result.metrics
         self.last_rejections = result.rejected

@@ -27,7 +27,7 @@ try:
 except ImportError as e:  # pragma: no cover - fedlora.flower reports it on access
     raise _flwr_error() from e
 
-__all__ = ["RANKS_KEY", "FedLoRAStrategy"]
+__all__ = ["RANKS_KEY", "FedLoRAStrategy", "accumulate_base_merges"]
 
 logger = logging.getLogger("fedlora.flower")
 
@@ -93,9 +93,8 @@ class FedLoRAStrategy(RoundCore, FedAvg):
     ) -> None:
         from fedlora import methods
 
-        registered = None
         if aggregate_fn is None or method in methods.names():
-            registered = methods.get(method)  # ValueError listing the known names
+            methods.get(method)  # ValueError listing the known names
         if budgets is not None and not (
             isinstance(budgets, (Mapping, Sequence)) or callable(budgets)
         ):
@@ -111,7 +110,6 @@ class FedLoRAStrategy(RoundCore, FedAvg):
             )
         super().__init__(**kwargs)
         self._init_core(method, initial_state, aggregate_fn, aggregate_options, meta_key)
-        self.registered = registered
         self.budgets = budgets
         self.client_options = client_options
         self.payload_fn = payload_fn
@@ -225,6 +223,9 @@ class FedLoRAStrategy(RoundCore, FedAvg):
             and type(side).download is methods.Client.download
         )
 
+    def _changes_base(self) -> bool:
+        return self.registered is not None and self.registered.changes_base
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Any]
     ) -> tuple[Any | None, Any | None]:
@@ -239,7 +240,10 @@ class FedLoRAStrategy(RoundCore, FedAvg):
             meta_key=self.meta_key,
         )
         self.declared_budgets.update(declared)
+        previous = self.global_state
         result = self.finish_round(server_round, clients)
+        if result.state is not None and previous is not None and self._changes_base():
+            self.global_state = accumulate_base_merges(previous, self.global_state)
         rejected_ids = {cid for cid, _ in result.rejected}
         used = [
             msg
@@ -261,6 +265,36 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         if result.state is None:
             return None, metrics
         return to_arrayrecord(self.global_state), metrics
+
+
+def accumulate_base_merges(
+    previous: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``new`` with the base-merge instructions of ``previous`` prepended to its own.
+
+    FLoRA and FedEx-LoRA return instructions (``<path>.lora_merge_B/A``,
+    ``<path>.lora_residual_B/A``) that every client folds into its frozen base weight. In the
+    simulator the clients share one model, so each round's instruction is applied once; over
+    Flower a client builds its model from the pretrained base each round (a fresh process in a
+    deployment, possibly sampled for the first time), so the strategy sends the sum of every
+    round's merges so far, as one pair of factors: ``[B_1 B_2] [A_1; A_2] = B_1 A_1 + B_2 A_2``
+    exactly. Its rank grows by the round's stack rank every round.
+    """
+    from fedlora.state_dict import BASE_MERGE_SUFFIXES
+
+    out = dict(new)
+    for b_suffix, a_suffix in BASE_MERGE_SUFFIXES:
+        for key in [k for k in previous if k.endswith(b_suffix)]:
+            a_key = key[: -len(b_suffix)] + a_suffix
+            if a_key not in previous:
+                continue
+            B_old, A_old = previous[key], previous[a_key]
+            if key in new and a_key in new:
+                out[key] = torch.cat([B_old, new[key].to(B_old.dtype)], dim=1)
+                out[a_key] = torch.cat([A_old, new[a_key].to(A_old.dtype)], dim=0)
+            else:
+                out[key], out[a_key] = B_old, A_old
+    return out
 
 
 def _options_of(global_state: Mapping[str, torch.Tensor] | None) -> Any:
