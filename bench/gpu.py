@@ -8,63 +8,59 @@ Results go to ``bench/results/<device>.json`` with the date, versions and device
     python bench/gpu.py                 # everything
     python bench/gpu.py --quick         # a few shapes, to check the script
     python bench/gpu.py --only multihead
+    python bench/gpu.py --list          # the suites and whether each imports
+    python bench/gpu.py --dry-run       # every suite at tiny shapes (CPU without a GPU): a check
+
+Exit status: 0 when every suite ran (or all were skipped for the reason printed, e.g. no CUDA
+device); 1 when a suite failed to import or raised, with its traceback printed and recorded
+under ``failures`` in the results.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import itertools
-import json
-import platform
-import re
+import os
 import sys
-from collections.abc import Callable
+import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT.parent / "python_api"))
 
-import fedlora_kernels as fk  # noqa: E402
-
-ROTATE = 8
-
-
-def bench_ms(fn: Callable[[int], object]) -> float:
-    """Median milliseconds of ``fn(i)``, ``i`` cycling over the rotated input sets."""
-    import triton.testing
-
-    counter = itertools.count()
-    return float(
-        triton.testing.do_bench(
-            lambda: fn(next(counter) % ROTATE), warmup=25, rep=200, return_mode="median"
-        )
-    )
+from _timing import (  # noqa: E402
+    ROTATE,
+    RunConfig,
+    Suite,
+    copy_gbps,
+    environment,
+    fmt_row,
+    load_suites,
+    rotated,
+    skip_reason,
+    time_cases,
+    write_results,
+)
 
 
-def peak_mib(fn: Callable[[int], object]) -> float:
-    """Peak CUDA memory allocated during one call of ``fn(0)``, in MiB above the baseline."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn(0)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
-def multihead_rows(quick: bool) -> list[dict]:
+def multihead_rows(run: RunConfig) -> list[dict]:
     """Base + multi-head adapter, forward and forward+backward, against F.linear and eager torch."""
-    dev, dt = "cuda", torch.bfloat16
+    import fedlora_kernels as fk
+
+    dev, dt = run.device, run.dtype
     shapes = [
         (n, d_in, d_out) for n in (256, 2048, 8192) for d_in, d_out in ((4096, 4096), (4096, 14336))
     ]
     configs = [(1, 16), (4, 16), (8, 16), (4, 4), (1, 64)]  # (heads, r): R = h·r ∈ {16, 64, 128}
-    if quick:
+    if run.quick:
         shapes, configs = [(8192, 4096, 4096)], [(4, 16)]
+    if run.dry_run:
+        shapes, configs = [(37, 24, 40)], [(2, 3)]
     rows = []
     for (n, d_in, d_out), (h, r) in itertools.product(shapes, configs):
         W = torch.randn(d_out, d_in, device=dev, dtype=dt) / d_in**0.5
@@ -72,16 +68,11 @@ def multihead_rows(quick: bool) -> list[dict]:
         B = torch.randn(h, d_out, r, device=dev, dtype=dt) / r**0.5
         H = torch.randn(1, h, r, r, device=dev, requires_grad=True)
         s = torch.ones(1, h, device=dev, requires_grad=True)
-        xs = [torch.randn(n, d_in, device=dev, dtype=dt, requires_grad=True) for _ in range(ROTATE)]
-        gs = [torch.randn(n, d_out, device=dev, dtype=dt) for _ in range(ROTATE)]
+        xs = rotated(lambda: torch.randn(n, d_in, device=dev, dtype=dt, requires_grad=True))
+        gs = rotated(lambda: torch.randn(n, d_out, device=dev, dtype=dt))
         a_cat = A.reshape(h * r, d_in)
         b_cat = B.permute(1, 0, 2).reshape(d_out, h * r)
-
-        def ours(x):
-            return fk.multihead_lora(x, A, B, H, s, scale=0.5, base_out=F.linear(x, W))
-
-        def ours_unfused(x):
-            return F.linear(x, W) + fk.multihead_lora(x, A, B, H, s, scale=0.5)
+        kw = dict(scale=0.5, backend=run.backend)
 
         def eager(x):
             # what a user writes in plain PyTorch: shrink, per-head core, expand, scale, add
@@ -92,54 +83,37 @@ def multihead_rows(quick: bool) -> list[dict]:
         cases = {
             "F.linear": lambda x: F.linear(x, W),
             "eager torch": eager,
-            "fedlora (separate add)": ours_unfused,
-            "fedlora": ours,
+            "fedlora (separate add)": lambda x: (
+                F.linear(x, W) + fk.multihead_lora(x, A, B, H, s, **kw)
+            ),
+            "fedlora": lambda x: fk.multihead_lora(x, A, B, H, s, base_out=F.linear(x, W), **kw),
         }
-        floor_f = floor_fb = None
-        for name, f in cases.items():
-            fwd = bench_ms(lambda i, f=f: f(xs[i].detach()))
-
-            def fb(i, f=f):
-                y = f(xs[i])
-                y.backward(gs[i])
-
-            fwdbwd = bench_ms(fb)
-            mem = peak_mib(fb)
-            if name == "F.linear":
-                floor_f, floor_fb = fwd, fwdbwd
-            rows.append(
-                dict(
-                    bench="multihead_lora",
-                    impl=name,
-                    N=n,
-                    d_in=d_in,
-                    d_out=d_out,
-                    heads=h,
-                    r=r,
-                    fwd_ms=fwd,
-                    fwdbwd_ms=fwdbwd,
-                    peak_mib=mem,
-                    fwd_x_floor=fwd / floor_f,
-                    fwdbwd_x_floor=fwdbwd / floor_fb,
-                    fwd_tflops=2 * n * d_in * d_out / fwd / 1e9,
-                )
-            )
-            print(_fmt(rows[-1]), flush=True)
+        shape = dict(N=n, d_in=d_in, d_out=d_out, heads=h, r=r)
+        for case in time_cases(cases, xs, gs, run, params=(H, s)):
+            rows.append({"bench": "multihead_lora", "impl": case.pop("impl"), **shape, **case})
+            rows[-1]["fwd_tflops"] = 2 * n * d_in * d_out / case["fwd_ms"] / 1e9
+            print(fmt_row(rows[-1]), flush=True)
     return rows
 
 
-def masked_mean_rows(quick: bool) -> list[dict]:
+def masked_mean_rows(run: RunConfig) -> list[dict]:
     """masked_weighted_mean bandwidth against a device copy of the same bytes."""
-    dev = "cuda"
+    import fedlora_kernels as fk
+
+    dev = run.device
+    sizes = ((10, 8 << 20), (100, 8 << 20))
+    if run.quick:
+        sizes = ((100, 8 << 20),)
+    if run.dry_run:
+        sizes = ((3, 64 * 5),)
     out = []
-    for clients, numel in ((10, 8 << 20), (100, 8 << 20)) if not quick else ((100, 8 << 20),):
+    for clients, numel in sizes:
         xs = [torch.randn(64, numel // 64, device=dev) for _ in range(clients)]
         w = torch.rand(clients, device=dev)
         mask = (torch.rand(clients, 64, device=dev) > 0.3).float()
-        ms = bench_ms(lambda i: fk.masked_weighted_mean(xs, w, mask, rank_dim=0))
-        src = torch.empty(clients * numel, device=dev)
-        dst = torch.empty_like(src)
-        copy_ms = bench_ms(lambda i: dst.copy_(src))
+        ms = run.timer(
+            lambda i: fk.masked_weighted_mean(xs, w, mask, rank_dim=0, backend=run.backend)
+        )
         moved = (clients + 1) * numel * 4
         row = dict(
             bench="masked_weighted_mean",
@@ -147,36 +121,28 @@ def masked_mean_rows(quick: bool) -> list[dict]:
             numel=numel,
             ms=ms,
             gbps=moved / ms / 1e6,
-            copy_gbps=2 * clients * numel * 4 / copy_ms / 1e6,
+            copy_gbps=copy_gbps(clients * numel, torch.float32, run),
         )
         row["x_copy_bw"] = row["gbps"] / row["copy_gbps"]
-        print(_fmt(row), flush=True)
+        print(fmt_row(row), flush=True)
         out.append(row)
     return out
 
 
-def _fmt(row: dict) -> str:
-    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-
-
-SUITES: dict[str, Callable[[bool], list[dict]]] = {
+#: Every suite: a function here, or ``"module:function"`` of a file beside this one (imported
+#: when the run starts; a suite that fails to import fails the run).
+SUITES: dict[str, Suite | str] = {
     "multihead": multihead_rows,
     "masked_mean": masked_mean_rows,
+    "masked": "gpu_masked:suite",
 }
 
 
-def _load_extra_suites() -> None:
-    try:
-        from gpu_masked import bench_masked  # written beside this file
-    except ImportError:
-        return
-    SUITES["masked"] = lambda quick: bench_masked(quick=quick)
-
-
-def main() -> None:
-    _load_extra_suites()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bench/gpu.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="one shape per suite")
     parser.add_argument(
@@ -185,35 +151,72 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="JSON path (default bench/results/<device>.json)"
     )
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/gpu.py needs a CUDA device")
-    import triton
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--list", action="store_true", help="list the suites, whether each imports, and exit"
+    )
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run every suite at tiny shapes, one call per timing (on the CPU with the torch "
+        "backend where there is no GPU) to check the script; writes results only with --out",
+    )
+    return parser.parse_args(argv)
 
-    device = torch.cuda.get_device_name()
-    results = {
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "protocol": f"bf16, median of triton.testing.do_bench over {ROTATE} rotated input sets",
-        "rows": [],
-    }
-    for name in args.only or list(SUITES):
+
+def _report_broken(broken: dict[str, str]) -> None:
+    for name, tb in broken.items():
+        print(f"suite {name} failed to import:\n{tb}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run and not torch.cuda.is_available():
+        # the masked suite calls Triton launchers directly: on the CPU, in the interpreter, which
+        # must be chosen before any kernel module is imported (DESIGN §3)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    suites, broken = load_suites({k: SUITES[k] for k in args.only or SUITES})
+    _report_broken(broken)
+    if args.list:
+        for name in SUITES:
+            status = "import error" if name in broken else "ok" if name in suites else "not chosen"
+            print(f"{name}: {status}")
+        return 1 if broken else 0
+    run = RunConfig.for_args(quick=args.quick, dry_run=args.dry_run)
+    reason = skip_reason(run)
+    if reason is not None:
+        for name in suites:
+            print(f"suite {name} skipped: {reason}", flush=True)
+        print("nothing measured; no results written", flush=True)
+        return 1 if broken else 0
+    results = environment(
+        run.device,
+        protocol=f"bf16, median of triton.testing.do_bench over {ROTATE} rotated input sets"
+        if not run.dry_run
+        else "dry run: tiny shapes, one call per timing (not a measurement)",
+        rows=[],
+    )
+    failures = {name: tb.strip().splitlines()[-1] for name, tb in broken.items()}
+    torch.manual_seed(0)
+    for name, suite in suites.items():
         print(f"== {name}", flush=True)
         try:
-            results["rows"] += SUITES[name](args.quick)
-        except Exception as exc:  # keep the other suites' numbers if one fails
-            print(f"suite {name} failed: {exc!r}", flush=True)
-            results.setdefault("failures", {})[name] = repr(exc)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    out = args.out or ROOT / "results" / f"{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"wrote {out}")
+            results["rows"] += suite(run)
+        except Exception as exc:  # keep the other suites' numbers, then fail the run
+            traceback.print_exc()
+            print(f"suite {name} failed: {exc!r}", file=sys.stderr, flush=True)
+            failures[name] = repr(exc)
+    if failures:
+        results["failures"] = failures
+    if run.dry_run and args.out is None:
+        print(f"dry run: {len(results['rows'])} rows; no results written (give --out)")
+    else:
+        print(f"wrote {write_results(results, args.out)}")
+    if failures:
+        print(f"FAILED suites: {sorted(failures)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,21 +10,22 @@ reach the same test loss, then writes ``bench/results/simulate-<device>.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import platform
-import re
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from fedlora.simulate import SimConfig, run
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import environment, results_path, write_results
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bench/simulate_speed.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--method", default="fedit")
     p.add_argument("--clients", type=int, default=16)
@@ -32,7 +33,13 @@ def main() -> None:
     p.add_argument("--local-steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fedlora.simulate import SimConfig, run
+
+    args = parse_args(argv)
     if args.device != "cpu":
         torch.set_default_device(args.device)
     rows = {}
@@ -59,25 +66,15 @@ def main() -> None:
         print(engine, rows[engine], flush=True)
     speedup = rows["batched"]["rounds_per_s"] / rows["sequential"]["rounds_per_s"]
     same = abs(rows["batched"]["final_test_loss"] - rows["sequential"]["final_test_loss"]) < 1e-3
-    device = (
-        torch.cuda.get_device_name()
-        if args.device == "cuda"
-        else f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+    out = environment(
+        args.device,
+        config=vars(args),
+        engines=rows,
+        batched_speedup=speedup,
+        same_test_loss=same,
     )
-    out = {
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "device": device,
-        "torch": torch.__version__,
-        "config": vars(args),
-        "engines": rows,
-        "batched_speedup": speedup,
-        "same_test_loss": same,
-    }
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()
-    name = f"simulate-{slug}-c{args.clients}-b{args.batch_size}.json"
-    path = Path(__file__).resolve().parent / "results" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    suffix = f"-c{args.clients}-b{args.batch_size}"
+    path = write_results(out, results_path(out["device"], prefix="simulate-", suffix=suffix))
     print(
         f"batched / sequential rounds per second: {speedup:.2f}x (same test loss: {same}); wrote {path}"
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _timing import benchmark_mode, peft_lora_baseline
 
 import fedlora_kernels as fk
 
@@ -49,17 +50,8 @@ def _impls(shape):
             F.linear(x, W) + fk.masked_lora(x, A, B, scale=scale, grad_mask=half)
         ),
     }
-    try:
-        from fedlora.peft_compat import peft_lora_linear
-    except ImportError:  # peft (or the fedlora API package) not installed
-        pass
-    else:
-        base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-        base.weight.data.copy_(W)
-        base.weight.requires_grad_(False)
-        layer = peft_lora_linear(base, r=A.shape[0], alpha=16)
-        layer.lora_A["default"].weight.data.copy_(A.detach())
-        layer.lora_B["default"].weight.data.copy_(B.detach())
+    layer = peft_lora_baseline(W, A.shape[0], A=A, B=B)  # None without peft
+    if layer is not None:
         impls["peft LoRA"] = lambda: layer(x)
     return impls
 
@@ -71,13 +63,10 @@ def test_masked_lora_cpu(benchmark, impl, shape, mode):
     impls = _impls(shape)
     if impl not in impls:
         pytest.skip("peft not installed")
-    f = impls[impl]
     benchmark.group = f"masked_lora {mode} {shape}"
-    if mode == "fwd":
-        with torch.no_grad():
-            benchmark.pedantic(f, rounds=20, warmup_rounds=2)
-    else:
-        benchmark.pedantic(lambda: f().sum().backward(), rounds=10, warmup_rounds=2)
+    benchmark_mode(
+        benchmark, impls[impl], mode, rounds=20 if mode == "fwd" else 10, warmup_rounds=2
+    )
 
 
 @pytest.mark.parametrize("impl", ["torch.optim.AdamW", "masked_adamw_ all", "masked_adamw_ half"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _timing import benchmark_mode, peft_lora_baseline
 
 import fedlora_kernels as fk
 
@@ -47,16 +48,8 @@ def _impls(shape):
         "eager": lambda: _eager(x, W, A, B, H, s),
         "fedlora": lambda: F.linear(x, W) + fk.multihead_lora(x, A, B, H, s),
     }
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        from fedlora.peft_compat import peft_lora_linear
-
-        base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-        base.weight.data.copy_(W)
-        peft_layer = peft_lora_linear(base, r=A.shape[0] * A.shape[1], alpha=16)
+    peft_layer = peft_lora_baseline(W, A.shape[0] * A.shape[1])  # the same total rank
+    if peft_layer is not None:
         impls["peft LoRA"] = lambda: peft_layer(x)
     return impls, x
 
@@ -68,10 +61,5 @@ def test_multihead_cpu(benchmark, impl, shape, mode):
     impls, _ = _impls(shape)
     if impl not in impls:
         pytest.skip("peft not installed")
-    f = impls[impl]
     benchmark.group = f"{mode} {shape}"
-    if mode == "fwd":
-        with torch.no_grad():
-            benchmark(f)
-    else:
-        benchmark(lambda: f().sum().backward())
+    benchmark_mode(benchmark, impls[impl], mode)

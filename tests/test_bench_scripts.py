@@ -1,0 +1,123 @@
+"""The GPU benchmark scripts on the CPU: arguments, suite discovery, loud failures, result files.
+
+``bench/gpu.py --dry-run`` runs every suite at tiny shapes (on the CPU with the torch backend and
+the Triton interpreter where there is no GPU), so a script that would break on the GPU machine,
+where time is scarce, breaks here first.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "python_api")])}
+    return subprocess.run(
+        [sys.executable, str(BENCH / name), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    """``bench/gpu.py`` imported as a module (it puts ``bench/`` on ``sys.path`` itself, for this
+    module's tests only)."""
+    saved = list(sys.path)
+    spec = importlib.util.spec_from_file_location("bench_gpu_script", BENCH / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    yield module
+    sys.path[:] = saved
+
+
+def test_help_and_list():
+    help_ = _script("gpu.py", "--help")
+    assert help_.returncode == 0, help_.stderr
+    assert "--dry-run" in help_.stdout and "--list" in help_.stdout
+    listed = _script("gpu.py", "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.split() == ["multihead:", "ok", "masked_mean:", "ok", "masked:", "ok"]
+    assert _script("simulate_speed.py", "--help").returncode == 0
+
+
+def test_dry_run_runs_every_suite_and_writes_results(tmp_path):
+    out = tmp_path / "dry.json"
+    proc = _script("gpu.py", "--dry-run", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    for key in ("date", "device", "torch", "python", "protocol"):
+        assert key in results
+    assert "dry run" in results["protocol"] and "failures" not in results
+    benches = {row["bench"] for row in results["rows"]}
+    assert benches == {"multihead_lora", "masked_weighted_mean", "masked_lora", "masked_adamw_"}
+    masked = [r for r in results["rows"] if r["bench"] == "masked_lora"]
+    assert masked[0]["impl"] == "F.linear" and masked[0]["fwd_x_floor"] == 1.0
+    assert "grad_x_all" in masked[-1]  # the backward-only rows ran too
+
+
+def test_a_suite_that_fails_to_import_fails_the_run(gpu, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(gpu.SUITES, "broken", "no_such_bench_module:suite")
+    assert gpu.main(["--list"]) == 1
+    captured = capsys.readouterr()
+    assert "broken: import error" in captured.out
+    assert "suite broken failed to import" in captured.err
+    assert "ModuleNotFoundError" in captured.err
+
+    out = tmp_path / "r.json"
+    argv = ["--dry-run", "--only", "broken", "--only", "masked_mean", "--out", str(out)]
+    assert gpu.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "ModuleNotFoundError" in captured.err and "FAILED suites: ['broken']" in captured.err
+    results = json.loads(out.read_text())  # the suites that did import still report
+    assert "no_such_bench_module" in results["failures"]["broken"]
+    assert {r["bench"] for r in results["rows"]} == {"masked_weighted_mean"}
+
+
+def test_a_suite_that_raises_fails_the_run_after_the_others(gpu, monkeypatch, tmp_path, capsys):
+    def raises(run):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setitem(gpu.SUITES, "raises", raises)
+    out = tmp_path / "r.json"
+    argv = ["--dry-run", "--only", "raises", "--only", "masked_mean", "--out", str(out)]
+    assert gpu.main(argv) == 1
+    assert "RuntimeError: kernel exploded" in capsys.readouterr().err
+    results = json.loads(out.read_text())
+    assert "kernel exploded" in results["failures"]["raises"]
+    assert results["rows"]
+
+
+def test_without_cuda_every_suite_says_it_is_skipped(gpu, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r.json"
+    assert gpu.main(["--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    skipped = [line for line in lines if "skipped: no CUDA device" in line]
+    assert [line.split()[1] for line in skipped] == list(gpu.SUITES)
+    assert not out.exists()
+
+
+def test_result_files(gpu, tmp_path):
+    import _timing  # on sys.path since bench/gpu.py was imported
+
+    assert _timing.device_slug("NVIDIA H200 (SXM)") == "nvidia-h200-sxm"
+    assert _timing.results_path("NVIDIA H200", prefix="simulate-", suffix="-c4").name == (
+        "simulate-nvidia-h200-c4.json"
+    )
+    env = _timing.environment("cpu", rows=[1])
+    path = _timing.write_results(env, tmp_path / "sub" / "x.json")
+    assert json.loads(path.read_text()) == env
