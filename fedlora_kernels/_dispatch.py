@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -260,3 +261,43 @@ def row_slots(offsets: torch.Tensor, adapter: torch.Tensor, num_rows: int) -> to
     rows = torch.arange(num_rows, device=offsets.device)
     seg = torch.searchsorted(offsets[1:].contiguous(), rows, right=True)
     return adapter[seg.clamp_max(adapter.numel() - 1)]
+
+
+class RowsInput(NamedTuple):
+    """The row input of a segmented op, flattened: what ``_prepare_<op>`` of
+    :mod:`fedlora_kernels.ops.multihead` and :mod:`fedlora_kernels.ops.masked_lora` share."""
+
+    x2: torch.Tensor  # [N, d_in]
+    lead: torch.Size  # x.shape[:-1]
+    offsets: torch.Tensor  # int64 [S+1] on the device
+    adapter: torch.Tensor  # int64 [S] on the device
+
+
+def check_rows_input(x: object) -> torch.Tensor:
+    """``x`` ``[..., d_in]``: a float tensor with at least one dimension."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension [..., d_in], got shape {list(x.shape)}")
+    return x
+
+
+def check_factor_dtypes(x: torch.Tensor, **factors: torch.Tensor) -> None:
+    """The adapter factors (frozen bases or LoRA factors) must have ``x``'s dtype."""
+    for name, t in factors.items():
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+
+
+def flatten_rows(
+    x: torch.Tensor,
+    d_in: int,
+    seg_offsets: torch.Tensor | None,
+    seg_adapter: torch.Tensor | None,
+    num_slots: int,
+    device: torch.device,
+) -> RowsInput:
+    """``x`` as ``[N, d_in]`` rows with its validated segment description
+    (:func:`check_segments`)."""
+    x2 = x.reshape(-1, d_in)
+    offsets, adapter = check_segments(seg_offsets, seg_adapter, x2.shape[0], num_slots, device)
+    return RowsInput(x2, x.shape[:-1], offsets, adapter)

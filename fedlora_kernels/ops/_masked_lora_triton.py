@@ -1,12 +1,8 @@
-"""Triton kernels, launchers and autograd of the masked-LoRA family.
+"""Triton kernels, launchers and autograd of :func:`fedlora_kernels.masked_lora`.
 
-Two ops live here: :func:`fedlora_kernels.masked_lora` (forward and backward, registered as
-``torch.library.triton_op`` with ``register_autograd`` so ``torch.compile`` traces into them on
-GPU) and the fused optimizer step :func:`fedlora_kernels.masked_adamw_` (an in-place
-``triton_op``). Inputs arrive validated from :mod:`fedlora_kernels.ops.masked_lora` and
-:mod:`fedlora_kernels.ops.masked_adamw`; see those modules for the algorithms.
-
-Kernels of ``masked_lora``:
+Registered through :func:`fedlora_kernels.ops._triton_utils.register` (a ``triton_op`` with
+``register_autograd``, so ``torch.compile`` traces into them on GPU). Inputs arrive validated
+from :mod:`fedlora_kernels.ops.masked_lora`; see that module for the algorithm.
 
 * ``_ml_fwd_kernel``: one program per row tile. Shrink ``S = x A_cᵀ`` over the whole of ``d_in``
   (each row with the ``A`` of its segment's slot), mask ``T = S ⊙ m_t``, store ``T`` (float32,
@@ -26,13 +22,21 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from fedlora_kernels.ops._triton_utils import (
     alloc_output,
     dot_precision,
+    launch,
     next_pow2,
+    pair_slots,
+    register,
+    row_tile,
+    row_tile_config,
+    segment,
+    segment_rows,
+    segment_slot_dot,
     segment_tiles,
+    sum_partials_by_slot,
     upcast_dots,
 )
 
@@ -52,14 +56,13 @@ def alloc_partials(shape: tuple[int, ...], *, device: torch.device) -> torch.Ten
 
 @triton.jit
 def _row_mask(
-    rm_ptr, off_ptr, rows, js, seg_lo, seg_hi, R: tl.constexpr, BM: tl.constexpr, RP: tl.constexpr
-):
+    rm_ptr, off_ptr, slot_ptr, rows, js, seg_lo, seg_hi, R: tl.constexpr, BM: tl.constexpr,
+    RP: tl.constexpr,
+):  # fmt: skip
     """Per-row rank mask ``[BM, RP]``: row n of segment t gets ``rank_mask[t]``."""
     M = tl.zeros([BM, RP], dtype=tl.float32)
     for t in range(seg_lo, seg_hi + 1):
-        start = tl.load(off_ptr + t)
-        end = tl.load(off_ptr + t + 1)
-        inseg = (rows >= start) & (rows < end)
+        inseg, _ = segment_rows(off_ptr, slot_ptr, t, rows)
         mt = tl.load(rm_ptr + t * R + js, mask=js < R, other=0.0)
         M = tl.where(inseg[:, None], mt[None, :], M)
     return M
@@ -95,8 +98,7 @@ def _ml_fwd_kernel(
     PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
+    rows, rmask = row_tile(N, BM)
     rows64 = rows.to(tl.int64)
     js = tl.arange(0, RP)
     jmask = js < R
@@ -116,25 +118,17 @@ def _ml_fwd_kernel(
         )
         if UPCAST:
             xt = xt.to(tl.float32)
-        for t in range(seg_lo, seg_hi + 1):
-            start = tl.load(off_ptr + t)
-            end = tl.load(off_ptr + t + 1)
-            c = tl.load(segslot_ptr + t).to(tl.int64)
-            inseg = (rows >= start) & (rows < end)
-            at = tl.load(
-                a_ptr + c * R * D_IN + js[None, :] * D_IN + kk[:, None],
-                mask=jmask[None, :] & kmask[:, None],
-                other=0.0,
-            )
-            if UPCAST:
-                at = at.to(tl.float32)
-            xs = tl.where(inseg[:, None], xt, tl.zeros_like(xt))
-            acc = tl.dot(xs, at, acc, input_precision=PREC)
+        a_off = js[None, :] * D_IN + kk[:, None]
+        a_mask = jmask[None, :] & kmask[:, None]
+        acc = segment_slot_dot(
+            acc, xt, rows, a_ptr, a_off, a_mask, D_IN, off_ptr, segslot_ptr, seg_lo, seg_hi,
+            R, UPCAST, PREC,
+        )  # fmt: skip
 
     # mask: T = S ⊙ m_t, kept (unscaled, float32) for the dB reduction
     T = acc
     if HAS_RM:
-        T = T * _row_mask(rm_ptr, off_ptr, rows, js, seg_lo, seg_hi, R, BM, RP)
+        T = T * _row_mask(rm_ptr, off_ptr, segslot_ptr, rows, js, seg_lo, seg_hi, R, BM, RP)
     tl.store(t_ptr + rows64[:, None] * R + js[None, :], T, mask=rmask[:, None] & jmask[None, :])
     T = T * scale
     if UPCAST:
@@ -147,21 +141,12 @@ def _ml_fwd_kernel(
     for n0 in range(0, D_OUT, BN):
         nn = n0 + ns
         nmask = nn < D_OUT
-        y = tl.zeros([BM, BN], dtype=tl.float32)
-        for t in range(seg_lo, seg_hi + 1):
-            start = tl.load(off_ptr + t)
-            end = tl.load(off_ptr + t + 1)
-            c = tl.load(segslot_ptr + t).to(tl.int64)
-            inseg = (rows >= start) & (rows < end)
-            bt = tl.load(
-                b_ptr + c * D_OUT * R + nn[None, :] * R + js[:, None],
-                mask=jmask[:, None] & nmask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                bt = bt.to(tl.float32)
-            ts = tl.where(inseg[:, None], Tc, tl.zeros_like(Tc))
-            y = tl.dot(ts, bt, y, input_precision=PREC)
+        b_off = nn[None, :] * R + js[:, None]
+        b_mask = jmask[:, None] & nmask[None, :]
+        y = segment_slot_dot(
+            tl.zeros([BM, BN], dtype=tl.float32), Tc, rows, b_ptr, b_off, b_mask, D_OUT,
+            off_ptr, segslot_ptr, seg_lo, seg_hi, R, UPCAST, PREC,
+        )  # fmt: skip
         tl.store(
             y_ptr + rows64[:, None] * sym + nn[None, :] * syn,
             y.to(y_ptr.dtype.element_ty),
@@ -201,8 +186,7 @@ def _ml_bwd_rows_kernel(
     PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
+    rows, rmask = row_tile(N, BM)
     rows64 = rows.to(tl.int64)
     js = tl.arange(0, RP)
     jmask = js < R
@@ -222,25 +206,17 @@ def _ml_bwd_rows_kernel(
         )
         if UPCAST:
             dyt = dyt.to(tl.float32)
-        for t in range(seg_lo, seg_hi + 1):
-            start = tl.load(off_ptr + t)
-            end = tl.load(off_ptr + t + 1)
-            c = tl.load(segslot_ptr + t).to(tl.int64)
-            inseg = (rows >= start) & (rows < end)
-            bt = tl.load(
-                b_ptr + c * D_OUT * R + nn[:, None] * R + js[None, :],
-                mask=nmask[:, None] & jmask[None, :],
-                other=0.0,
-            )
-            if UPCAST:
-                bt = bt.to(tl.float32)
-            dys = tl.where(inseg[:, None], dyt, tl.zeros_like(dyt))
-            P = tl.dot(dys, bt, P, input_precision=PREC)
+        b_off = nn[:, None] * R + js[None, :]
+        b_mask = nmask[:, None] & jmask[None, :]
+        P = segment_slot_dot(
+            P, dyt, rows, b_ptr, b_off, b_mask, D_OUT, off_ptr, segslot_ptr, seg_lo, seg_hi,
+            R, UPCAST, PREC,
+        )  # fmt: skip
 
     # dS = scale · P ⊙ m_t: kept for the dA reduction
     dS = P * scale
     if HAS_RM:
-        dS = dS * _row_mask(rm_ptr, off_ptr, rows, js, seg_lo, seg_hi, R, BM, RP)
+        dS = dS * _row_mask(rm_ptr, off_ptr, segslot_ptr, rows, js, seg_lo, seg_hi, R, BM, RP)
     if WRITE_DS:
         tl.store(
             ds_ptr + rows64[:, None] * R + js[None, :], dS, mask=rmask[:, None] & jmask[None, :]
@@ -256,21 +232,12 @@ def _ml_bwd_rows_kernel(
         for k0 in range(0, D_IN, BK):
             kk = k0 + ks
             kmask = kk < D_IN
-            dx = tl.zeros([BM, BK], dtype=tl.float32)
-            for t in range(seg_lo, seg_hi + 1):
-                start = tl.load(off_ptr + t)
-                end = tl.load(off_ptr + t + 1)
-                c = tl.load(segslot_ptr + t).to(tl.int64)
-                inseg = (rows >= start) & (rows < end)
-                at = tl.load(
-                    a_ptr + c * R * D_IN + js[:, None] * D_IN + kk[None, :],
-                    mask=jmask[:, None] & kmask[None, :],
-                    other=0.0,
-                )
-                if UPCAST:
-                    at = at.to(tl.float32)
-                ds_s = tl.where(inseg[:, None], dSc, tl.zeros_like(dSc))
-                dx = tl.dot(ds_s, at, dx, input_precision=PREC)
+            a_off = js[:, None] * D_IN + kk[None, :]
+            a_mask = jmask[:, None] & kmask[None, :]
+            dx = segment_slot_dot(
+                tl.zeros([BM, BK], dtype=tl.float32), dSc, rows, a_ptr, a_off, a_mask, D_IN,
+                off_ptr, segslot_ptr, seg_lo, seg_hi, R, UPCAST, PREC,
+            )  # fmt: skip
             tl.store(
                 dx_ptr + rows64[:, None] * sdxm + kk[None, :] * sdxk,
                 dx.to(dx_ptr.dtype.element_ty),
@@ -325,13 +292,13 @@ def _ml_reduce_kernel(
     jr = rb * RB + tl.arange(0, RB)
     ms = tl.arange(0, BM)
     for t in range(seg_lo, seg_hi + 1):
-        c = tl.load(segslot_ptr + t)
+        start, end, c = segment(off_ptr, segslot_ptr, t)
         K = tl.load(cnt_ptr + c)
         if rb * RB < K:
             jv = jr < K
             jj = tl.load(kidx_ptr + c * R + jr, mask=jv, other=0)
-            r_lo = tl.maximum(tl.load(off_ptr + t).to(tl.int32), ch_lo)
-            r_hi = tl.minimum(tl.load(off_ptr + t + 1).to(tl.int32), ch_hi)
+            r_lo = tl.maximum(start.to(tl.int32), ch_lo)
+            r_hi = tl.minimum(end.to(tl.int32), ch_hi)
             acc = tl.zeros([BD, RB], dtype=tl.float32)
             for m0 in range(r_lo, r_hi, BM):
                 rows = m0 + ms
@@ -363,29 +330,19 @@ def _ml_reduce_kernel(
 # ------------------------------------------------------------------------------------ launchers
 
 
-def _row_tiles(n: int, d_in: int, d_out: int, rp: int) -> tuple[int, int, int, int]:
-    """(BM, BK, BN, num_warps) of the row-tile kernels: enough row tiles to fill the device,
-    register use bounded by the padded rank ``rp``."""
-    bm = 64 if n >= 8192 else (32 if n >= 1024 else 16)
-    if rp >= 256:
-        bm = 16
-    bk = 64 if rp <= 64 else 32
-    bn = 64 if rp <= 64 else 32
-    return bm, min(bk, next_pow2(d_in)), min(bn, next_pow2(d_out)), 4
-
-
-def _reduce_tiles(n: int, d: int, rp: int) -> tuple[int, int, int, int]:
-    """(rank block RB, rows per step BM, columns per program BD, rows per chunk CH).
-
-    RB is the granularity at which frozen components are skipped. About 8 row chunks (at least
-    one BM each) give the grid enough programs without a big partial buffer.
+def reduce_config(n: int, d: int, rp: int) -> dict[str, int]:
+    """Tiles of the gradient reduction over ``n`` rows and ``d`` columns at padded rank ``rp``:
+    rank block ``RB`` (the granularity at which frozen components are skipped), rows per step
+    ``BM``, columns per program ``BD``, rows per chunk ``CH`` (a runtime argument) and
+    ``num_warps``. About 8 row chunks (at least one BM each) give the grid enough programs
+    without a big partial buffer.
     """
     rb = 16 if rp <= 32 else 32
     bm = 64 if n >= 4096 else 32
     bd = min(64, next_pow2(d))
     chunk = -(-max(n, 1) // 8)
     chunk = -(-chunk // bm) * bm
-    return rb, bm, bd, chunk
+    return dict(RB=rb, BM=bm, BD=bd, CH=chunk, num_warps=4)
 
 
 def grad_plan(
@@ -428,61 +385,27 @@ def _reduce(
     with ``transpose_out``), float32, exactly zero for the other components."""
     n, d = u.shape
     rank = v.shape[1]
-    rb, bm, bd, chunk = _reduce_tiles(n, d, next_pow2(rank))
-    lo, hi, pair_start, max_pairs = segment_tiles(offsets, n, chunk)
+    cfg = reduce_config(n, d, next_pow2(rank))
+    chunk = cfg.pop("CH")
+    plan = segment_tiles(offsets, n, chunk)
     if transpose_out:
-        part = alloc_partials((max_pairs, rank, d), device=u.device)
+        part = alloc_partials((plan.max_pairs, rank, d), device=u.device)
         spd, spj = 1, d
     else:
-        part = alloc_partials((max_pairs, d, rank), device=u.device)
+        part = alloc_partials((plan.max_pairs, d, rank), device=u.device)
         spd, spj = rank, 1
     n_chunks = max(1, -(-n // chunk))
-    grid = (triton.cdiv(rank, rb), triton.cdiv(d, bd), n_chunks)
-    wrap_triton(_ml_reduce_kernel)[grid](
-        u,
-        v,
-        part,
-        kidx,
-        cnt,
-        offsets,
-        adapter,
-        lo,
-        hi,
-        pair_start,
-        n,
-        d,
-        u.stride(0),
-        u.stride(1),
-        part.stride(0),
-        spd,
-        spj,
-        chunk,
-        R=rank,
-        RB=rb,
-        BM=bm,
-        BD=bd,
-        UPCAST=upcast_dots(),
-        PREC=dot_precision(u.dtype),
-        num_warps=4,
-    )
-    # fixed-order sum of the (chunk, segment) partials into their slots: owner [C, P] @ part
-    counts = hi - lo + 1
-    pslot = torch.full((max_pairs,), -1, device=u.device, dtype=torch.int64)
-    pair_ids = torch.arange(max_pairs, device=u.device)
-    # pair p belongs to chunk k with pair_start[k] <= p < pair_start[k] + counts[k]
-    chunk_of = torch.searchsorted((pair_start + counts).to(torch.int64), pair_ids, right=True)
-    valid = chunk_of < lo.numel()
-    chunk_of = chunk_of.clamp_max(lo.numel() - 1)
-    seg_of = lo[chunk_of].to(torch.int64) + (pair_ids - pair_start[chunk_of].to(torch.int64))
-    seg_of = seg_of.clamp(0, adapter.numel() - 1)
-    pslot = torch.where(valid, adapter[seg_of], pslot)
-    owner = (pslot[None, :] == torch.arange(num_slots, device=u.device)[:, None]).to(torch.float32)
-    out = owner @ part.reshape(max_pairs, -1)
-    return out.reshape(num_slots, *part.shape[1:])
+    launch(
+        _ml_reduce_kernel,
+        (triton.cdiv(rank, cfg["RB"]), triton.cdiv(d, cfg["BD"]), n_chunks),
+        u, v, part, kidx, cnt, offsets, adapter, plan.lo, plan.hi, plan.pair_start,
+        n, d, *u.stride(), part.stride(0), spd, spj, chunk,
+        R=rank, UPCAST=upcast_dots(), PREC=dot_precision(u.dtype), **cfg,
+    )  # fmt: skip
+    return sum_partials_by_slot(part, pair_slots(plan, adapter), num_slots)
 
 
-@triton_op("fedlora::masked_lora_fwd", mutates_args=())
-def masked_lora_fwd(
+def _forward(
     x: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -502,43 +425,20 @@ def masked_lora_fwd(
     T = alloc_output((n, rank), device=x.device, dtype=torch.float32)
     if n == 0:
         return y, T
-    bm, bk, bn, warps = _row_tiles(n, d_in, d_out, rp)
-    lo, hi, _, _ = segment_tiles(offsets, n, bm)
-    grid = (triton.cdiv(n, bm),)
-    wrap_triton(_ml_fwd_kernel)[grid](
-        x,
-        A.contiguous(),
-        B.contiguous(),
-        rank_mask if rank_mask is not None else T,
-        y,
-        T,
-        offsets,
-        adapter,
-        lo,
-        hi,
-        n,
-        d_in,
-        d_out,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        scale,
-        R=rank,
-        RP=rp,
-        HAS_RM=rank_mask is not None,
-        BM=bm,
-        BK=bk,
-        BN=bn,
-        UPCAST=upcast_dots(),
-        PREC=dot_precision(x.dtype),
-        num_warps=warps,
-    )
+    cfg = row_tile_config(n, d_in, d_out, rp)
+    plan = segment_tiles(offsets, n, cfg["BM"])
+    launch(
+        _ml_fwd_kernel,
+        (triton.cdiv(n, cfg["BM"]),),
+        x, A.contiguous(), B.contiguous(), rank_mask if rank_mask is not None else T, y, T,
+        offsets, adapter, plan.lo, plan.hi, n, d_in, d_out, *x.stride(), *y.stride(), scale,
+        R=rank, RP=rp, HAS_RM=rank_mask is not None, UPCAST=upcast_dots(),
+        PREC=dot_precision(x.dtype), **cfg,
+    )  # fmt: skip
     return y, T
 
 
-@triton_op("fedlora::masked_lora_bwd", mutates_args=())
-def masked_lora_bwd(
+def _backward_kernels(
     dy: torch.Tensor,
     x: torch.Tensor,
     T: torch.Tensor,
@@ -573,39 +473,17 @@ def masked_lora_bwd(
     B = B.contiguous()
     dS = alloc_output((n, rank), device=device, dtype=torch.float32) if need_dA else T
     if need_dx or need_dA:
-        bm, bk, bn, warps = _row_tiles(n, d_in, d_out, rp)
-        lo, hi, _, _ = segment_tiles(offsets, n, bm)
-        wrap_triton(_ml_bwd_rows_kernel)[(triton.cdiv(n, bm),)](
-            dy,
-            A,
-            B,
-            rank_mask if rank_mask is not None else T,
-            dx if need_dx else dy,
-            dS,
-            offsets,
-            adapter,
-            lo,
-            hi,
-            n,
-            d_in,
-            d_out,
-            dy.stride(0),
-            dy.stride(1),
-            dx.stride(0) if need_dx else 0,
-            dx.stride(1) if need_dx else 0,
-            scale,
-            R=rank,
-            RP=rp,
-            HAS_RM=rank_mask is not None,
-            WRITE_DX=need_dx,
-            WRITE_DS=need_dA,
-            BM=bm,
-            BK=bk,
-            BN=bn,
-            UPCAST=upcast_dots(),
-            PREC=dot_precision(dy.dtype),
-            num_warps=warps,
-        )
+        cfg = row_tile_config(n, d_in, d_out, rp)
+        plan = segment_tiles(offsets, n, cfg["BM"])
+        launch(
+            _ml_bwd_rows_kernel,
+            (triton.cdiv(n, cfg["BM"]),),
+            dy, A, B, rank_mask if rank_mask is not None else T, dx if need_dx else dy, dS,
+            offsets, adapter, plan.lo, plan.hi, n, d_in, d_out, *dy.stride(),
+            *(dx.stride() if need_dx else (0, 0)), scale,
+            R=rank, RP=rp, HAS_RM=rank_mask is not None, WRITE_DX=need_dx, WRITE_DS=need_dA,
+            UPCAST=upcast_dots(), PREC=dot_precision(dy.dtype), **cfg,
+        )  # fmt: skip
     if need_dA or need_dB:
         kidx, cnt = grad_plan(grad_mask, rank_mask, adapter, num_slots, rank)
         if need_dB:
@@ -641,157 +519,7 @@ def _backward(ctx, dy, _dT):
     )
 
 
-masked_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ------------------------------------------------------------------------------ masked AdamW
-
-
-@triton.jit
-def _masked_adamw_kernel(
-    p_ptr,
-    g_ptr,
-    m_ptr,
-    v_ptr,
-    mask_ptr,
-    ema_ptr,
-    unc_ptr,
-    ss_ptr,
-    bc2_ptr,
-    numel,
-    MAT,
-    KDIM,
-    R,
-    decay,
-    w1,
-    beta2,
-    one_m_beta2,
-    eps,
-    step_size,
-    bc2_sqrt,
-    ib1,
-    one_m_ib1,
-    ib2,
-    one_m_ib2,
-    RANK_DIM: tl.constexpr,
-    LERP_HI: tl.constexpr,
-    PER_SLOT: tl.constexpr,
-    HAS_IMP: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """One AdamW step on a contiguous ``[C, M, K]`` parameter and its state, in place, for the
-    elements whose rank component (row for ``RANK_DIM=0``, column for 1) has mask 1. Masked
-    elements are neither loaded nor stored."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < numel
-    slot = offs // MAT
-    within = offs - slot * MAT
-    if RANK_DIM == 0:
-        comp = within // KDIM
-    else:
-        comp = within % KDIM
-    keep = tl.load(mask_ptr + slot * R + comp, mask=inb, other=0)
-    act = inb & (keep != 0)
-    p = tl.load(p_ptr + offs, mask=act, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=act, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=act, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=act, other=0.0).to(tl.float32)
-    if PER_SLOT:
-        ss = tl.load(ss_ptr + slot, mask=act, other=0.0)
-        bc2 = tl.load(bc2_ptr + slot, mask=act, other=1.0)
-    else:
-        ss = step_size
-        bc2 = bc2_sqrt
-    if HAS_IMP:
-        # HAFL sensitivity at the weights the gradient was taken at (before this step)
-        sens = tl.abs(p * g)
-        e = tl.load(ema_ptr + offs, mask=act, other=0.0).to(tl.float32)
-        u = tl.load(unc_ptr + offs, mask=act, other=0.0).to(tl.float32)
-        e = e * ib1 + sens * one_m_ib1
-        u = u * ib2 + tl.abs(sens - e) * one_m_ib2
-        tl.store(ema_ptr + offs, e.to(ema_ptr.dtype.element_ty), mask=act)
-        tl.store(unc_ptr + offs, u.to(unc_ptr.dtype.element_ty), mask=act)
-    # torch.optim.AdamW, op for op: decay, lerp, addcmul, sqrt / bc2 + eps, addcdiv
-    p = p * decay
-    if LERP_HI:
-        m = g - (g - m) * (1.0 - w1)
-    else:
-        m = m + w1 * (g - m)
-    v = v * beta2 + one_m_beta2 * g * g
-    denom = tl.div_rn(tl.sqrt_rn(v), bc2) + eps
-    p = p + (-ss) * tl.div_rn(m, denom)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=act)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=act)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=act)
-
-
-@triton_op("fedlora::masked_adamw_", mutates_args={"param", "exp_avg", "exp_avg_sq", "ema", "unc"})
-def masked_adamw_op(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    mask: torch.Tensor,
-    ema: torch.Tensor | None,
-    unc: torch.Tensor | None,
-    step_size_t: torch.Tensor | None,
-    bc2_sqrt_t: torch.Tensor | None,
-    slots: int,
-    rank_dim: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step_size: float,
-    bc2_sqrt: float,
-    imp_beta1: float,
-    imp_beta2: float,
-) -> None:
-    """Launch the fused step. ``param`` and its state are contiguous, viewed as
-    ``[slots, M, K]``; ``mask`` is ``[slots, R]`` int8. Per-slot bias terms come as float32
-    tensors ``[slots]`` (``step_size_t``, ``bc2_sqrt_t``) or as the scalars."""
-    numel = param.numel()
-    if numel == 0:
-        return
-    mat = numel // slots
-    kdim = param.shape[-1]
-    rank = mask.shape[-1]
-    per_slot = step_size_t is not None
-    has_imp = ema is not None
-    block = 1024
-    w1 = 1.0 - beta1
-    grid = (triton.cdiv(numel, block),)
-    wrap_triton(_masked_adamw_kernel)[grid](
-        param,
-        grad,
-        exp_avg,
-        exp_avg_sq,
-        mask,
-        ema if has_imp else param,
-        unc if has_imp else param,
-        step_size_t if per_slot else mask,
-        bc2_sqrt_t if per_slot else mask,
-        numel,
-        mat,
-        kdim,
-        rank,
-        1.0 - lr * weight_decay,
-        w1,
-        beta2,
-        1.0 - beta2,
-        eps,
-        step_size,
-        bc2_sqrt,
-        imp_beta1,
-        1.0 - imp_beta1,
-        imp_beta2,
-        1.0 - imp_beta2,
-        RANK_DIM=rank_dim,
-        LERP_HI=w1 >= 0.5,
-        PER_SLOT=per_slot,
-        HAS_IMP=has_imp,
-        BLOCK=block,
-        num_warps=4,
-    )
+masked_lora_bwd = register("fedlora::masked_lora_bwd", _backward_kernels)
+masked_lora_fwd = register(
+    "fedlora::masked_lora_fwd", _forward, backward=_backward, setup_context=_setup_context
+)

@@ -1,7 +1,8 @@
 """Triton kernels, launchers and autograd of :func:`fedlora_kernels.multihead_lora`.
 
-Registered as ``torch.library.triton_op`` so ``torch.compile`` traces into them on GPU. Inputs
-arrive validated from :mod:`fedlora_kernels.ops.multihead`. See that module for the algorithm.
+Registered through :func:`fedlora_kernels.ops._triton_utils.register` (a ``triton_op`` with
+``register_autograd``, so ``torch.compile`` traces into them on GPU). Inputs arrive validated
+from :mod:`fedlora_kernels.ops.multihead`; see that module for the algorithm.
 """
 
 from __future__ import annotations
@@ -9,13 +10,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from fedlora_kernels.ops._triton_utils import (
     alloc_output,
     dot_precision,
+    launch,
     next_pow2,
+    pair_slots,
+    register,
+    row_tile,
+    row_tile_config,
+    segment_rows,
     segment_tiles,
+    sum_partials_by_slot,
     upcast_dots,
 )
 
@@ -68,8 +75,7 @@ def _mh_fwd_kernel(
     PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
+    rows, rmask = row_tile(N, BM)
     js = tl.arange(0, RP)
     jmask = js < R
 
@@ -99,12 +105,9 @@ def _mh_fwd_kernel(
     seg_lo = tl.load(tlo_ptr + pid)
     seg_hi = tl.load(thi_ptr + pid)
     for t in range(seg_lo, seg_hi + 1):
-        start = tl.load(off_ptr + t)
-        end = tl.load(off_ptr + t + 1)
-        c = tl.load(segslot_ptr + t)
+        inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows)
         hbd, sv = _core_tile(h_ptr, s_ptr, c, js, NH, RH, R)
         u = tl.dot(acc, tl.trans(hbd), input_precision="ieee") * sv[None, :]
-        inseg = (rows >= start) & (rows < end)
         T = tl.where(inseg[:, None], u, T)
     T = T * scale
     if UPCAST:
@@ -149,7 +152,6 @@ def _mh_bwd_kernel(
     dx_ptr,
     dhp_ptr,
     dsp_ptr,
-    pslot_ptr,
     off_ptr,
     segslot_ptr,
     tlo_ptr,
@@ -174,8 +176,7 @@ def _mh_bwd_kernel(
     PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
+    rows, rmask = row_tile(N, BM)
     js = tl.arange(0, RP)
     jmask = js < R
 
@@ -213,12 +214,10 @@ def _mh_bwd_kernel(
     blk = same & jmask[:, None] & jmask[None, :]
     dh_off = (js[:, None] // RH) * RH * RH + (js[:, None] % RH) * RH + js[None, :] % RH
     for t in range(seg_lo, seg_hi + 1):
-        start = tl.load(off_ptr + t)
-        end = tl.load(off_ptr + t + 1)
-        c = tl.load(segslot_ptr + t)
+        inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows)
+        inseg = inseg & rmask
         pair = pair0 + (t - seg_lo)
         hbd, sv = _core_tile(h_ptr, s_ptr, c, js, NH, RH, R)
-        inseg = (rows >= start) & (rows < end) & rmask
         Pm = tl.where(inseg[:, None], P, 0.0)
         U = tl.dot(S, tl.trans(hbd), input_precision="ieee")
         # ds[c, i] = Σ_n Σ_{j in head i} P[n, j] U[n, j]   (per column here, per head on the host)
@@ -227,7 +226,6 @@ def _mh_bwd_kernel(
         # dH[c, i][a, b] = s_i Σ_n P[n, i·r+a] S[n, i·r+b]   (diagonal blocks of Psᵀ S)
         dh = tl.dot(tl.trans(Ps), S, input_precision="ieee")
         tl.store(dhp_ptr + pair * NH * RH * RH + dh_off, dh, mask=blk)
-        tl.store(pslot_ptr + pair, c)
         # dS = (s ⊙ P) H_bd
         dS += tl.dot(Ps, hbd, input_precision="ieee")
 
@@ -254,19 +252,10 @@ def _mh_bwd_kernel(
         )
 
 
-def _tiles(n: int, d_in: int, d_out: int, rp: int) -> tuple[int, int, int, int]:
-    """(BM, BK, BN, num_warps) for a problem: enough row tiles to fill the device, register use
-    bounded by the padded rank ``rp``."""
-    bm = 64 if n >= 8192 else (32 if n >= 1024 else 16)
-    if rp >= 256:
-        bm = 16
-    bk = 64 if rp <= 64 else 32
-    bn = 64 if rp <= 64 else 32
-    return bm, min(bk, next_pow2(d_in)), min(bn, next_pow2(d_out)), 4
+# ------------------------------------------------------------------------------------ launchers
 
 
-@triton_op("fedlora::multihead_lora_fwd", mutates_args=())
-def multihead_lora_fwd(
+def _forward(
     x: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
@@ -293,49 +282,21 @@ def multihead_lora_fwd(
     if n == 0:
         return y, S
     base = base_out if base_out is not None else y  # unread when ADD_BASE is off
-    bm, bk, bn, warps = _tiles(n, d_in, d_out, rp)
-    lo, hi, _, _ = segment_tiles(offsets, n, bm)
-    grid = (triton.cdiv(n, bm),)
-    wrap_triton(_mh_fwd_kernel)[grid](
-        x,
-        A.contiguous(),
-        B.contiguous(),
-        H.contiguous(),
-        s.contiguous(),
-        y,
-        S,
-        base,
-        offsets,
-        adapter,
-        lo,
-        hi,
-        n,
-        d_in,
-        d_out,
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        base.stride(0),
-        base.stride(1),
-        scale,
-        NH=h,
-        RH=r,
-        R=R,
-        RP=rp,
-        BM=bm,
-        BK=bk,
-        BN=bn,
-        UPCAST=upcast_dots(),
-        ADD_BASE=base_out is not None,
-        PREC=dot_precision(x.dtype),
-        num_warps=warps,
-    )
+    cfg = row_tile_config(n, d_in, d_out, rp)
+    plan = segment_tiles(offsets, n, cfg["BM"])
+    launch(
+        _mh_fwd_kernel,
+        (triton.cdiv(n, cfg["BM"]),),
+        x, A.contiguous(), B.contiguous(), H.contiguous(), s.contiguous(), y, S, base,
+        offsets, adapter, plan.lo, plan.hi,
+        n, d_in, d_out, *x.stride(), *y.stride(), *base.stride(), scale,
+        NH=h, RH=r, R=R, RP=rp, UPCAST=upcast_dots(), ADD_BASE=base_out is not None,
+        PREC=dot_precision(x.dtype), **cfg,
+    )  # fmt: skip
     return y, S
 
 
-@triton_op("fedlora::multihead_lora_bwd", mutates_args=())
-def multihead_lora_bwd(
+def _backward_kernels(
     dy: torch.Tensor,
     S: torch.Tensor,
     A: torch.Tensor,
@@ -356,51 +317,21 @@ def multihead_lora_bwd(
     dx = alloc_output((n, d_in), device=dy.device, dtype=dy.dtype)
     if n == 0:
         return dx, torch.zeros_like(H), torch.zeros_like(s)
-    bm, bk, bn, warps = _tiles(n, d_in, d_out, rp)
-    lo, hi, pair_start, max_pairs = segment_tiles(offsets, n, bm)
-    dhp = torch.zeros((max_pairs, h, r, r), device=dy.device, dtype=torch.float32)
-    dsp = torch.zeros((max_pairs, rp), device=dy.device, dtype=torch.float32)
-    pslot = torch.full((max_pairs,), -1, device=dy.device, dtype=torch.int64)
-    grid = (triton.cdiv(n, bm),)
-    wrap_triton(_mh_bwd_kernel)[grid](
-        dy,
-        S,
-        A.contiguous(),
-        B.contiguous(),
-        H.contiguous(),
-        s.contiguous(),
-        dx,
-        dhp,
-        dsp,
-        pslot,
-        offsets,
-        adapter,
-        lo,
-        hi,
-        pair_start,
-        n,
-        d_in,
-        d_out,
-        dy.stride(0),
-        dy.stride(1),
-        dx.stride(0),
-        dx.stride(1),
-        scale,
-        NH=h,
-        RH=r,
-        R=R,
-        RP=rp,
-        BM=bm,
-        BK=bk,
-        BN=bn,
-        UPCAST=upcast_dots(),
-        PREC=dot_precision(dy.dtype),
-        num_warps=warps,
-    )
-    # fixed-order sum of the pair partials into their slots: a tiny [C, P] x [P, ·] matmul
-    owner = (pslot[None, :] == torch.arange(C, device=dy.device)[:, None]).to(torch.float32)
-    dH = (owner @ dhp.reshape(max_pairs, -1)).reshape(C, h, r, r)
-    ds = (owner @ dsp)[:, :R].reshape(C, h, r).sum(-1)
+    cfg = row_tile_config(n, d_in, d_out, rp)
+    plan = segment_tiles(offsets, n, cfg["BM"])
+    dhp = torch.zeros((plan.max_pairs, h, r, r), device=dy.device, dtype=torch.float32)
+    dsp = torch.zeros((plan.max_pairs, rp), device=dy.device, dtype=torch.float32)
+    launch(
+        _mh_bwd_kernel,
+        (triton.cdiv(n, cfg["BM"]),),
+        dy, S, A.contiguous(), B.contiguous(), H.contiguous(), s.contiguous(), dx, dhp, dsp,
+        offsets, adapter, plan.lo, plan.hi, plan.pair_start,
+        n, d_in, d_out, *dy.stride(), *dx.stride(), scale,
+        NH=h, RH=r, R=R, RP=rp, UPCAST=upcast_dots(), PREC=dot_precision(dy.dtype), **cfg,
+    )  # fmt: skip
+    slots = pair_slots(plan, adapter)
+    dH = sum_partials_by_slot(dhp, slots, C)
+    ds = sum_partials_by_slot(dsp, slots, C)[:, :R].reshape(C, h, r).sum(-1)
     if head_mask is not None:
         dH = dH * head_mask[:, :, None, None]
         ds = ds * head_mask
@@ -422,4 +353,7 @@ def _backward(ctx, dy, _dS):
     return dx, None, None, dH, ds, None, None, None, None, d_base
 
 
-multihead_lora_fwd.register_autograd(_backward, setup_context=_setup_context)
+multihead_lora_bwd = register("fedlora::multihead_lora_bwd", _backward_kernels)
+multihead_lora_fwd = register(
+    "fedlora::multihead_lora_fwd", _forward, backward=_backward, setup_context=_setup_context
+)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -125,6 +126,83 @@ def masked_adamw_(
     The masked components of ``param``, ``exp_avg``, ``exp_avg_sq`` (and ``ema``, ``unc``) stay
     bitwise unchanged. Returns ``None``.
     """
+    p = _prepare_masked_adamw(
+        param, grad, exp_avg, exp_avg_sq, mask, lr, betas, eps, weight_decay, step, rank_dim,
+        importance,
+    )  # fmt: skip
+    if resolve_backend(backend, p.device) == "torch":
+        view = (p.slots, *param.shape[-2:])
+        reference.masked_adamw_(
+            param.view(view),
+            grad.reshape(view),
+            exp_avg.view(view),
+            exp_avg_sq.view(view),
+            p.mask,
+            lr=p.lr,
+            beta1=p.beta1,
+            beta2=p.beta2,
+            eps=p.eps,
+            weight_decay=p.weight_decay,
+            step=p.step,
+            rank_dim=p.rank_dim,
+            importance=None
+            if p.ema is None
+            else (p.ema.view(view), p.unc.view(view), p.imp_beta1, p.imp_beta2),
+        )
+        return None
+
+    from fedlora_kernels.ops import _masked_adamw_triton as impl
+
+    step_size_t = bc2_sqrt_t = None
+    step_size = bc2_sqrt = 1.0
+    if isinstance(p.step, torch.Tensor):
+        step_size_t, bc2_sqrt_t = reference.adamw_bias_terms(p.step, p.lr, p.beta1, p.beta2)
+        step_size_t, bc2_sqrt_t = step_size_t.contiguous(), bc2_sqrt_t.contiguous()
+    else:
+        step_size, bc2_sqrt = reference.adamw_bias_terms(p.step, p.lr, p.beta1, p.beta2)
+    impl.masked_adamw_op(
+        param, grad.contiguous(), exp_avg, exp_avg_sq, (p.mask != 0).to(torch.int8).contiguous(),
+        p.ema, p.unc, step_size_t, bc2_sqrt_t, p.slots, p.rank_dim, p.lr, p.beta1, p.beta2,
+        p.eps, p.weight_decay, step_size, bc2_sqrt, p.imp_beta1, p.imp_beta2,
+    )  # fmt: skip
+    return None
+
+
+class _AdamWArgs(NamedTuple):
+    """Validated arguments of :func:`masked_adamw_`."""
+
+    slots: int
+    rank_dim: int  # 0 or 1
+    mask: torch.Tensor  # [slots, R]
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    step: int | torch.Tensor  # an int, or [slots] on the parameter's device
+    ema: torch.Tensor | None
+    unc: torch.Tensor | None
+    imp_beta1: float
+    imp_beta2: float
+    device: torch.device
+
+
+def _prepare_masked_adamw(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    mask: torch.Tensor,
+    lr: float,
+    betas: Sequence[float],
+    eps: float,
+    weight_decay: float,
+    step: int | torch.Tensor,
+    rank_dim: int,
+    importance: tuple[torch.Tensor, torch.Tensor, float, float] | None,
+) -> _AdamWArgs:
+    """Validate the arguments of :func:`masked_adamw_` (``ValueError``/``TypeError`` naming the
+    argument) and normalise them."""
     check_tensor("param", param, ndim=(2, 3), dtypes=FLOAT_DTYPES)
     if not param.is_contiguous():
         raise ValueError("param must be contiguous (it is updated in place)")
@@ -147,7 +225,33 @@ def masked_adamw_(
     batched = param.dim() == 3
     slots = param.shape[0] if batched else 1
     rank = param.shape[-2 + rank_dim]
+    _check_mask(mask, batched, slots, rank, rank_dim)
+    lr, beta1, beta2, eps, weight_decay = _check_hyperparameters(lr, betas, eps, weight_decay)
+    step = _check_step(step, batched, slots)
+    ema = unc = None
+    imp_b1 = imp_b2 = 0.0
+    if importance is not None:
+        if not isinstance(importance, (tuple, list)) or len(importance) != 4:
+            raise ValueError("importance must be a tuple (ema, unc, beta1, beta2)")
+        ema = _check_state("importance[0] (ema)", importance[0], param.shape)
+        unc = _check_state("importance[1] (unc)", importance[1], param.shape)
+        imp_b1 = _check_beta("importance[2] (beta1)", importance[2])
+        imp_b2 = _check_beta("importance[3] (beta2)", importance[3])
+    device = check_same_device(
+        param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, mask=mask, ema=ema, unc=unc
+    )
+    _check_no_overlap(
+        param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ema=ema, unc=unc, grad=grad
+    )
+    if isinstance(step, torch.Tensor):  # may live on the CPU, as torch.optim keeps its steps
+        step = step.to(device)
+    return _AdamWArgs(
+        slots, rank_dim, mask.reshape(slots, rank), lr, beta1, beta2, eps, weight_decay, step,
+        ema, unc, imp_b1, imp_b2, device,
+    )  # fmt: skip
 
+
+def _check_mask(mask: object, batched: bool, slots: int, rank: int, rank_dim: int) -> None:
     check_tensor("mask", mask, ndim=(1, 2), dtypes=MASK_DTYPES)
     want = (slots, rank) if batched else (rank,)
     if tuple(mask.shape) != want and not (not batched and tuple(mask.shape) == (1, rank)):
@@ -158,6 +262,11 @@ def masked_adamw_(
         )
     check_binary_mask("mask", mask)
 
+
+def _check_hyperparameters(
+    lr: object, betas: object, eps: object, weight_decay: object
+) -> tuple[float, float, float, float, float]:
+    """``(lr, beta1, beta2, eps, weight_decay)`` as floats, each finite and in range."""
     lr = check_finite_scalar("lr", lr)
     if lr < 0:
         raise ValueError(f"lr must be >= 0, got {lr}")
@@ -171,7 +280,11 @@ def masked_adamw_(
     weight_decay = check_finite_scalar("weight_decay", weight_decay)
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    return lr, beta1, beta2, eps, weight_decay
 
+
+def _check_step(step: object, batched: bool, slots: int) -> int | torch.Tensor:
+    """The step number(s): an int >= 1, or a real tensor ``[slots]`` of whole numbers >= 1."""
     if isinstance(step, torch.Tensor):
         if step.is_complex() or step.dtype == torch.bool:
             raise TypeError(f"step must be an int or a real tensor, got dtype {step.dtype}")
@@ -190,80 +303,10 @@ def masked_adamw_(
                 raise ValueError(
                     f"step must be >= 1 (the first step is 1) and whole, got {step.tolist()}"
                 )
-    else:
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise TypeError(f"step must be an int or a tensor, got {type(step).__name__}")
-        step = int(step)
-        if step < 1:
-            raise ValueError(f"step must be >= 1 (the first step is 1), got {step}")
-
-    ema = unc = None
-    imp_b1 = imp_b2 = 0.0
-    if importance is not None:
-        if not isinstance(importance, (tuple, list)) or len(importance) != 4:
-            raise ValueError("importance must be a tuple (ema, unc, beta1, beta2)")
-        ema = _check_state("importance[0] (ema)", importance[0], param.shape)
-        unc = _check_state("importance[1] (unc)", importance[1], param.shape)
-        imp_b1 = _check_beta("importance[2] (beta1)", importance[2])
-        imp_b2 = _check_beta("importance[3] (beta2)", importance[3])
-    device = check_same_device(
-        param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, mask=mask, ema=ema, unc=unc
-    )
-    _check_no_overlap(
-        param=param, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ema=ema, unc=unc, grad=grad
-    )
-    if isinstance(step, torch.Tensor):  # may live on the CPU, as torch.optim keeps its steps
-        step = step.to(device)
-
-    mask2 = mask.reshape(slots, rank)
-    if resolve_backend(backend, device) == "torch":
-        view = (slots, *param.shape[-2:])
-        reference.masked_adamw_(
-            param.view(view),
-            grad.reshape(view),
-            exp_avg.view(view),
-            exp_avg_sq.view(view),
-            mask2,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            step=step,
-            rank_dim=rank_dim,
-            importance=None if ema is None else (ema.view(view), unc.view(view), imp_b1, imp_b2),
-        )
-        return None
-
-    from fedlora_kernels.ops import _masked_lora_triton as impl
-
-    step_size_t = bc2_sqrt_t = None
-    step_size = bc2_sqrt = 1.0
-    if isinstance(step, torch.Tensor):
-        step_size_t, bc2_sqrt_t = reference.adamw_bias_terms(step, lr, beta1, beta2)
-        step_size_t, bc2_sqrt_t = step_size_t.contiguous(), bc2_sqrt_t.contiguous()
-    else:
-        step_size, bc2_sqrt = reference.adamw_bias_terms(step, lr, beta1, beta2)
-    impl.masked_adamw_op(
-        param,
-        grad.contiguous(),
-        exp_avg,
-        exp_avg_sq,
-        (mask2 != 0).to(torch.int8).contiguous(),
-        ema,
-        unc,
-        step_size_t,
-        bc2_sqrt_t,
-        slots,
-        rank_dim,
-        lr,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        step_size,
-        bc2_sqrt,
-        imp_b1,
-        imp_b2,
-    )
-    return None
+        return step
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int or a tensor, got {type(step).__name__}")
+    step = int(step)
+    if step < 1:
+        raise ValueError(f"step must be >= 1 (the first step is 1), got {step}")
+    return step

@@ -27,18 +27,22 @@ with deterministic per-(chunk, segment) partial sums (see
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fedlora_kernels import reference
 from fedlora_kernels._dispatch import (
-    FLOAT_DTYPES,
     MASK_DTYPES,
+    RowsInput,
     check_binary_mask,
+    check_factor_dtypes,
     check_finite_scalar,
+    check_rows_input,
     check_same_device,
-    check_segments,
     check_shape,
     check_tensor,
+    flatten_rows,
     resolve_backend,
 )
 
@@ -81,9 +85,51 @@ def masked_lora(
         bool, integer or float dtypes; any value other than 0 and 1 is a ``ValueError`` (checked
         with a device sync unless the mask is ``bool``).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension [..., d_in], got shape {list(x.shape)}")
+    p = _prepare_masked_lora(x, A, B, scale, rank_mask, grad_mask, seg_offsets, seg_adapter)
+    rows = p.rows
+    if resolve_backend(backend, p.device) == "torch":
+        y = reference.masked_lora(
+            rows.x2,
+            p.A3,
+            p.B3,
+            scale=p.scale,
+            rank_mask=p.rank_mask,
+            grad_mask=p.grad_mask,
+            seg_offsets=rows.offsets,
+            seg_adapter=rows.adapter,
+        )
+    else:
+        from fedlora_kernels.ops import _masked_lora_triton as impl
+
+        y, _ = impl.masked_lora_fwd(
+            rows.x2, p.A3, p.B3, p.rank_mask, p.grad_mask, rows.offsets, rows.adapter, p.scale
+        )
+    return y.reshape(*rows.lead, p.B3.shape[1])
+
+
+class _MaskedLoRAArgs(NamedTuple):
+    rows: RowsInput
+    A3: torch.Tensor  # [C, R, d_in]
+    B3: torch.Tensor  # [C, d_out, R]
+    rank_mask: torch.Tensor | None  # float32 [S, R], contiguous
+    grad_mask: torch.Tensor | None  # float32 [C, R], contiguous
+    scale: float
+    device: torch.device
+
+
+def _prepare_masked_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    rank_mask: torch.Tensor | None,
+    grad_mask: torch.Tensor | None,
+    seg_offsets: torch.Tensor | None,
+    seg_adapter: torch.Tensor | None,
+) -> _MaskedLoRAArgs:
+    """Validate the arguments of :func:`masked_lora` (``ValueError``/``TypeError`` naming the
+    argument) and normalise them: factors 3-D, masks float32 with one row per segment / slot."""
+    check_rows_input(x)
     check_tensor("A", A, ndim=(2, 3))
     check_tensor("B", B, ndim=(2, 3))
     if B.dim() != A.dim():
@@ -103,66 +149,51 @@ def masked_lora(
             f"got x of shape {list(x.shape)}"
         )
     check_shape("B", B, [num_slots, None, rank] if batched else [None, rank])
-    d_out = B3.shape[1]
-    if d_out < 1:
+    if B3.shape[1] < 1:
         raise ValueError(f"B must have d_out >= 1, got shape {list(B.shape)}")
-    for name, t in (("A", A), ("B", B)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    check_factor_dtypes(x, A=A, B=B)
     scale = check_finite_scalar("scale", scale)
     for name, m in (("rank_mask", rank_mask), ("grad_mask", grad_mask)):
         if m is not None:
             check_tensor(name, m, ndim=(1, 2), dtypes=MASK_DTYPES)
     device = check_same_device(x=x, A=A, B=B, rank_mask=rank_mask, grad_mask=grad_mask)
-
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in)
-    n = x2.shape[0]
-    offsets, adapter = check_segments(seg_offsets, seg_adapter, n, num_slots, device)
-    num_segs = adapter.numel()
-
+    rows = flatten_rows(x, d_in, seg_offsets, seg_adapter, num_slots, device)
     if rank_mask is not None:
-        if rank_mask.dim() == 1:
-            check_shape("rank_mask", rank_mask, [rank])
-            rank_mask = rank_mask.expand(num_segs, rank)
-        else:
-            if rank_mask.shape[1] != rank:
-                raise ValueError(
-                    f"rank_mask must have shape [S={num_segs}, R={rank}] (R from A), "
-                    f"got {list(rank_mask.shape)}"
-                )
-            if rank_mask.shape[0] != num_segs:
-                raise ValueError(
-                    f"rank_mask must have one row per segment: shape [S={num_segs}, R={rank}], "
-                    f"got {list(rank_mask.shape)}"
-                )
-        check_binary_mask("rank_mask", rank_mask)
-        rank_mask = rank_mask.to(torch.float32).contiguous()
+        rank_mask = _rank_mask_per_segment(rank_mask, rows.adapter.numel(), rank)
     if grad_mask is not None:
-        if grad_mask.dim() == 1 and not batched:
-            check_shape("grad_mask", grad_mask, [rank])
-            grad_mask = grad_mask.unsqueeze(0)
-        elif tuple(grad_mask.shape) != (num_slots, rank):
-            raise ValueError(
-                f"grad_mask must have shape [C={num_slots}, R={rank}] (one row per adapter slot), "
-                f"got {list(grad_mask.shape)}"
-            )
-        check_binary_mask("grad_mask", grad_mask)
-        grad_mask = grad_mask.to(torch.float32).contiguous()
+        grad_mask = _grad_mask_per_slot(grad_mask, num_slots, rank, batched)
+    return _MaskedLoRAArgs(rows, A3, B3, rank_mask, grad_mask, scale, device)
 
-    if resolve_backend(backend, device) == "torch":
-        y = reference.masked_lora(
-            x2,
-            A3,
-            B3,
-            scale=scale,
-            rank_mask=rank_mask,
-            grad_mask=grad_mask,
-            seg_offsets=offsets,
-            seg_adapter=adapter,
-        )
+
+def _rank_mask_per_segment(rank_mask: torch.Tensor, num_segs: int, rank: int) -> torch.Tensor:
+    if rank_mask.dim() == 1:
+        check_shape("rank_mask", rank_mask, [rank])
+        rank_mask = rank_mask.expand(num_segs, rank)
     else:
-        from fedlora_kernels.ops import _masked_lora_triton as impl
+        if rank_mask.shape[1] != rank:
+            raise ValueError(
+                f"rank_mask must have shape [S={num_segs}, R={rank}] (R from A), "
+                f"got {list(rank_mask.shape)}"
+            )
+        if rank_mask.shape[0] != num_segs:
+            raise ValueError(
+                f"rank_mask must have one row per segment: shape [S={num_segs}, R={rank}], "
+                f"got {list(rank_mask.shape)}"
+            )
+    check_binary_mask("rank_mask", rank_mask)
+    return rank_mask.to(torch.float32).contiguous()
 
-        y, _ = impl.masked_lora_fwd(x2, A3, B3, rank_mask, grad_mask, offsets, adapter, scale)
-    return y.reshape(*lead, d_out)
+
+def _grad_mask_per_slot(
+    grad_mask: torch.Tensor, num_slots: int, rank: int, batched: bool
+) -> torch.Tensor:
+    if grad_mask.dim() == 1 and not batched:
+        check_shape("grad_mask", grad_mask, [rank])
+        grad_mask = grad_mask.unsqueeze(0)
+    elif tuple(grad_mask.shape) != (num_slots, rank):
+        raise ValueError(
+            f"grad_mask must have shape [C={num_slots}, R={rank}] (one row per adapter slot), "
+            f"got {list(grad_mask.shape)}"
+        )
+    check_binary_mask("grad_mask", grad_mask)
+    return grad_mask.to(torch.float32).contiguous()

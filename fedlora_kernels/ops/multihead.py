@@ -19,18 +19,23 @@ no gradient.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fedlora_kernels import reference
 from fedlora_kernels._dispatch import (
     FLOAT_DTYPES,
     MASK_DTYPES,
+    RowsInput,
     check_binary_mask,
+    check_factor_dtypes,
     check_finite_scalar,
+    check_rows_input,
     check_same_device,
-    check_segments,
     check_shape,
     check_tensor,
+    flatten_rows,
     resolve_backend,
 )
 
@@ -76,9 +81,56 @@ def multihead_lora(
         ``[..., d_out]`` in ``x.dtype`` (``base_out.dtype`` when given). Differentiable in
         ``x``, ``H``, ``s`` (and ``base_out``).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    if x.dim() < 1:
-        raise ValueError(f"x must have at least 1 dimension [..., d_in], got shape {list(x.shape)}")
+    p = _prepare_multihead_lora(x, A, B, H, s, scale, seg_offsets, seg_adapter, head_mask, base_out)
+    rows = p.rows
+    d_out = B.shape[1]
+    if resolve_backend(backend, p.device) == "torch":
+        y = reference.multihead_lora(
+            rows.x2,
+            A,
+            B,
+            H,
+            s,
+            scale=p.scale,
+            seg_offsets=rows.offsets,
+            seg_adapter=rows.adapter,
+            head_mask=p.head_mask,
+        )
+        if base_out is not None:
+            y = base_out.reshape(-1, d_out) + y.to(base_out.dtype)
+    else:
+        from fedlora_kernels.ops import _multihead_triton as impl
+
+        base2 = base_out.reshape(-1, d_out) if base_out is not None else None
+        y, _ = impl.multihead_lora_fwd(
+            rows.x2, A.detach(), B.detach(), H, s, rows.offsets, rows.adapter, p.head_mask,
+            p.scale, base2,
+        )  # fmt: skip
+    return y.reshape(*rows.lead, d_out)
+
+
+class _MultiheadArgs(NamedTuple):
+    rows: RowsInput
+    head_mask: torch.Tensor | None  # float32 [C, h]
+    scale: float
+    device: torch.device
+
+
+def _prepare_multihead_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    H: torch.Tensor,
+    s: torch.Tensor,
+    scale: float,
+    seg_offsets: torch.Tensor | None,
+    seg_adapter: torch.Tensor | None,
+    head_mask: torch.Tensor | None,
+    base_out: torch.Tensor | None,
+) -> _MultiheadArgs:
+    """Validate the arguments of :func:`multihead_lora` (``ValueError``/``TypeError`` naming
+    the argument) and normalise them."""
+    check_rows_input(x)
     check_tensor("A", A, ndim=3)
     h, r, d_in = A.shape
     if h < 1 or r < 1 or d_in < 1:
@@ -100,9 +152,7 @@ def multihead_lora(
     check_shape("s", s, [num_slots, h])
     if num_slots < 1:
         raise ValueError("H must have at least one adapter slot, got shape [0, ...]")
-    for name, t in (("A", A), ("B", B)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+    check_factor_dtypes(x, A=A, B=B)
     if head_mask is not None:
         check_tensor("head_mask", head_mask, dtypes=MASK_DTYPES)
         check_shape("head_mask", head_mask, [num_slots, h])
@@ -112,33 +162,7 @@ def multihead_lora(
         check_tensor("base_out", base_out, dtypes=FLOAT_DTYPES)
         check_shape("base_out", base_out, [*x.shape[:-1], d_out])
     device = check_same_device(x=x, A=A, B=B, H=H, s=s, head_mask=head_mask, base_out=base_out)
-
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in)
-    n = x2.shape[0]
-    offsets, adapter = check_segments(seg_offsets, seg_adapter, n, num_slots, device)
+    rows = flatten_rows(x, d_in, seg_offsets, seg_adapter, num_slots, device)
     if head_mask is not None:
         head_mask = head_mask.to(torch.float32)
-
-    if resolve_backend(backend, device) == "torch":
-        y = reference.multihead_lora(
-            x2,
-            A,
-            B,
-            H,
-            s,
-            scale=scale,
-            seg_offsets=offsets,
-            seg_adapter=adapter,
-            head_mask=head_mask,
-        )
-        if base_out is not None:
-            y = base_out.reshape(-1, d_out) + y.to(base_out.dtype)
-    else:
-        from fedlora_kernels.ops import _multihead_triton as impl
-
-        base2 = base_out.reshape(-1, d_out) if base_out is not None else None
-        y, _ = impl.multihead_lora_fwd(
-            x2, A.detach(), B.detach(), H, s, offsets, adapter, head_mask, scale, base2
-        )
-    return y.reshape(*lead, d_out)
+    return _MultiheadArgs(rows, head_mask, scale, device)
