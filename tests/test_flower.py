@@ -496,3 +496,129 @@ def test_example_refuses_unknown_config():
     local = _example()
     with pytest.raises(ValueError, match="unknown run-config"):
         local.run_config({"num-rounds": 3})
+
+
+# ------------------------------------------------------------------------------------- budgets
+def test_budget_helpers_read_the_node_config():
+    assert ff.node_budget({"partition-id": 0, "budget-rank": 4, "budget-heads": "2"}) == {
+        "rank": 4,
+        "heads": 2,
+    }
+    assert ff.node_budget({"partition-id": 0}) == {}
+    # the node's own entries win over what the server sent
+    assert ff.client_budget({"budget-rank": 2}, {"rank": 4, "heads": 3, "lr": 0.1}) == {
+        "rank": 2,
+        "heads": 3,
+    }
+    with pytest.raises(ValueError, match="budget-rank"):
+        ff.node_budget({"budget-rank": 0})
+    with pytest.raises(ValueError, match="unknown entries"):
+        ff.check_budget({"rnak": 2})
+    assert set(ff.NODE_CONFIG_KEYS.values()) == {
+        "budget-rank",
+        "budget-heads",
+        "budget-components",
+        "budget-steps",
+    }
+
+
+def declaring_app(seen: dict) -> ClientApp:
+    """A ClientApp that records its download's rank and replies with it, declaring the budget of
+    its node config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        state = ff.from_arrayrecord(msg.content["arrays"])
+        rank = prefix.state_rank(state)
+        server_round = int(msg.content["config"]["server-round"])
+        seen[(server_round, context.node_id)] = rank
+        budget = ff.node_budget(context.node_config)
+        return ff.train_reply(msg, state, 1, meta={"rank": rank}, budget=budget)
+
+    return app
+
+
+def test_declared_budgets_replace_the_positional_fallback():
+    """Random node ids, positional budgets the wrong way round: round 1 follows the positional
+    list, from round 2 on every node downloads the rank its node config declares."""
+    seen: dict = {}
+    ids = [9_876_543_210_123, 42]  # a deployment's ids are random; ascending order is 42 first
+    grid = ff.LocalGrid(
+        declaring_app(seen),
+        2,
+        node_configs=[{"budget-rank": 1}, {"budget-rank": 3}],
+        node_ids=ids,
+    )
+    st = strategy("hetlora", 2, budgets=[{"rank": 2}, {"rank": 4}])
+    st.start(grid=grid, initial_arrays=ff.to_arrayrecord(lora_state()), num_rounds=2)
+    assert seen[(1, 42)] == 2 and seen[(1, ids[0])] == 4  # positional: ascending node id
+    assert seen[(2, ids[0])] == 1 and seen[(2, 42)] == 3  # declared by the nodes
+    assert st.declared_budgets == {ids[0]: {"rank": 1}, 42: {"rank": 3}}
+    assert st.budget_of(42) == {"rank": 3}
+
+
+def test_a_malformed_budget_record_rejects_only_that_reply():
+    g = lora_state()
+
+    def bad_budget(msg):
+        reply = ff.train_reply(msg, g, 1)
+        reply.content[ff.BUDGET_KEY] = ConfigRecord({"rank": -1})
+        return reply
+
+    uploads = {0: (g, 1, {}), 1: (bad_budget, 1, {})}
+    st = strategy("fedit", 2)
+    got, metrics, _ = run_round(st, g, uploads)
+    assert got is not None and metrics["rejected"] == [node_of(1)]
+    assert "fedlora-budget" in dict(st.last_rejections)[node_of(1)]
+    assert st.declared_budgets == {}
+    with pytest.raises(ValueError, match="rank"):
+        ff.train_reply(
+            Message(RecordDict(), dst_node_id=1, message_type="train"), g, 1, budget={"rank": 0}
+        )
+
+
+# ------------------------------------------------------------------------------------- every method
+def _adapter_changed(method: str, initial: dict, final: dict) -> list[str]:
+    """Keys of trained factors that moved away from their initial value (LoRA ``B``, Ravan
+    ``H``, FLoRA's merged stack); empty when nothing trained."""
+    if method == "flora":  # the adapter restarts every round; the training is in the merges
+        return [k for k in final if k.endswith(".lora_merge_B") and final[k].abs().max() > 0]
+    suffix = ".lora_H" if fedlora.methods.get(method).layer == "ravan" else ".lora_B.weight"
+    return [
+        k
+        for k in final
+        if k.endswith(suffix) and k in initial and not torch.equal(final[k], initial[k])
+    ]
+
+
+@pytest.mark.parametrize("method", fedlora.methods.names())
+def test_every_method_trains_two_rounds_over_flower(tiny_bert_dir, method, tmp_path):
+    """Each registered method, 2 rounds through FedLoRAStrategy + LocalGrid + the example's
+    ClientApp (the method's own client side): every update used, and the adapters train
+    (FlexLoRA's round-1 download used to be A = 0, B = 0 for every client)."""
+    local = _example()
+    from fedlora_flower.task import Settings, initial_state
+
+    overrides = {
+        **SMALL,
+        "model-path": tiny_bert_dir,
+        "method": method,
+        "rank": 4,
+        "heads": 3,
+        "result-file": str(tmp_path / "result.pt"),
+    }
+    if fedlora.methods.get(method).layer == "ravan":
+        overrides.update(rank=2, **{"client-heads": "1,2"})
+    nodes = [{"budget-rank": 2, "budget-components": 2}, {"budget-rank": 4}]
+    local.run(2, overrides, node_configs=nodes)
+    saved = torch.load(tmp_path / "result.pt", weights_only=False)
+    for rnd in (1, 2):
+        metrics = saved["train_metrics"][rnd]
+        assert metrics["clients_used"] == 2 and metrics["num_rejected"] == 0, metrics
+        assert math.isfinite(metrics["train_loss"])
+    final = saved["global_state"]
+    assert all(torch.isfinite(v).all() for v in final.values())
+    initial = initial_state(Settings.from_run_config(local.run_config(overrides)))
+    assert _adapter_changed(method, initial, final), f"{method}: no adapter trained"
+    assert saved["declared_budgets"] == {1: {"rank": 2, "components": 2}, 2: {"rank": 4}}

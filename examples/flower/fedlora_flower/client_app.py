@@ -1,7 +1,11 @@
-"""The ClientApp: load the server's payload, train locally, upload the adapter state.
+"""The ClientApp: load the server's download, train locally as ``fedlora simulate`` does, upload.
 
-Each client is a Flower SuperNode whose ``node_config`` holds ``partition-id`` and
-``num-partitions`` (set by the simulation runtime, or by :class:`fedlora.flower.LocalGrid`).
+Each client is a Flower SuperNode. Its ``node_config`` holds ``partition-id`` and
+``num-partitions`` (set by the simulation runtime, by :class:`fedlora.flower.LocalGrid`, or by
+``flower-supernode --node-config``) and, optionally, its own budget: ``budget-rank``,
+``budget-heads``, ``budget-components``, ``budget-steps`` (see :mod:`fedlora.flower.budget`).
+The node trains under that budget (else the one the server sent, else the run's defaults) and
+declares it in its reply, so the server sends it the matching download from the next round on.
 """
 
 from __future__ import annotations
@@ -9,16 +13,17 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-import fedlora
-from fedlora.flower import from_arrayrecord, train_reply
+from fedlora.flower import RANKS_KEY, client_budget, from_arrayrecord, node_budget, train_reply
 from fedlora_flower.task import (
-    HEAD,
     Settings,
     build_model,
     client_data,
+    client_side,
+    fit_download,
+    full_budget,
     load_data,
+    load_global,
     train_local,
-    upload,
 )
 
 app = ClientApp()
@@ -32,22 +37,18 @@ def train(msg: Message, context: Context) -> Message:
     num_partitions = int(context.node_config["num-partitions"])
     config = msg.content["config"]
     server_round = int(config.get("server-round", 0))
-    rank = config.get("rank")  # set by the server for heterogeneous-rank methods
-    heads = config.get("heads")  # Ravan: how many heads this client trains per layer
+    budget = full_budget(settings, client_budget(context.node_config, config))
+    ranks = config.get(RANKS_KEY)  # the distinct ranks of the run's nodes (PreLort)
 
-    model, tokenizer = build_model(settings, load_data(settings)["num_classes"], "client")
-    state = from_arrayrecord(msg.content["arrays"])
-    # a rank-r prefix loads into the first r components; the layer then uses only those
-    fedlora.set_adapter_state_dict(model, state, modules_to_save=HEAD)
-    if settings.method == "ravan":
-        from fedlora.methods.ravan import select_heads
-
-        budget = int(heads) if heads is not None else settings.heads
-        select_heads(model, budget, "weight", seed=settings.seed * 1000 + server_round * 31 + pid)
-
-    texts, labels = client_data(settings, pid, num_partitions)
-    loss = train_local(
-        model, tokenizer, texts, labels, settings, seed=settings.seed + 7919 * server_round + pid
+    side = client_side(settings, budget, list(ranks) if ranks else None)
+    model, tokenizer = build_model(settings, load_data(settings)["num_classes"], side)
+    state = load_global(model, from_arrayrecord(msg.content["arrays"]))
+    state, budget = fit_download(side, settings, state, budget)
+    data = client_data(settings, pid, num_partitions)
+    upload, meta, loss = train_local(
+        model, tokenizer, side, state, budget, data, settings, server_round, pid
     )
-    state, meta = upload(model, settings, int(rank) if rank is not None else None)
-    return train_reply(msg, state, len(texts), meta=meta, metrics={"train_loss": loss})
+    declared = node_budget(context.node_config) or None  # what this node's operator set
+    return train_reply(
+        msg, upload, len(data[1]), meta=meta, metrics={"train_loss": loss}, budget=declared
+    )

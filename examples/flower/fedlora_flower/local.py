@@ -30,15 +30,20 @@ def run_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     return {**config, **(overrides or {})}
 
 
-def run(num_nodes: int = 3, overrides: dict[str, Any] | None = None) -> Context:
+def run(
+    num_nodes: int = 3,
+    overrides: dict[str, Any] | None = None,
+    node_configs: list[dict[str, Any]] | None = None,
+) -> Context:
     """Run the example in process; returns the server Context (``state["result"]`` holds the
-    test accuracy after every round)."""
+    test accuracy after every round). ``node_configs[i]`` adds to node ``i``'s node config what
+    ``flower-supernode --node-config`` would set (e.g. ``{"budget-rank": 2}``)."""
     from fedlora_flower.client_app import app as client_app
     from fedlora_flower.server_app import app as server_app
 
     config = run_config(overrides)
     config["num-nodes"] = num_nodes
-    grid = LocalGrid(client_app, num_nodes, run_config=config)
+    grid = LocalGrid(client_app, num_nodes, run_config=config, node_configs=node_configs)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
     server_app(grid, context)
     return context
@@ -52,8 +57,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-nodes", type=int, default=3)
     parser.add_argument("-c", "--run-config", default="", help="TOML overrides, 'k1=v1 k2=v2'")
+    parser.add_argument(
+        "--node-config",
+        action="append",
+        default=None,
+        help="node i's extra node config, once per node in order, e.g. 'budget-rank=2'",
+    )
     args = parser.parse_args()
-    run(args.num_nodes, _parse_overrides(args.run_config))
+    nodes = [_parse_overrides(text) for text in args.node_config] if args.node_config else None
+    if nodes is not None and len(nodes) != args.num_nodes:
+        parser.error(f"--node-config given {len(nodes)} times for {args.num_nodes} nodes")
+    run(args.num_nodes, _parse_overrides(args.run_config), nodes)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,29 @@
 """The ServerApp: ``FedLoRAStrategy`` runs the rounds, aggregation is ``fedlora.aggregate``.
 
-Per-client budgets come from the run config: ``client-ranks = "2,4,8"`` gives the nodes (in
-ascending node-id order) ranks 2, 4 and 8 (HetLoRA/FlexLoRA: each downloads its rank prefix or
-its best rank-r factors), ``client-heads = "1,2,4"`` the number of Ravan heads each trains.
-The global model is evaluated on the server after every round.
+Per-client budgets come from each node's ``--node-config`` (``budget-rank=4``, ...), which the
+node declares in its replies; until a node has declared one (the first round), and for nodes
+that declare none, the run config's ``client-ranks = "2,4,8"`` gives the nodes (in ascending
+node-id order) ranks 2, 4 and 8 (HetLoRA/FlexLoRA/PreLort: each downloads its rank prefix or its
+best rank-r factors), ``client-heads = "1,2,4"`` the number of Ravan heads each trains.
+The global model is evaluated on the server after every round. With ``result-file`` set, the
+per-round metrics and the final global state go to that file (``torch.save``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-import fedlora
 from fedlora.flower import FedLoRAStrategy, from_arrayrecord, to_arrayrecord
 from fedlora_flower.task import (
-    HEAD,
     Settings,
     build_model,
+    client_side,
     evaluate,
+    full_budget,
     initial_state,
     load_data,
     parse_budgets,
@@ -44,6 +48,8 @@ def make_strategy(settings: Settings, run_config: dict[str, Any], num_nodes: int
         fraction_evaluate=0.0,  # the global model is evaluated on the server instead
         min_train_nodes=max(1, int(fraction * num_nodes)),
         min_available_nodes=num_nodes,
+        client_options=settings.client_options(),
+        aggregate_options={"error": True},  # report the aggregation error of every round
     )
 
 
@@ -51,10 +57,11 @@ def server_evaluate(settings: Settings):
     """``evaluate_fn`` for ``strategy.start``: test accuracy of the global adapters."""
     data = load_data(settings)
 
+    side = client_side(settings, full_budget(settings, {}), None)
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        model, tokenizer = build_model(settings, data["num_classes"], "server")
-        fedlora.set_adapter_state_dict(model, from_arrayrecord(arrays), modules_to_save=HEAD)
-        acc, loss = evaluate(model, tokenizer, *data["test"], settings)
+        model, tokenizer = build_model(settings, data["num_classes"], side)
+        acc, loss = evaluate(model, tokenizer, from_arrayrecord(arrays), *data["test"], settings)
         return MetricRecord({"test_accuracy": acc, "test_loss": loss})
 
     return evaluate_fn
@@ -90,3 +97,22 @@ def main(grid: Grid, context: Context) -> None:
         )
     for rnd, metrics in sorted(result.evaluate_metrics_serverapp.items()):
         print(f"after round {rnd}: test accuracy {metrics['test_accuracy']:.3f}")
+    if run_config.get("result-file"):
+        save_result(str(run_config["result-file"]), result, strategy)
+
+
+def save_result(path: str, result: Any, strategy: Any) -> None:
+    """Write the run's per-round metrics and final global state to ``path`` (``torch.save``)."""
+
+    def plain(records: dict) -> dict:
+        return {int(r): dict(m) for r, m in records.items()}
+
+    torch.save(
+        {
+            "train_metrics": plain(result.train_metrics_clientapp),
+            "evaluate_metrics": plain(result.evaluate_metrics_serverapp),
+            "global_state": dict(strategy.global_state or {}),
+            "declared_budgets": dict(strategy.declared_budgets),
+        },
+        path,
+    )

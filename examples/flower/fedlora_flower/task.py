@@ -1,32 +1,34 @@
-"""What the server and the clients share: model, data, local training and evaluation.
+"""What the server and the clients share: model, data, the method's client side, evaluation.
 
 The model is the embedded all-MiniLM-L6-v2 encoder (``fedlora.models.load_encoder``, offline)
-with fedlora adapters injected into its attention projections and a linear classifier head; the
-data set is the offline standard-library topic data set (``fedlora.data.build_stdlib_topics``),
-split over the clients by a Dirichlet partition of the training labels.
+with fedlora adapters injected into its attention projections and a classifier head, built by
+``fedlora simulate``'s own ``build_model``; the data set is the offline standard-library topic
+data set (``fedlora.data.build_stdlib_topics``), split over the clients by a Dirichlet
+partition of the training labels.
+
+Local training is ``fedlora simulate``'s ``train_group`` on one client: the method's client
+side (``fedlora.methods.get(method).client``) prepares the slot, runs its scoring steps, masks
+what does not train and builds the upload, so every method behaves here as in the simulator.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fedlora
 from fedlora.data import build_stdlib_topics, dirichlet_partition
-from fedlora.methods import prefix
-from fedlora.models import SequenceClassifier, load_encoder, tokenize
-
-#: Methods this example's client implements (train every adapter tensor, or a rank prefix, or a
-#: budget of Ravan heads). FLoRA/FedEx (base-weight merges), HAFL and PreLort need their own
-#: client steps (see ``fedlora simulate``).
-METHODS = ("fedit", "florana", "hetlora", "flexlora", "ravan")
-#: The classifier head trains and is averaged with the adapters.
-HEAD = ("classifier",)
+from fedlora.methods import Budget, ClientOptions, names
+from fedlora.methods import get as get_method
+from fedlora.models import load_encoder
+from fedlora.simulate import engine
+from fedlora.simulate.config import SimConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Settings:
     rank: int = 8
     alpha: float = 16.0
     heads: int = 4
+    head_score: str = "weight"
     target_modules: tuple[str, ...] = ("query", "value")
     model_path: str = ""
     local_steps: int = 5
@@ -56,13 +59,14 @@ class Settings:
             return config.get(key, default)
 
         method = str(get("method", cls.method))
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS} in this example, got {method!r}")
+        if method not in names():
+            raise ValueError(f"method must be one of {names()}, got {method!r}")
         return cls(
             method=method,
             rank=int(get("rank", cls.rank)),
             alpha=float(get("alpha", cls.alpha)),
             heads=int(get("heads", cls.heads)),
+            head_score=str(get("head-score", cls.head_score)),
             target_modules=tuple(
                 t.strip() for t in str(get("target-modules", "query,value")).split(",") if t.strip()
             ),
@@ -77,6 +81,27 @@ class Settings:
             seed=int(get("seed", cls.seed)),
         )
 
+    def sim_config(self) -> SimConfig:
+        """The same settings as a ``fedlora simulate`` config (what its loop reads)."""
+        return SimConfig(
+            method=self.method,
+            local_steps=self.local_steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            rank=self.rank,
+            alpha=self.alpha,
+            heads=self.heads,
+            head_score=self.head_score,
+            seed=self.seed,
+            model=self.model_path or None,
+            max_length=self.max_length,
+            target_modules=list(self.target_modules),
+        )
+
+    def client_options(self) -> ClientOptions:
+        """The run-wide settings the method's client side reads."""
+        return self.sim_config().client_options()
+
 
 def parse_budgets(text: str, key: str) -> list[dict[str, int]] | None:
     """``"2,4,8"`` -> ``[{key: 2}, {key: 4}, {key: 8}]`` (node ``i`` in node-id order gets entry
@@ -87,48 +112,78 @@ def parse_budgets(text: str, key: str) -> list[dict[str, int]] | None:
     return [{key: int(v)} for v in values]
 
 
+# ------------------------------------------------------------------------------------- budgets
+def full_budget(settings: Settings, budget: dict[str, int]) -> Budget:
+    """A :class:`fedlora.methods.Budget` from the entries a node has (the run's defaults for the
+    others: full rank, every head, every component, ``local-steps``)."""
+    return Budget(
+        rank=min(budget.get("rank", settings.rank), settings.rank),
+        heads=min(budget.get("heads", settings.heads), settings.heads),
+        components=min(budget.get("components", settings.rank), settings.rank),
+        steps=budget.get("steps", settings.local_steps),
+    )
+
+
+def client_side(settings: Settings, budget: Budget, ranks: list[int] | None) -> Any:
+    """The method's client side for this client; ``ranks`` are the distinct ranks of the run's
+    clients (the server sends them: PreLort trains its nested loss under them)."""
+    budgets = [dataclasses.replace(budget, rank=int(r)) for r in (ranks or [])] + [budget]
+    return get_method(settings.method).client(settings.client_options(), budgets)
+
+
+def fit_download(
+    side: Any, settings: Settings, state: dict[str, torch.Tensor], budget: Budget
+) -> tuple[dict[str, torch.Tensor], Budget]:
+    """Make the server's download and this client's budget agree on the rank.
+
+    Before the server has heard a node's budget (the first round) it sends the download of its
+    fallback budget. A node whose own rank is smaller takes its own download of what it got
+    (the rank prefix; for FlexLoRA the leading factors of the rank-ordered SVD, the best
+    rank-r ones); a node whose rank is larger trains the rank it received.
+    """
+    method = get_method(settings.method)
+    if method.layer != "lora" or "rank" not in method.budget_fields:
+        return state, budget
+    from fedlora.methods import prefix
+
+    if not prefix.lora_paths(state):
+        return state, budget
+    received = prefix.state_rank(state)
+    if budget.rank < received:
+        return side.download(state, budget), budget
+    return state, dataclasses.replace(budget, rank=received)
+
+
 # ------------------------------------------------------------------------------------- model
 @lru_cache(maxsize=2)
 def _encoder(path: str) -> tuple[nn.Module, Any]:
     return load_encoder(path or None)
 
 
-@lru_cache(maxsize=4)
-def build_model(settings: Settings, num_labels: int, role: str = "client") -> tuple[nn.Module, Any]:
-    """The classifier with injected adapters (cached per process and ``role``; every use loads
-    a state first, so reusing the module across rounds is safe)."""
-    import copy
-
+def build_model(settings: Settings, num_labels: int, side: Any) -> tuple[nn.Module, Any]:
+    """A fresh classifier with injected adapters (one slot) from the pretrained encoder, as
+    ``fedlora simulate`` builds it (same seeds: every node and the server start equal)."""
     encoder, tokenizer = _encoder(settings.model_path)
-    model = SequenceClassifier(copy.deepcopy(encoder), num_labels)
-    options: dict[str, Any]
-    if settings.method == "ravan":
-        options = {
-            "heads": settings.heads,
-            "rank": settings.rank,
-            "scale": settings.alpha / settings.rank,
-        }
-    else:
-        options = {"rank": settings.rank, "alpha": settings.alpha}
-    fedlora.inject(
-        model.encoder,
-        settings.method,
-        target_modules=list(settings.target_modules),
-        seed=settings.seed,
-        **options,
+    return engine.build_model(
+        settings.sim_config(),
+        num_labels,
+        1,
+        side,
+        encoder_and_tok=(copy.deepcopy(encoder), tokenizer),
     )
-    gen = torch.Generator().manual_seed(settings.seed)
-    with torch.no_grad():
-        model.classifier.weight.normal_(0.0, 0.02, generator=gen)
-        model.classifier.bias.zero_()
-    model.eval()  # no dropout: clients and server compute the same function
-    return model, tokenizer
+
+
+def load_global(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold the base merges the server sends (FLoRA, FedEx-LoRA: every round's so far) into the
+    fresh model's frozen base; returns the adapter state without them."""
+    return fedlora.apply_base_merges(model, dict(state))
 
 
 def initial_state(settings: Settings) -> dict[str, torch.Tensor]:
     """The global state of round 0: adapters at their shared-seed init plus the head."""
-    model, _ = build_model(settings, load_data(settings)["num_classes"], "server")
-    return fedlora.get_adapter_state_dict(model, modules_to_save=HEAD)
+    side = client_side(settings, full_budget(settings, {}), None)
+    model, _ = build_model(settings, load_data(settings)["num_classes"], side)
+    return fedlora.get_adapter_state_dict(model)
 
 
 # ------------------------------------------------------------------------------------- data
@@ -163,53 +218,41 @@ def client_data(settings: Settings, partition_id: int, num_partitions: int) -> t
 def train_local(
     model: nn.Module,
     tokenizer: Any,
-    texts: list[str],
-    labels: list[int],
+    side: Any,
+    state: dict[str, torch.Tensor],
+    budget: Budget,
+    data: tuple[list[str], list[int]],
     settings: Settings,
-    seed: int,
-) -> float:
-    """``local_steps`` AdamW steps on random batches of the client's data; mean training loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(settings.local_steps):
-        pick = torch.randint(len(texts), (min(settings.batch_size, len(texts)),), generator=gen)
-        batch = tokenize(tokenizer, [texts[i] for i in pick], max_length=settings.max_length)
-        y = torch.tensor([labels[i] for i in pick])
-        loss = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-    return sum(losses) / len(losses)
+    server_round: int,
+    client: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
+    """One round of local training, ``fedlora simulate``'s loop on one client: the method's
+    ``prepare``, scoring ``pre_steps``, ``budget.steps`` masked AdamW steps, ``upload``.
+    Returns ``(state, meta, last training loss)``."""
+    texts, labels = data
+    tok = engine.tokenize_split(tokenizer, texts, labels, settings.max_length)
+    steps = side.pre_steps(budget) + budget.steps
+    batches = engine.client_batches(
+        list(range(len(labels))), settings.batch_size, steps, settings.seed, server_round, client
+    )
+    seed = settings.seed * 1000 + server_round * 31 + client
+    job = engine.ClientJob(client, budget, batches, state, seed)
+    uploads, losses = engine.train_group(
+        model, side, [job], tok, settings.sim_config(), server_round
+    )
+    (upload, meta), loss = uploads[0], losses[0]
+    return upload, meta, float(loss)
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, tokenizer: Any, texts: list[str], labels: list[int], settings: Settings
+    model: nn.Module,
+    tokenizer: Any,
+    state: dict[str, torch.Tensor],
+    texts: list[str],
+    labels: list[int],
+    settings: Settings,
 ) -> tuple[float, float]:
-    """``(accuracy, mean cross-entropy)`` on the given examples."""
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(texts), 64):
-        batch = tokenize(tokenizer, texts[start : start + 64], max_length=settings.max_length)
-        y = torch.tensor(labels[start : start + 64])
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(-1) == y).sum())
-    n = max(1, len(texts))
-    return correct / n, loss_sum / n
-
-
-def upload(
-    model: nn.Module, settings: Settings, rank: int | None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state, meta)`` a client sends: all tensors, its rank prefix, or Ravan's ``s·H``."""
-    if settings.method == "ravan":
-        from fedlora.methods.ravan import client_update
-
-        return client_update(model, modules_to_save=HEAD)
-    state = fedlora.get_adapter_state_dict(model, modules_to_save=HEAD)
-    if rank is not None and rank < settings.rank:
-        return prefix.truncate(state, rank), {"rank": rank}
-    return state, ({"rank": rank} if rank is not None else {})
+    """``(accuracy, mean cross-entropy)`` of the global ``state`` on the given examples."""
+    tok = engine.tokenize_split(tokenizer, texts, labels, settings.max_length)
+    return engine.evaluate(model, load_global(model, state), tok)

@@ -54,7 +54,13 @@ import importlib
 from typing import Any
 
 from fedlora.flower._rounds import RoundResult, aggregate_round
-from fedlora.flower.budget import NODE_CONFIG_KEYS, check_budget, client_budget, node_budget
+from fedlora.flower.budget import (
+    NODE_CONFIG_KEYS,
+    RANKS_KEY,
+    check_budget,
+    client_budget,
+    node_budget,
+)
 from fedlora.flower.codec import (
     BUDGET_KEY,
     BUDGET_KEYS,
@@ -82,6 +88,7 @@ __all__ = [
     "BUDGET_KEYS",
     "META_KEY",
     "NODE_CONFIG_KEYS",
+    "RANKS_KEY",
     "FedLoRALegacyStrategy",
     "FedLoRAStrategy",
     "LocalGrid",

@@ -35,6 +35,9 @@ from typing import Any
 
 #: Budget entries a server may send to a client and a client may declare (ConfigRecord ints).
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
+#: Train-config entry listing the distinct ranks of the run's nodes, as far as the server knows
+#: them (PreLort's nested loss trains under the ranks of every client of the run, not only its own).
+RANKS_KEY = "fedlora-ranks"
 #: ``--node-config`` key of each budget entry.
 NODE_CONFIG_KEYS = {key: f"budget-{key}" for key in BUDGET_KEYS}
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fedlora.flower._rounds import RoundCore, decode_messages
+from fedlora.flower.budget import RANKS_KEY
 from fedlora.flower.codec import (
     META_KEY,
     _config_value_ok,
@@ -31,9 +32,6 @@ __all__ = ["RANKS_KEY", "FedLoRAStrategy", "accumulate_base_merges"]
 
 logger = logging.getLogger("fedlora.flower")
 
-#: Train-config entry listing the distinct ranks of the run's nodes (PreLort's nested loss
-#: trains under the ranks of every client of the run, not only its own).
-RANKS_KEY = "fedlora-ranks"
 
 Budgets = (
     Mapping[int, Mapping[str, Any]]
