@@ -72,7 +72,8 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds and print the per-round metrics."""
     run_config = dict(context.run_config)
     settings = Settings.from_run_config(run_config)
-    num_nodes = int(run_config.get("num-nodes", len(list(grid.get_node_ids()))))
+    # how many nodes to wait for; 0: those connected now
+    num_nodes = int(run_config.get("num-nodes", 0)) or len(list(grid.get_node_ids()))
     strategy = make_strategy(settings, run_config, num_nodes)
     result = strategy.start(
         grid=grid,
