@@ -13,6 +13,7 @@ from fedlora_kernels._dispatch import check_finite_scalar, check_int, check_segm
 __all__ = [
     "AdapterLayer",
     "AdapterStateError",
+    "SegmentRouting",
     "base_features",
     "check_finite_scalar",
     "check_int",
@@ -169,7 +170,20 @@ def scale_offsets(
     return offsets * (rows // items) if rows != items else offsets
 
 
-class AdapterLayer(nn.Module):
+class SegmentRouting:
+    """Per-call routing of input rows to slots, shared by the adapter layers and the slotted head:
+    ``seg_offsets`` / ``seg_adapter`` as set by ``set_segments`` (``None``: everything slot 0)."""
+
+    def _route(self, seg_offsets: torch.Tensor | None, seg_adapter: torch.Tensor | None) -> None:
+        self._seg_items = check_segment_offsets_arg(seg_offsets) if seg_offsets is not None else 0
+        self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
+
+    def row_offsets(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Segment offsets in rows of ``x`` flattened to ``[rows, d]``."""
+        return scale_offsets(self.seg_offsets, self._seg_items, x)
+
+
+class AdapterLayer(SegmentRouting, nn.Module):
     """A frozen base linear layer plus a low-rank adapter with ``num_clients`` slots.
 
     Subclasses provide :meth:`adapter_output` and :meth:`delta_weight`. The base layer's
@@ -192,9 +206,7 @@ class AdapterLayer(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self.merged = False
-        self.seg_offsets: torch.Tensor | None = None
-        self.seg_adapter: torch.Tensor | None = None
-        self._seg_items = 0
+        self._route(None, None)
 
     # ---------------------------------------------------------------- batched segments
     def set_segments(
@@ -209,12 +221,7 @@ class AdapterLayer(nn.Module):
         """
         if seg_offsets is not None and self.merged:
             raise RuntimeError("cannot serve several slots while slot 0 is merged: unmerge() first")
-        self._seg_items = check_segment_offsets_arg(seg_offsets) if seg_offsets is not None else 0
-        self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
-
-    def row_offsets(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Segment offsets in rows of ``x`` flattened to ``[rows, d]``."""
-        return scale_offsets(self.seg_offsets, self._seg_items, x)
+        self._route(seg_offsets, seg_adapter)
 
     # ---------------------------------------------------------------- forward
     def adapter_output(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

@@ -18,6 +18,7 @@ Layouts are DESIGN §2's: LoRA ``A`` ``[..., R, d_in]``, ``B`` ``[..., d_out, R]
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -190,29 +191,10 @@ def ravan_cores(
 
 
 # ------------------------------------------------------------------------------------- forward
-def lora_forward(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    *,
-    scale: float,
-    rank_mask: torch.Tensor | None = None,
-    grad_mask: torch.Tensor | None = None,
-    seg_offsets: torch.Tensor | None = None,
-    seg_adapter: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``scale · ((x Aᵀ) ⊙ m) Bᵀ`` through :func:`fedlora_kernels.masked_lora`, the factors cast
-    to ``x``'s dtype (e.g. fp32 adapters in a bf16 model, or under autocast)."""
-    return fk.masked_lora(
-        x,
-        A.to(x.dtype),
-        B.to(x.dtype),
-        scale=scale,
-        rank_mask=rank_mask,
-        grad_mask=grad_mask,
-        seg_offsets=seg_offsets,
-        seg_adapter=seg_adapter,
-    )
+def lora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, **op_args: Any) -> torch.Tensor:
+    """:func:`fedlora_kernels.masked_lora` (``scale``, masks and segments in ``op_args``) with the
+    factors cast to ``x``'s dtype (e.g. fp32 adapters in a bf16 model, or under autocast)."""
+    return fk.masked_lora(x, A.to(x.dtype), B.to(x.dtype), **op_args)
 
 
 def ravan_forward(
@@ -222,30 +204,16 @@ def ravan_forward(
     H: torch.Tensor,
     s: torch.Tensor,
     *,
-    scale: float,
     head_mask: torch.Tensor | None = None,
-    seg_offsets: torch.Tensor | None = None,
-    seg_adapter: torch.Tensor | None = None,
-    base_out: torch.Tensor | None = None,
+    **op_args: Any,
 ) -> torch.Tensor:
-    """``scale · Σ_i s_i ((x A_iᵀ) H_iᵀ) B_iᵀ`` (plus ``base_out``, fused) through
-    :func:`fedlora_kernels.multihead_lora`, the bases cast to ``x``'s dtype. ``head_mask`` may be
-    any 0/1 dtype (some PEFT versions cast buffers to the base dtype): it is passed as bool, which
-    the op takes without the device sync of its 0/1 value check."""
+    """:func:`fedlora_kernels.multihead_lora` (``scale``, segments, ``base_out`` in ``op_args``)
+    with the bases cast to ``x``'s dtype. ``head_mask`` may be any 0/1 dtype (some PEFT versions
+    cast buffers to the base dtype): it is passed as bool, which the op takes without the device
+    sync of its 0/1 value check."""
     if head_mask is not None and head_mask.dtype != torch.bool:
         head_mask = head_mask != 0
-    return fk.multihead_lora(
-        x,
-        A.to(x.dtype),
-        B.to(x.dtype),
-        H,
-        s,
-        scale=scale,
-        seg_offsets=seg_offsets,
-        seg_adapter=seg_adapter,
-        head_mask=head_mask,
-        base_out=base_out,
-    )
+    return fk.multihead_lora(x, A.to(x.dtype), B.to(x.dtype), H, s, head_mask=head_mask, **op_args)
 
 
 # ------------------------------------------------------------------------------------- ΔW

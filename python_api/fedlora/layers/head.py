@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedlora.layers._base import check_positive_int, check_slot, check_state_keys, scale_offsets
-from fedlora_kernels._dispatch import check_segment_offsets_arg, check_segments, row_slots
+from fedlora.layers._base import SegmentRouting, check_positive_int, check_slot, check_state_keys
+from fedlora_kernels._dispatch import check_segments, row_slots
 
 
-class SlottedLinear(nn.Module):
+class SlottedLinear(SegmentRouting, nn.Module):
     """``y_n = W_c x_n + b_c`` where ``c`` is the slot of row ``n``'s segment.
 
     Built from an ``nn.Linear`` (its weights initialise every slot). State-dict entries per slot
@@ -33,16 +33,13 @@ class SlottedLinear(nn.Module):
         b = linear.bias.detach() if linear.bias is not None else torch.zeros(self.out_features)
         self.weight = nn.Parameter(w.float().unsqueeze(0).repeat(num_clients, 1, 1))
         self.bias = nn.Parameter(b.float().unsqueeze(0).repeat(num_clients, 1))
-        self.seg_offsets: torch.Tensor | None = None
-        self.seg_adapter: torch.Tensor | None = None
-        self._seg_items = 0
+        self._route(None, None)
 
     def set_segments(
         self, seg_offsets: torch.Tensor | None, seg_adapter: torch.Tensor | None = None
     ) -> None:
         """Route the next calls' inputs to slots (``None``: slot 0), like the adapter layers."""
-        self._seg_items = check_segment_offsets_arg(seg_offsets) if seg_offsets is not None else 0
-        self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
+        self._route(seg_offsets, seg_adapter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
@@ -50,7 +47,7 @@ class SlottedLinear(nn.Module):
             y = x2 @ self.weight[0].T + self.bias[0]
         else:
             offsets, adapter = check_segments(
-                scale_offsets(self.seg_offsets, self._seg_items, x),
+                self.row_offsets(x),
                 self.seg_adapter,
                 x2.shape[0],
                 self.num_clients,
