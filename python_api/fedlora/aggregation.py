@@ -430,6 +430,117 @@ def _unchanged(g: Mapping[str, torch.Tensor], why: str) -> dict[str, torch.Tenso
 # ------------------------------------------------------------------------------------------------
 
 
+def _empty_metrics(
+    method: str, n: int, rejected: list[dict[str, Any]], nbytes: int
+) -> dict[str, Any]:
+    """The metrics of a round before (or without) a result."""
+    return {
+        "method": method,
+        "clients_total": n,
+        "clients_used": 0,
+        "used": [],
+        "weights": [],
+        "rejected": rejected,
+        "bytes_uploaded": nbytes,
+        "aggregation_error": math.nan,
+        "aggregation_error_per_layer": {},
+    }
+
+
+class _Round:
+    """The clients of one :func:`aggregate` call: which are accepted (``used``, their validated
+    ``states``) and which were rejected, and the rule run over the accepted ones."""
+
+    def __init__(
+        self,
+        method: str,
+        impl: Method,
+        g: dict[str, torch.Tensor],
+        weights: list[float],
+        metas: list[Any],
+        options: Mapping[str, Any],
+        strict: bool,
+    ) -> None:
+        self.method, self.impl, self.g = method, impl, g
+        self.weights, self.metas, self.options, self.strict = weights, metas, options, strict
+        self.used: list[int] = []
+        self.states: list[dict[str, torch.Tensor]] = []
+        self.rejected: list[dict[str, Any]] = []
+
+    def reject(self, k: int, exc: ClientRejected) -> None:
+        if self.strict:
+            raise ValueError(f"client_states[{k}] rejected: {exc}") from None
+        self.rejected.append({"client": k, "key": exc.key, "reason": exc.reason})
+        self.rejected.sort(key=lambda r: r["client"])
+
+    def validate(self, client_states: Sequence[Any]) -> int:
+        """Check every client; returns the bytes received.
+
+        Linear rules add every uploaded element into the result with a finite coefficient, so
+        a NaN/inf anywhere makes the result non-finite: their clients' values are checked once,
+        on the result, and per client only when that check fails (the common case costs one
+        pass fewer over all uploads). Zero-weight clients are always checked up front.
+        """
+        sig = _signature(self.g)
+        sig_bytes = sum(t.nbytes for t in self.g.values())
+        nbytes = sum(_payload_bytes(m) for m in self.metas)
+        for k, (state, meta) in enumerate(zip(client_states, self.metas, strict=True)):
+            fast = _fast_clean(state, sig) if isinstance(state, Mapping) else None
+            nbytes += sig_bytes if fast is not None else _payload_bytes(state)
+            finite = not self.impl.linear or self.weights[k] == 0
+            try:
+                self.states.append(
+                    _check_client(state, meta, self.g, self.impl, finite=finite, fast=fast)
+                )
+                self.used.append(k)
+            except ClientRejected as exc:
+                self.reject(k, exc)
+        return nbytes
+
+    def run(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[float]] | None:
+        """``(new_state, extra, p)`` of the rule over the accepted clients, or None when none
+        has a positive weight."""
+        if not any(self.weights[k] > 0 for k in self.used):
+            return None
+        p = normalised([self.weights[k] for k in self.used])
+        metas = [self.metas[k] for k in self.used]
+        out, extra = self.impl.aggregate(dict(self.g), self.states, p, metas, **self.options)
+        return dict(out), extra, p
+
+    def run_guarded(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[float]] | None:
+        """:meth:`run`, with the safety net behind validation: when the rule raises, the
+        clients it raises on alone are rejected and the rule runs over the others."""
+        try:
+            return self.run()
+        except Exception as exc:
+            if self.strict:
+                raise
+            metas = [self.metas[k] for k in self.used]
+            culprits = _isolate(self.impl, self.g, self.states, metas, self.options)
+            if culprits is None:  # every client alone fails too: not a client's fault
+                raise
+            why = f"the {self.method!r} rule failed on it: {exc!r:.200}"
+            for i in sorted(culprits):
+                self.reject(self.used[i], ClientRejected(None, why))
+            self._keep([i for i in range(len(self.used)) if i not in culprits])
+            return self.run()
+
+    def drop_nonfinite(self) -> None:
+        """Reject the accepted clients holding NaN/inf (the deferred check of linear rules)."""
+        keep = []
+        for i, (k, state) in enumerate(zip(self.used, self.states, strict=True)):
+            try:
+                _check_finite(state)
+                keep.append(i)
+            except ClientRejected as exc:
+                self.reject(k, exc)
+        self._keep(keep)
+
+    def _keep(self, indices: list[int]) -> None:
+        self.used = [self.used[i] for i in indices]
+        self.states = [self.states[i] for i in indices]
+
+
 def aggregate(
     method: str,
     global_state: Mapping[str, torch.Tensor],
@@ -477,84 +588,21 @@ def aggregate(
     w_all = _check_weights(weights, n)
     metas_all = _check_metas(metas, n)
 
-    # Methods marked LINEAR add every uploaded element into the result with a finite coefficient,
-    # so a NaN/inf anywhere makes the result non-finite: their clients' values are checked once,
-    # on the result, and per client only when that check fails (the common case costs one pass
-    # fewer over all uploads). Zero-weight clients are always checked up front.
-    deferred = impl.linear
-    sig = _signature(g)
-    used: list[int] = []
-    clean_states: list[dict[str, torch.Tensor]] = []
-    rejected: list[dict[str, Any]] = []
-
-    def reject(k: int, exc: ClientRejected) -> None:
-        if strict:
-            raise ValueError(f"client_states[{k}] rejected: {exc}") from None
-        rejected.append({"client": k, "key": exc.key, "reason": exc.reason})
-
-    sig_bytes = sum(t.nbytes for t in g.values())
-    nbytes = sum(_payload_bytes(m) for m in metas_all)
-    for k, (state, meta) in enumerate(zip(client_states, metas_all, strict=True)):
-        fast = _fast_clean(state, sig) if isinstance(state, Mapping) else None
-        nbytes += sig_bytes if fast is not None else _payload_bytes(state)
-        try:
-            finite = not deferred or w_all[k] == 0
-            clean = _check_client(state, meta, g, impl, finite=finite, fast=fast)
-            clean_states.append(clean)
-            used.append(k)
-        except ClientRejected as exc:
-            reject(k, exc)
-    metrics: dict[str, Any] = {
-        "method": method,
-        "clients_total": n,
-        "clients_used": 0,
-        "used": [],
-        "weights": [],
-        "rejected": rejected,
-        "bytes_uploaded": nbytes,
-        "aggregation_error": math.nan,
-        "aggregation_error_per_layer": {},
-    }
-
-    def run() -> tuple[dict[str, torch.Tensor], dict[str, Any], list[float]] | None:
-        if not used or not any(w_all[k] > 0 for k in used):
-            return None
-        p = normalised([w_all[k] for k in used])
-        out, extra = impl.aggregate(
-            dict(g), clean_states, p, [metas_all[k] for k in used], **options
-        )
-        return dict(out), extra, p
-
-    try:
-        result = run()
-    except Exception as exc:  # a rule failed on input validation let through: find who
-        if strict:
-            raise
-        result = None
-        culprits = _isolate(impl, g, clean_states, [metas_all[k] for k in used], options)
-        if culprits is None:  # every client alone fails too: not a client's fault
-            raise
-        for i in culprits:
-            reject(used[i], ClientRejected(None, f"the {method!r} rule failed on it: {exc!r:.200}"))
-        rejected.sort(key=lambda r: r["client"])
-        keep = [i for i in range(len(used)) if i not in culprits]
-        used, clean_states = [used[i] for i in keep], [clean_states[i] for i in keep]
-        result = run()
-    if deferred and result is not None and _nonfinite_key(result[0], list(result[0])) is not None:
-        keep = []
-        for k, cs in zip(used, clean_states, strict=True):
-            try:
-                _check_finite(cs)
-                keep.append((k, cs))
-            except ClientRejected as exc:
-                reject(k, exc)
-        rejected.sort(key=lambda r: r["client"])
-        used, clean_states = [k for k, _ in keep], [cs for _, cs in keep]
-        result = run()
+    rnd = _Round(method, impl, g, w_all, metas_all, options, strict)
+    nbytes = rnd.validate(client_states)
+    metrics = _empty_metrics(method, n, rnd.rejected, nbytes)
+    result = rnd.run_guarded()
+    if (
+        impl.linear
+        and result is not None
+        and _nonfinite_key(result[0], list(result[0])) is not None
+    ):
+        rnd.drop_nonfinite()
+        result = rnd.run()
     if result is None:
-        why = "every client was rejected" if not used else "the accepted clients' weights are 0"
+        why = "every client was rejected" if not rnd.used else "the accepted clients' weights are 0"
         return _unchanged(g, why), metrics
-
+    used, clean_states = rnd.used, rnd.states
     new_state, extra, p = result
     new_state = _own_storage(new_state, global_state)
     metrics.update(clients_used=len(used), used=used, weights=p)
@@ -651,17 +699,7 @@ class Aggregator:
     def result(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``(new_global_state, metrics)`` for the clients added so far (same keys as
         :func:`aggregate`'s metrics)."""
-        metrics: dict[str, Any] = {
-            "method": self.method,
-            "clients_total": self._count,
-            "clients_used": 0,
-            "used": [],
-            "weights": [],
-            "rejected": list(self._rejected),
-            "bytes_uploaded": self._bytes,
-            "aggregation_error": math.nan,
-            "aggregation_error_per_layer": {},
-        }
+        metrics = _empty_metrics(self.method, self._count, list(self._rejected), self._bytes)
         if not self._used or not any(w > 0 for w in self._weights):
             why = "no client was accepted" if not self._used else "the accepted weights are 0"
             return _unchanged(self._g, why), metrics

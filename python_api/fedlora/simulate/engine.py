@@ -317,9 +317,7 @@ def run(
     ``plot``: draw curves.png (None: when matplotlib imports; otherwise skip it with one
     warning). Stale temp files of a killed run are removed before the first write.
     """
-    from fedlora import aggregate
     from fedlora.data import dirichlet_partition
-    from fedlora.methods.prefix import nbytes
 
     cfg.validate()
     budgets = parse_budgets(cfg)
@@ -378,55 +376,10 @@ def run(
 
     bar = _progress(cfg.rounds, start_round, progress)
     for r in range(start_round, cfg.rounds):
-        t0 = time.perf_counter()
-        jobs = [
-            ClientJob(
-                k,
-                budgets[k],
-                client_batches(
-                    parts[k],
-                    cfg.batch_size,
-                    rule.pre_steps(budgets[k]) + budgets[k].steps,
-                    cfg.seed,
-                    r,
-                    k,
-                ),
-                rule.download(global_state, budgets[k]),
-                _key(cfg.seed, r, k, 11),
-            )
-            for k in range(cfg.clients)
-        ]
-        groups = [jobs] if cfg.engine == "batched" else [[j] for j in jobs]
-        uploads, losses = [], []
-        for group in groups:
-            ups, ls = train_group(model, rule, group, train_tok, cfg, r)
-            uploads += ups
-            losses += ls
-        states = [u[0] for u in uploads]
-        metas = [u[1] for u in uploads]
-        options = method.round_options(_key(cfg.seed, r, 13)) if method.round_options else {}
-        new_state, agg = aggregate(
-            cfg.method, global_state, states, weights, metas, error=True, **options
+        global_state, row = _federated_round(
+            r, cfg, method, rule, model, parts, budgets, weights, global_state, train_tok, test_tok
         )
-        # FLoRA / FedEx-LoRA: fold the server's merge instructions into the shared frozen base
-        global_state = apply_base_merges(model, new_state)
-        acc, test_loss = evaluate(model, global_state, test_tok)
-        row = {
-            "round": r + 1,
-            "test_accuracy": acc,
-            "test_loss": test_loss,
-            "train_loss": float(sum(losses) / len(losses)),
-            "aggregation_error": float(agg.get("aggregation_error", float("nan"))),
-            "bytes_up": int(sum(nbytes(s) for s in states)),
-            "bytes_down": int(sum(nbytes(j.state) for j in jobs)),
-            "clients_used": int(
-                agg.get("clients_used", len(states))
-                if not isinstance(agg.get("clients_used"), list)
-                else len(agg["clients_used"])
-            ),
-            "rejected": agg.get("rejected", []),
-            "seconds": time.perf_counter() - t0,
-        }
+        acc, test_loss = row["test_accuracy"], row["test_loss"]
         result.rounds.append(row)
         bar_write = bar.write if bar is not None else log
         bar_write(
@@ -444,6 +397,76 @@ def run(
         bar.close()
     result.global_state = global_state
     return result
+
+
+def _federated_round(
+    r: int,
+    cfg: SimConfig,
+    method: Any,
+    rule: Client,
+    model: nn.Module,
+    parts: list[list[int]],
+    budgets: list[Budget],
+    weights: list[float],
+    global_state: dict[str, torch.Tensor],
+    train_tok: Tokenized,
+    test_tok: Tokenized,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Round ``r``: every client downloads, trains (one group or one per client, by engine) and
+    uploads; the server aggregates; the new global is evaluated. Returns it and the round's row."""
+    from fedlora import aggregate
+    from fedlora.methods.prefix import nbytes
+
+    t0 = time.perf_counter()
+    jobs = [
+        ClientJob(
+            k,
+            budgets[k],
+            client_batches(
+                parts[k],
+                cfg.batch_size,
+                rule.pre_steps(budgets[k]) + budgets[k].steps,
+                cfg.seed,
+                r,
+                k,
+            ),
+            rule.download(global_state, budgets[k]),
+            _key(cfg.seed, r, k, 11),
+        )
+        for k in range(cfg.clients)
+    ]
+    groups = [jobs] if cfg.engine == "batched" else [[j] for j in jobs]
+    uploads, losses = [], []
+    for group in groups:
+        ups, ls = train_group(model, rule, group, train_tok, cfg, r)
+        uploads += ups
+        losses += ls
+    states = [u[0] for u in uploads]
+    metas = [u[1] for u in uploads]
+    options = method.round_options(_key(cfg.seed, r, 13)) if method.round_options else {}
+    new_state, agg = aggregate(
+        cfg.method, global_state, states, weights, metas, error=True, **options
+    )
+    # FLoRA / FedEx-LoRA: fold the server's merge instructions into the shared frozen base
+    global_state = apply_base_merges(model, new_state)
+    acc, test_loss = evaluate(model, global_state, test_tok)
+    row = {
+        "round": r + 1,
+        "test_accuracy": acc,
+        "test_loss": test_loss,
+        "train_loss": float(sum(losses) / len(losses)),
+        "aggregation_error": float(agg.get("aggregation_error", float("nan"))),
+        "bytes_up": int(sum(nbytes(s) for s in states)),
+        "bytes_down": int(sum(nbytes(j.state) for j in jobs)),
+        "clients_used": int(
+            agg.get("clients_used", len(states))
+            if not isinstance(agg.get("clients_used"), list)
+            else len(agg["clients_used"])
+        ),
+        "rejected": agg.get("rejected", []),
+        "seconds": time.perf_counter() - t0,
+    }
+    return global_state, row
 
 
 BASE_SUFFIX = ".base_layer.weight"
