@@ -177,3 +177,12 @@ def test_toy_method_through_the_flower_strategy(toy):
     )
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6)
+
+
+def test_toy_method_through_the_peft_integration(toy):
+    pytest.importorskip("peft")
+    from fedlora import peft as fp
+
+    assert issubclass(fp.layer_class("toy"), fp.PeftLoRALinear)
+    with pytest.raises(ValueError, match="one of fedit"):
+        fp.layer_class("fedavg")

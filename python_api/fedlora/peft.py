@@ -54,7 +54,8 @@ import torch
 from torch import nn
 
 from fedlora import keys
-from fedlora.injection import LORA_METHODS, RAVAN_METHODS, layer_seed
+from fedlora import methods as _methods
+from fedlora.injection import layer_seed
 from fedlora.layers import _core as core
 from fedlora.layers._base import _is_conv1d, check_int, check_positive_int
 
@@ -63,9 +64,7 @@ _LAZY = ("PeftLoRALinear", "PeftRavanLinear")
 
 __all__ = [
     *_LAZY,
-    "LORA_METHODS",
     "MIN_PEFT_VERSION",
-    "RAVAN_METHODS",
     "check_peft_version",
     "check_config",
     "from_peft_state_dict",
@@ -425,8 +424,15 @@ def _base_classes() -> dict[str, type]:
     return _CLASSES
 
 
+def _layer_kind(method: str) -> str:
+    """``"lora"`` or ``"ravan"``: the adapter the registered ``method`` uses (ValueError naming
+    the known methods otherwise)."""
+    return _methods.get(method).layer
+
+
 def _check_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    defaults = _RAVAN_OPTIONS if method in RAVAN_METHODS else _LORA_OPTIONS
+    ravan = _layer_kind(method) == "ravan"
+    defaults = _RAVAN_OPTIONS if ravan else _LORA_OPTIONS
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(
@@ -437,7 +443,7 @@ def _check_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     out["seed"] = check_int("seed", out["seed"])
     if out["scale_rank"] is not None:
         check_positive_int("scale_rank", out["scale_rank"])
-    if method in RAVAN_METHODS:
+    if ravan:
         check_positive_int("heads", out["heads"])
         core.check_init(out["init"], core.RAVAN_INITS)
     else:
@@ -451,14 +457,11 @@ def layer_class(method: str = "fedit", **options: Any) -> type:
     LoRA-form methods take ``init`` ("kaiming" | "gaussian"), ``seed`` and ``scale_rank``; Ravan
     takes ``heads``, ``init`` ("orthogonal" | "gaussian"), ``seed`` and ``scale_rank``.
     """
-    if method not in LORA_METHODS + RAVAN_METHODS:
-        raise ValueError(
-            f"method must be one of {sorted(LORA_METHODS + RAVAN_METHODS)}, got {method!r}"
-        )
+    kind = _layer_kind(method)
     resolved = _check_options(method, options)
     key = (method, tuple(sorted(resolved.items())))
     if key not in _REGISTERED:
-        base = _base_classes()["ravan" if method in RAVAN_METHODS else "lora"]
+        base = _base_classes()[kind]
         cls = type(
             base.__name__,
             (base,),
