@@ -317,7 +317,9 @@ def _backward_kernels(
     dx = alloc_output((n, d_in), device=dy.device, dtype=dy.dtype)
     if n == 0:
         return dx, torch.zeros_like(H), torch.zeros_like(s)
-    cfg = row_tile_config(n, d_in, d_out, rp)
+    # the dense core tiles [RP, RP] (H, its transpose, dH) share the registers with five
+    # [BM, RP] accumulators: at most 32 rows per program (64 spills on sm_90)
+    cfg = row_tile_config(n, d_in, d_out, rp, max_bm=32)
     plan = segment_tiles(offsets, n, cfg["BM"])
     dhp = torch.zeros((plan.max_pairs, h, r, r), device=dy.device, dtype=torch.float32)
     dsp = torch.zeros((plan.max_pairs, rp), device=dy.device, dtype=torch.float32)

@@ -130,18 +130,23 @@ def upcast_dots() -> bool:
     return interpreting()
 
 
-def row_tile_config(n: int, d_in: int, d_out: int, rp: int) -> dict[str, int]:
+def row_tile_config(n: int, d_in: int, d_out: int, rp: int, *, max_bm: int = 64) -> dict[str, int]:
     """Tiles of the row-tile kernels (one program per ``BM`` rows streaming ``d_in`` in ``BK``
-    and ``d_out`` in ``BN`` columns) for ``n`` rows and padded rank ``rp``: enough row tiles to
-    fill the device, register use bounded by ``rp``. Returns the kernels' ``BM``, ``BK``, ``BN``
-    and the launch's ``num_warps``.
+    and ``d_out`` in ``BN`` columns) for ``n`` rows and padded rank ``rp``: the kernels' ``BM``,
+    ``BK``, ``BN`` and the launch's ``num_warps``.
+
+    ``BM`` grows with ``n`` (enough row tiles to fill the device) up to ``max_bm`` (a kernel
+    holding more live tiles asks for less), and stays 16 from ``rp >= 128`` on; 8 warps share
+    the ``[BM, RP]`` float32 accumulators once they reach 2048 elements. The limits come from
+    compiling every kernel for sm_90 at the benchmark shapes (``bench/aot_sm90.py``): with them
+    no kernel spills registers there, except the multi-head backward at ``rp = 128``.
     """
     bm = 64 if n >= 8192 else (32 if n >= 1024 else 16)
-    if rp >= 256:
-        bm = 16
+    bm = min(bm, max_bm, 16 if rp >= 128 else 64)
     bk = 64 if rp <= 64 else 32
     bn = 64 if rp <= 64 else 32
-    return dict(BM=bm, BK=min(bk, next_pow2(d_in)), BN=min(bn, next_pow2(d_out)), num_warps=4)
+    warps = 8 if bm * rp >= 2048 else 4
+    return dict(BM=bm, BK=min(bk, next_pow2(d_in)), BN=min(bn, next_pow2(d_out)), num_warps=warps)
 
 
 class SegmentPlan(NamedTuple):
