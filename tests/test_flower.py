@@ -622,3 +622,28 @@ def test_every_method_trains_two_rounds_over_flower(tiny_bert_dir, method, tmp_p
     initial = initial_state(Settings.from_run_config(local.run_config(overrides)))
     assert _adapter_changed(method, initial, final), f"{method}: no adapter trained"
     assert saved["declared_budgets"] == {1: {"rank": 2, "components": 2}, 2: {"rank": 4}}
+
+
+def test_from_arrayrecord_reads_every_npy_layout_like_flower():
+    """The in-place decoder equals Flower's own ``Array.numpy()`` for every layout it may get:
+    C and Fortran order, big-endian, integer, 0-d and empty arrays (the unusual ones through
+    the fallback)."""
+    import numpy as np
+    from flwr.app import Array
+
+    arrays = {
+        "c": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "f64": np.linspace(0, 1, 6).reshape(2, 3),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        "big": np.arange(5, dtype=">f4"),
+        "int": np.arange(4, dtype=np.int64),
+        "scalar": np.array(3.5, dtype=np.float32),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+    }
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    got = ff.from_arrayrecord(record)
+    for k, v in arrays.items():
+        want = torch.from_numpy(v.astype(v.dtype.newbyteorder("="), order="C"))
+        want = want.float() if want.is_floating_point() else want
+        assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
+        got[k].add_(1)  # writable, owns its memory
