@@ -286,5 +286,16 @@ def test_report_speedups(benchmark):
     print()
     for name, value in ratios.items():
         print(f"{name}: {value:.1f}x")
+    from _timing import device_name, environment, results_path, write_results
+
+    results = environment(
+        "cpu",
+        protocol="pytest-benchmark medians (python -m pytest bench/test_bench_aggregation.py "
+        "--benchmark-only --benchmark-min-rounds=5), one run, every baseline in it",
+        median_ms={k: round(v * 1e3, 3) for k, v in MEDIANS.items() if not k.startswith("gpu")},
+        speedups={k: round(v, 2) for k, v in ratios.items()},
+    )
+    path = write_results(results, results_path(device_name("cpu"), prefix="aggregation-"))
+    print(f"wrote {path}")
     benchmark.group = "speed-ups"
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

@@ -143,6 +143,21 @@ def _fit(
     return best_ab[0], best_ab[1], max(best, 0.0), max(fedit, 0.0)
 
 
+def _combine(
+    global_state: State,
+    client_states: Sequence[State],
+    path: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """``Â``, ``B̂`` of one layer: the coefficients ``a``, ``b`` over ``[global, clients...]``."""
+    out = {}
+    for key, c in ((a_key(path), a.tolist()), (b_key(path), b.tolist())):
+        basis = [global_state[key]] + [cs[key] for cs in client_states]
+        out[key] = linear_combination(basis, c, global_state[key].dtype)
+    return out
+
+
 def aggregate(
     global_state: State,
     client_states: Sequence[State],
@@ -180,19 +195,26 @@ def aggregate(
             coefs[path] = (alpha, beta)
     ideal_sq = sum(L.ideal_sq for L in layers.values())
     new_state: dict[str, torch.Tensor] = {}
+    fallback: list[str] = []
+    ones = torch.ones(U, dtype=torch.float64)
     for path in paths:
         alpha, beta = coefs[path]
-        a = (e0 + J @ alpha).tolist()
-        b = (e0 + J @ beta).tolist()
-        for key, c in ((a_key(path), a), (b_key(path), b)):
-            basis = [global_state[key]] + [cs[key] for cs in client_states]
-            new_state[key] = linear_combination(basis, c, global_state[key].dtype)
+        new_state.update(_combine(global_state, client_states, path, e0 + J @ alpha, e0 + J @ beta))
+        if not all(bool(torch.isfinite(new_state[k]).all()) for k in (a_key(path), b_key(path))):
+            # fitted coefficients outside [0, 1] can push factors near the float32 maximum
+            # past it: this layer falls back to FedIT (α = β = 1, a convex combination)
+            coefs[path] = (ones, ones)
+            fallback.append(path)
+            new_state.update(
+                _combine(global_state, client_states, path, e0 + J @ ones, e0 + J @ ones)
+            )
     average_other_keys(new_state, global_state, client_states, weights)
     extra = {
         "florana_alpha": {path: coefs[path][0].tolist() for path in paths},
         "florana_beta": {path: coefs[path][1].tolist() for path in paths},
         "fedit_error": relative_error(fedit_sq, ideal_sq),
         "florana_fit_error": relative_error(fit_sq, ideal_sq),
+        "florana_fallback": fallback,
     }
     return {k: new_state[k] for k in global_state}, extra
 
