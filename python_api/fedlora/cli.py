@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -124,7 +125,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedlora.simulate.compare import compare
+    from fedlora.simulate.compare import CompareSpec, compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in method_names()]
@@ -136,8 +137,42 @@ def _compare(args: argparse.Namespace) -> int:
     if dup:
         raise ConfigError(f"--methods names {', '.join(dup)} more than once")
     configs = [_config(args, m) for m in methods]
-    compare(configs, Path(args.out), progress=not args.no_progress)
+    spec = CompareSpec(
+        seeds=_seeds(args.seeds, args.seed),
+        lr_grid=None if args.lr_grid is None else _floats("--lr-grid", args.lr_grid),
+        baseline=args.baseline,
+        match=args.match,
+        target=args.target,
+        val_fraction=args.val_fraction,
+    )
+    command = "fedlora " + " ".join(shlex.quote(a) for a in (args.argv or []))
+    compare(configs, Path(args.out), spec=spec, progress=not args.no_progress, command=command)
     return 0
+
+
+def _seeds(text: str | None, seed: int) -> tuple[int, ...]:
+    """``--seeds``: a count ``N`` (seeds ``seed .. seed+N-1``) or a comma list of seeds."""
+    if text is None:
+        return (seed,)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(
+            f"--seeds must be a count or a comma list of ints, got {text!r}"
+        ) from None
+    if len(values) == 1 and "," not in text:
+        if values[0] < 1:
+            raise ConfigError(f"--seeds must be a count >= 1 or a list of seeds, got {text!r}")
+        return tuple(range(seed, seed + values[0]))
+    return tuple(values)
+
+
+def _floats(name: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a comma list of numbers, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cmp.add_argument("--methods", required=True, help="comma-separated methods")
     cmp.add_argument("--out", default="runs/compare", help="output directory")
+    cmp.add_argument(
+        "--seeds", default=None, help="a count N (seeds --seed .. --seed+N-1) or a list '0,1,2'"
+    )
+    cmp.add_argument(
+        "--lr-grid", default=None, help="learning rates tried per method on a validation split"
+    )
+    cmp.add_argument("--val-fraction", type=float, default=0.1, help="validation share of train")
+    cmp.add_argument("--baseline", default=None, help="method to pair every other against")
+    cmp.add_argument(
+        "--match", default="none", help="budget matching axis: none | comm (numbers sent)"
+    )
+    cmp.add_argument("--target", type=float, default=None, help="accuracy for rounds-to-target")
     _add_run_options(cmp)
     cmp.set_defaults(func=_compare)
     return parser
@@ -168,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0) or a one-line argparse error (2)
         return stop.code if isinstance(stop.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for "reproduce with" lines
     try:
         return args.func(args)
     except ConfigError as err:
