@@ -69,13 +69,20 @@ def test_selection_follows_component_scores():
     scores = tracker.component_scores()
     sel = tracker.select(3)
     for path, s in scores.items():
-        assert sel[path] == sorted(torch.argsort(-s, stable=True)[:3].tolist())
+        # not trivially: one scoring step already ranks by importance (Ū starts at |I|, not 0),
+        # so the scores are positive and distinct and the choice is theirs, not the index's
+        assert bool((s > 0).all()) and len(set(s.tolist())) == len(s), (path, s)
+        assert sel[path] == sorted(torch.argsort(-s)[:3].tolist())
+    assert any(v != [0, 1, 2] for v in sel.values()), sel  # not the lowest indices everywhere
     # the score is the mean over B's column plus the mean over A's row, of Ī·Ū
     path, _ = next(iter(fedlora.adapter_layers(net)))
     ema_a, unc_a = tracker.ema[f"{path}.A"][0], tracker.unc[f"{path}.A"][0]
     ema_b, unc_b = tracker.ema[f"{path}.B"][0], tracker.unc[f"{path}.B"][0]
     expect = (ema_a * unc_a).mean(1) + (ema_b * unc_b).mean(0)
     torch.testing.assert_close(scores[path], expect)
+    layer = dict(fedlora.adapter_layers(net))[path]
+    sens_a = (layer.lora_A.detach() * layer.lora_A.grad)[0].abs()
+    assert torch.equal(ema_a, sens_a) and torch.equal(unc_a, sens_a)  # first update: Ī = Ū = I
 
 
 def test_ema_sanity_constant_sensitivity():

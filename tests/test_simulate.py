@@ -32,15 +32,17 @@ def _states_close(a, b, rel=1e-3):
 
 
 @pytest.mark.parametrize(
-    "method,budgets",
-    [("fedit", "uniform"), ("hetlora", "rank=1,2,4;steps=2,1"), ("prelort", "rank=1,2,4"),
-     ("hafl", "components=1,2,4"), ("ravan", "heads=1,2")],
+    "method,budgets,extra",
+    [("fedit", "uniform", {}), ("hetlora", "rank=1,2,4;steps=2,1", {}),
+     ("prelort", "rank=1,2,4", {}), ("hafl", "components=1,2,4", {}),
+     ("hafl", "rank=1,2,4;components=1,2,4", {"hafl_mode": "truncate", "rounds": 3}),
+     ("ravan", "heads=1,2", {})],
+    ids=["fedit", "hetlora", "prelort", "hafl", "hafl-truncate", "ravan"],
 )  # fmt: skip
-def test_batched_engine_equals_sequential(tiny_bert_dir, method, budgets):
-    seq = run(
-        tiny(tiny_bert_dir, method=method, budgets=budgets, engine="sequential"), progress=False
-    )
-    bat = run(tiny(tiny_bert_dir, method=method, budgets=budgets, engine="batched"), progress=False)
+def test_batched_engine_equals_sequential(tiny_bert_dir, method, budgets, extra):
+    kw = dict(method=method, budgets=budgets, **extra)
+    seq = run(tiny(tiny_bert_dir, engine="sequential", **kw), progress=False)
+    bat = run(tiny(tiny_bert_dir, engine="batched", **kw), progress=False)
     for r_s, r_b in zip(seq.rounds, bat.rounds, strict=True):
         for key in ("test_accuracy", "test_loss", "train_loss", "bytes_up", "bytes_down"):
             assert r_s[key] == pytest.approx(r_b[key], rel=1e-4, abs=1e-5), key
@@ -78,11 +80,15 @@ def test_every_method_runs_two_rounds(tiny_bert_dir, method, tmp_path):
         assert trained and all(v.abs().sum() > 0 for v in trained), "an adapter never trained"
 
 
-def test_resume_continues_to_the_same_numbers(tiny_bert_dir, tmp_path):
-    full = run(tiny(tiny_bert_dir, method="hafl", rounds=3), tmp_path / "full", progress=False)
-    run(tiny(tiny_bert_dir, method="hafl", rounds=1), tmp_path / "part", progress=False)
+@pytest.mark.parametrize("mode", ["freeze", "truncate"])
+def test_resume_continues_to_the_same_numbers(tiny_bert_dir, tmp_path, mode):
+    # truncation: the server's scores of round 1 choose round 2's components, so a resumed run
+    # must get them back from the checkpoint (the rounds' rows record them)
+    kw = dict(method="hafl", hafl_mode=mode, budgets="rank=1,2,4;components=1,2,4")
+    full = run(tiny(tiny_bert_dir, rounds=3, **kw), tmp_path / "full", progress=False)
+    run(tiny(tiny_bert_dir, rounds=1, **kw), tmp_path / "part", progress=False)
     resumed = run(
-        tiny(tiny_bert_dir, method="hafl", rounds=3), tmp_path / "part", resume=True, progress=False
+        tiny(tiny_bert_dir, rounds=3, **kw), tmp_path / "part", resume=True, progress=False
     )
     assert [r["test_loss"] for r in resumed.rounds] == pytest.approx(
         [r["test_loss"] for r in full.rounds], rel=1e-6
@@ -121,6 +127,7 @@ def test_budget_spec_parsing():
         (["--budgets", "rank=99"], "exceeds the global rank"),
         (["--clients", "0"], "--clients must be a positive integer"),
         (["--engine", "parallel"], "--engine must be one of"),
+        (["--hafl-mode", "prune"], "--hafl-mode"),
         (["--target-modules", "nothing_like_this"], "--target-modules"),
     ],
 )
@@ -177,3 +184,25 @@ def test_ffa_uploads_only_b(tiny_bert_dir):
     up_ffa, up_fedit = ffa.rounds[0]["bytes_up"], fedit.rounds[0]["bytes_up"]
     assert up_ffa < 0.75 * up_fedit  # A (d_in x R per layer) stays home
     assert any(k.endswith(".lora_A.weight") for k in ffa.global_state)  # the global keeps A
+
+
+def test_hafl_truncation_follows_the_server_scores(tiny_bert_dir):
+    """--hafl-mode truncate: from round 2, a rank-r_k client holds the top-r_k components by the
+    server's averaged scores of the round before (recorded in each round's row)."""
+    from fedlora.methods import hafl
+
+    cfg = tiny(tiny_bert_dir, method="hafl", hafl_mode="truncate", rounds=2,
+               budgets="rank=1,2,4;components=1,2,4")  # fmt: skip
+    result = run(cfg, progress=False)
+    scores = result.rounds[0]["scores"]
+    assert scores and all(len(v) == 4 for v in scores.values())
+    rule = hafl.METHOD.client(cfg.client_options(), parse_budgets(cfg))
+    assert rule.after_aggregate(result.rounds[0])["prev_scores"].keys() == scores.keys()
+    down = rule.download(result.global_state, parse_budgets(cfg)[1])
+    for path, s in scores.items():
+        idx = hafl.top_components(s, 4, 2)
+        assert torch.equal(
+            down[f"{path}.lora_A.weight"], result.global_state[f"{path}.lora_A.weight"][idx]
+        )
+    # the ranking is not the prefix everywhere: the scores really choose
+    assert any(hafl.top_components(s, 4, 2) != [0, 1] for s in scores.values())

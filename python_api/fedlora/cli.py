@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fedlora.methods import names as method_names
-from fedlora.simulate.config import ENGINES, HEAD_SCORES, ConfigError, SimConfig
+from fedlora.simulate.config import ENGINES, HAFL_MODES, HEAD_SCORES, ConfigError, SimConfig
 
 _DEFAULTS = SimConfig()
 
@@ -71,6 +71,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=d.hafl_score_steps,
         help="HAFL batches that only score importance",
+    )
+    p.add_argument(
+        "--hafl-mode",
+        default=d.hafl_mode,
+        choices=list(HAFL_MODES),
+        help="HAFL: freeze (hold rank R, train the top budget components) or truncate (hold "
+        "the top budget rank components by the server's scores)",
     )
     p.add_argument(
         "--engine",

@@ -48,6 +48,7 @@ class ClientOptions:
     heads: int = 4
     head_score: str = "weight"
     hafl_score_steps: int = 1
+    hafl_mode: str = "freeze"
 
 
 class Client:
@@ -59,7 +60,7 @@ class Client:
     only score, then ``scoring_done``; training steps with ``truncations`` (ranks to train the
     batch under at once) and ``after_backward``; finally ``upload`` (state and meta for
     :func:`fedlora.aggregate`). ``setup`` runs once per model, ``start_round`` once per group of
-    clients trained together.
+    clients trained together; ``after_aggregate`` once per round, after the server's rule.
     """
 
     def __init__(self, options: ClientOptions, budgets: Sequence[Budget]) -> None:
@@ -111,6 +112,15 @@ class Client:
         from fedlora.state_dict import get_adapter_state_dict
 
         return get_adapter_state_dict(model, slot=slot), {}
+
+    def after_aggregate(self, metrics: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """After the server aggregated a round: ``metrics`` as :func:`fedlora.aggregate`
+        returned them (or, when a run resumes, the last round's recorded row). The client side
+        keeps what its next downloads need (HAFL truncation: the server's averaged scores) and
+        may return keyword options for the next round's ``aggregate`` call (HAFL:
+        ``prev_scores``). Default: a no-op returning None. A caller that never calls it (a
+        Flower ClientApp built fresh each round) gets each method's first-round behaviour."""
+        return None
 
 
 @runtime_checkable

@@ -27,6 +27,7 @@ Streaming-capable.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ from fedlora.methods._common import (
     per_layer,
     rank_of,
 )
-from fedlora.methods._protocol import Budget, Client, Method
+from fedlora.methods._protocol import Budget, Client, ClientOptions, Method
 
 
 def _per_layer(meta: Mapping[str, Any], name: str, key: str) -> Mapping[str, Any]:
@@ -285,18 +286,55 @@ def stream_result(
 # component ``j`` (the rank-1 matrix ``B[:, j] A[j, :]``) is
 # ``S_j = mean_p score(B[p, j]) + mean_q score(A[j, q])``.
 #
-# Freezing mode (the default): every client holds the full rank ``R``; it runs ``score_steps``
-# batches to fill the averages, then trains only its top-``m_k`` components per module
-# (:meth:`ImportanceTracker.select`), chosen anew each round; its upload (:func:`client_update`)
-# carries all components plus, per module, the indices it updated and its component scores.
+# Three choices the paper leaves open (DESIGN §4), made here:
 #
-# Truncation mode: the client receives only the top-``r_k`` components by the server's averaged
-# scores (:func:`truncation_download`), trains them all, and uploads them with their indices
-# (:func:`truncation_upload`) so the server writes them back in place.
+# 1. The first update of an element sets ``Ī = I`` AND ``Ū = I`` (not ``Ū = 0``). With ``Ū = 0``
+#    one scoring step (the default ``--hafl-score-steps 1``) scores every element ``Ī·0 = 0``, so
+#    ties fall to the lowest index and every client trains components ``0..m_k−1`` whatever its
+#    data. A single reading says nothing about its variability, so its uncertainty is taken as
+#    its own size: after one step the element score is ``I²``, a ranking by importance, and the
+#    score keeps ONE definition at every step (no switch from ``Ī`` to ``Ī·Ū`` mid-round). It is
+#    also what AdaLoRA's zero-initialised averages give after one step, up to their bias
+#    correction constants (``Ī = (1−β1) I``, ``Ū = (1−β2) β1 I``); the prior's weight then decays
+#    as ``β2^t``.
+# 2. Components a slot does not train (frozen by :meth:`ImportanceTracker.select`, or outside the
+#    slot's rank in truncation mode) get exactly zero gradient; they are NOT re-scored from it:
+#    their averages are left as they were when they were last trained or scored (per slot, per
+#    component). Otherwise after a few steps a frozen component's ``Ī`` decays toward 0 while its
+#    ``Ū`` grows with ``|0 − Ī|``, and the uploaded scores compare stale numbers with live ones.
+# 3. Round 1, ``B = 0`` (the LoRA initialisation): ``∂L/∂A = scale·Bᵀ(∂L/∂y)x = 0`` and every
+#    ``B`` element is 0, so ``|w·g| = 0`` EVERYWHERE: the sensitivity carries no information at
+#    all (it is the loss change from removing a weight, and removing a zero weight changes
+#    nothing). When a slot's first update of a layer finds every sensitivity of that layer
+#    exactly 0, the slot scores that layer by the gradient magnitude ``|g|`` instead, for the rest
+#    of the round (sticky, so one round's scores have one unit). In round 1 that is
+#    ``mean_p |∂L/∂B[p, j]|``: how strongly the client's loss pulls on the output of component
+#    ``j`` through its (random, Kaiming) input direction ``A[j]`` — the components whose first
+#    Adam steps reduce the client's loss most. It depends on the client's data, so non-IID
+#    clients choose different components. From round 2 the trained components have ``B ≠ 0`` and
+#    ``|w·g|`` is used again; a component nobody has trained still has ``B = 0`` and scores 0
+#    there, so it is chosen only by a client whose budget exceeds the trained ones (the paper's
+#    sensitivity has this property). Exact ties (no scoring step at all, or a layer whose
+#    gradient is 0 too) are broken by a seeded random order (the client's seed), not the index.
 #
-# The first update of a fresh tracker sets ``Ī = I`` (no bias toward 0) and ``Ū = 0``.
+# Freezing mode (the default, ``hafl_mode="freeze"``): every client holds the full rank ``R``; it
+# runs ``score_steps`` batches to fill the averages, then trains only its top-``m_k``
+# components per module (:meth:`ImportanceTracker.select`, ``m_k = budget.components``), chosen
+# anew each round; its upload (:func:`client_update`) carries the trained components, their
+# indices and their scores.
+#
+# Truncation mode (``hafl_mode="truncate"``): client ``k`` receives only the top-``r_k``
+# components by the server's averaged scores (:func:`truncation_download`, ``r_k =
+# budget.rank``), trains them all, and uploads them with their indices and scores
+# (:func:`truncation_upload`) so the server writes them back in place. The client side learns
+# the server's scores through :meth:`HAFLClient.after_aggregate` and hands them back as the
+# rule's ``prev_scores`` option (components nobody reported keep their last score). Before any
+# scores exist (round 1) the top-``r_k`` by zero scores are the prefix ``0..r_k−1``: round 1 of
+# truncation is HetLoRA's first round (every component is at its initialisation then, so which
+# ones a client gets does not matter yet).
 
 SCORES = ("ema_unc", "ema")
+MODES = ("freeze", "truncate")
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -307,11 +345,23 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return layers
 
 
+def _ranked(scores: torch.Tensor, seed: int | None, salt: str) -> torch.Tensor:
+    """Indices by descending score; ties by the lower index (``seed`` None) or in a seeded
+    random order."""
+    if seed is None:
+        return torch.sort(-scores, stable=True).indices
+    gen = torch.Generator().manual_seed((int(seed) * 7919 + zlib.crc32(salt.encode())) % 2**31)
+    order = torch.randperm(scores.numel(), generator=gen)
+    return order[torch.sort(-scores[order], stable=True).indices]
+
+
 class ImportanceTracker:
     """Smoothed sensitivity and uncertainty of every LoRA element, for all slots at once.
 
     Call :meth:`update` after each backward pass (it reads ``lora_A.grad`` / ``lora_B.grad``).
-    State tensors have the parameters' shapes ``[C, R, d_in]`` / ``[C, d_out, R]``.
+    State tensors have the parameters' shapes ``[C, R, d_in]`` / ``[C, d_out, R]``. Only the
+    components a slot trains (``grad_mask`` and ``rank_mask`` of the layer) are updated; see the
+    comment above for the first update (``Ū = I``) and the zero-sensitivity fallback to ``|g|``.
     """
 
     def __init__(
@@ -326,45 +376,74 @@ class ImportanceTracker:
         self.beta1, self.beta2, self.score = beta1, beta2, score
         self.ema: dict[str, torch.Tensor] = {}
         self.unc: dict[str, torch.Tensor] = {}
+        #: per layer ``[C, R]``: how many updates each component of each slot has taken
+        self.count: dict[str, torch.Tensor] = {}
+        #: per layer ``[C]``: the slot scores this layer by ``|g|`` this round (``|w·g|`` was 0)
+        self.by_gradient: dict[str, torch.Tensor] = {}
+        self._decided: dict[str, torch.Tensor] = {}
         self.updates = torch.zeros(self.layers[0][1].num_clients, dtype=torch.long)
 
     def reset(self, slot: int | None = None) -> None:
         """Forget the averages (of one slot, or all): a new round starts from scratch."""
         if slot is None:
-            self.ema.clear()
-            self.unc.clear()
+            for d in (self.ema, self.unc, self.count, self.by_gradient, self._decided):
+                d.clear()
             self.updates.zero_()
             return
-        for d in (self.ema, self.unc):
+        for d in (self.ema, self.unc, self.count, self.by_gradient, self._decided):
             for t in d.values():
                 t[slot].zero_()
         self.updates[slot] = 0
 
     @torch.no_grad()
     def update(self, slots: Sequence[int] | None = None) -> None:
-        """Fold the current gradients into the averages of ``slots`` (default: all)."""
+        """Fold the current gradients into the averages of ``slots`` (default: all), for the
+        components each slot trains."""
         C = self.layers[0][1].num_clients
         chosen = torch.zeros(C, dtype=torch.bool)
         chosen[list(range(C)) if slots is None else list(slots)] = True
-        first = (self.updates == 0) & chosen
         for path, layer in self.layers:
-            for name, p in (("A", layer.lora_A), ("B", layer.lora_B)):
-                if p.grad is None:
-                    continue
-                key = f"{path}.{name}"
-                sens = (p.detach().float() * p.grad.float()).abs()
-                ema = self.ema.setdefault(key, torch.zeros_like(sens))
-                unc = self.unc.setdefault(key, torch.zeros_like(sens))
-                sel = chosen.to(sens.device).view(-1, *[1] * (sens.dim() - 1))
-                fresh = first.to(sens.device).view_as(sel)
-                new_ema = torch.where(fresh, sens, self.beta1 * ema + (1 - self.beta1) * sens)
-                new_unc = torch.where(
-                    fresh,
-                    torch.zeros_like(unc),
-                    self.beta2 * unc + (1 - self.beta2) * (sens - new_ema).abs(),
+            gA, gB = layer.lora_A.grad, layer.lora_B.grad
+            if gA is None and gB is None:
+                continue
+            A, B = layer.lora_A.detach().float(), layer.lora_B.detach().float()
+            gA = torch.zeros_like(A) if gA is None else gA.detach().float()
+            gB = torch.zeros_like(B) if gB is None else gB.detach().float()
+            dev = A.device
+            active = chosen.to(dev)[:, None] & layer.grad_mask.bool() & layer.rank_mask.bool()
+            act_A, act_B = active[:, :, None], active[:, None, :]
+            sens_A, sens_B = (A * gA).abs(), (B * gB).abs()
+            count = self.count.setdefault(
+                path, torch.zeros(C, layer.rank, dtype=torch.long, device=dev)
+            )
+            by_grad = self.by_gradient.setdefault(
+                path, torch.zeros(C, dtype=torch.bool, device=dev)
+            )
+            decided = self._decided.setdefault(path, torch.zeros(C, dtype=torch.bool, device=dev))
+            deciding = active.any(1) & ~decided
+            if bool(deciding.any()):  # the slot's first update of this layer this round
+                silent = ((sens_A * act_A).flatten(1).amax(1) == 0) & (
+                    (sens_B * act_B).flatten(1).amax(1) == 0
                 )
-                ema.copy_(torch.where(sel, new_ema, ema))
-                unc.copy_(torch.where(sel, new_unc, unc))
+                by_grad.copy_(torch.where(deciding, silent, by_grad))
+                decided |= deciding
+            g_mode = by_grad.view(-1, 1, 1)
+            fresh = active & (count == 0)
+            for name, sens, grad, act, fr in (
+                ("A", sens_A, gA, act_A, fresh[:, :, None]),
+                ("B", sens_B, gB, act_B, fresh[:, None, :]),
+            ):
+                key = f"{path}.{name}"
+                I = torch.where(g_mode, grad.abs(), sens)
+                ema = self.ema.setdefault(key, torch.zeros_like(I))
+                unc = self.unc.setdefault(key, torch.zeros_like(I))
+                new_ema = torch.where(fr, I, self.beta1 * ema + (1 - self.beta1) * I)
+                new_unc = torch.where(
+                    fr, I, self.beta2 * unc + (1 - self.beta2) * (I - new_ema).abs()
+                )
+                ema.copy_(torch.where(act, new_ema, ema))
+                unc.copy_(torch.where(act, new_unc, unc))
+            count += active.long()
         self.updates += chosen.long()
 
     def component_scores(self, slot: int = 0) -> dict[str, torch.Tensor]:
@@ -383,19 +462,22 @@ class ImportanceTracker:
             out[path] = parts[0] + parts[1]
         return out
 
-    def select(self, budget: int, slot: int = 0) -> dict[str, list[int]]:
+    def select(
+        self, budget: int, slot: int = 0, *, seed: int | None = None
+    ) -> dict[str, list[int]]:
         """Make only the top-``budget`` components of each module trainable in ``slot``.
 
-        Ties are broken by the lower index. Returns ``{path: sorted indices}``.
+        Ties are broken by the lower index, or with ``seed`` in a seeded random order (per
+        module). Returns ``{path: sorted indices}``.
         """
         R = self.layers[0][1].rank
         if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= R:
             raise ValueError(f"budget must be an int in [1, {R}] (the rank), got {budget!r}")
         chosen = {}
+        layers = dict(self.layers)
         for path, scores in self.component_scores(slot).items():
-            order = torch.sort(-scores, stable=True).indices
-            idx = sorted(order[:budget].tolist())
-            dict(self.layers)[path].set_trainable(idx, slot)
+            idx = sorted(_ranked(scores, seed, path)[:budget].tolist())
+            layers[path].set_trainable(idx, slot)
             chosen[path] = idx
         return chosen
 
@@ -433,18 +515,34 @@ def client_update(
     return state, meta
 
 
+def top_components(scores: Any, full: int, rank: int) -> list[int]:
+    """Sorted indices of the ``rank`` highest of ``scores`` (``[full]``; None: all zero, i.e.
+    the prefix ``0..rank−1``); ties by the lower index, so the server and every client agree."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= full:
+        raise ValueError(f"rank must be an int in [1, {full}] (the global rank), got {rank!r}")
+    if scores is None:
+        return list(range(rank))
+    s = torch.as_tensor(scores, dtype=torch.float32).reshape(-1)
+    if s.numel() != full:
+        raise ValueError(f"scores must have {full} entries (the global rank), got {s.numel()}")
+    return sorted(_ranked(s, None, "")[:rank].tolist())
+
+
 def truncation_download(
-    global_state: dict[str, torch.Tensor], global_scores: dict[str, Sequence[float]], rank: int
+    global_state: dict[str, torch.Tensor],
+    global_scores: Mapping[str, Sequence[float]] | None,
+    rank: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
     """Truncation mode: the top-``rank`` components of every module by the server's averaged
-    scores, as a rank-``rank`` state dict, and the indices they came from."""
+    scores (a module without scores, or ``global_scores=None``: the prefix), as a
+    rank-``rank`` state dict, and the indices they came from."""
     state, indices = dict(global_state), {}
     for key in global_state:
         if not key.endswith(A_SUFFIX):
             continue
         path = key[: -len(A_SUFFIX)]
-        scores = torch.as_tensor(global_scores[path], dtype=torch.float32)
-        idx = sorted(torch.sort(-scores, stable=True).indices[:rank].tolist())
+        full = global_state[key].shape[0]
+        idx = top_components((global_scores or {}).get(path), full, rank)
         state[path + A_SUFFIX] = global_state[path + A_SUFFIX][idx].clone()
         state[path + B_SUFFIX] = global_state[path + B_SUFFIX][:, idx].clone()
         indices[path] = idx
@@ -452,16 +550,37 @@ def truncation_download(
 
 
 def truncation_upload(
-    state: dict[str, torch.Tensor], indices: dict[str, list[int]]
+    state: dict[str, torch.Tensor],
+    indices: dict[str, list[int]],
+    scores: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Truncation mode upload: the trained rank-``r_k`` state and where its components belong."""
-    return dict(state), {"indices": {p: list(v) for p, v in indices.items()}}
+    """Truncation mode upload: the trained rank-``r_k`` state, where its components belong and
+    (optionally) their scores, aligned with the uploaded rows."""
+    meta: dict[str, Any] = {"indices": {p: list(v) for p, v in indices.items()}}
+    if scores is not None:
+        meta["scores"] = {p: [float(x) for x in v] for p, v in scores.items()}
+    return dict(state), meta
 
 
 class HAFLClient(Client):
-    """HAFL client in freezing mode: score ``hafl_score_steps`` batches, then train the
-    top-``m_k`` components of every layer (``budget.components``); upload the updated
-    components with their indices and scores."""
+    """HAFL's client side, in the run's ``hafl_mode``.
+
+    ``"freeze"`` (default): score ``hafl_score_steps`` batches, then train the top-``m_k``
+    components of every layer (``budget.components``); upload the trained components with their
+    indices and scores. ``"truncate"``: download the top-``r_k`` components by the server's
+    averaged scores (``budget.rank``), train them all, upload them with their indices and
+    scores. The server's scores arrive through :meth:`after_aggregate` (the simulator calls it
+    after every round; a caller that never calls it gets prefixes, i.e. round-1 behaviour).
+    """
+
+    def __init__(self, options: ClientOptions, budgets: Sequence[Budget]) -> None:
+        super().__init__(options, budgets)
+        mode = getattr(options, "hafl_mode", "freeze")
+        if mode not in MODES:
+            raise ValueError(f"hafl_mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        #: the server's last averaged component scores ``{path: [R]}`` (None before round 1)
+        self.server_scores: dict[str, torch.Tensor] | None = None
 
     def setup(self, model: nn.Module) -> None:
         self.tracker = ImportanceTracker(model)
@@ -471,20 +590,49 @@ class HAFLClient(Client):
         self.tracker.reset()
         self.selection = {}
 
+    def download(self, global_state: State, budget: Budget) -> dict[str, torch.Tensor]:
+        if self.mode == "freeze":
+            return dict(global_state)
+        return truncation_download(dict(global_state), self.server_scores, budget.rank)[0]
+
     def pre_steps(self, budget: Budget) -> int:
-        return self.options.hafl_score_steps
+        # truncation: the server chose the components; scores come from the training steps
+        return self.options.hafl_score_steps if self.mode == "freeze" else 0
 
     def after_backward(self, model: nn.Module, slots: list[int]) -> None:
         self.tracker.update(slots)
 
     def scoring_done(self, model: nn.Module, slot: int, budget: Budget, seed: int) -> None:
-        self.selection[slot] = self.tracker.select(budget.components, slot)
+        if self.mode == "freeze":
+            self.selection[slot] = self.tracker.select(budget.components, slot, seed=seed)
 
     def upload(
         self, model: nn.Module, slot: int, budget: Budget
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         scores = self.tracker.component_scores(slot)
-        return client_update(model, self.selection[slot], scores, slot=slot)
+        if self.mode == "freeze":
+            return client_update(model, self.selection[slot], scores, slot=slot)
+        from fedlora.methods.prefix import truncate
+        from fedlora.state_dict import get_adapter_state_dict
+
+        r = budget.rank
+        state = truncate(get_adapter_state_dict(model, slot=slot), r)
+        indices = {
+            path: top_components((self.server_scores or {}).get(path), layer.rank, r)
+            for path, layer in lora_layers(model)
+        }
+        return truncation_upload(state, indices, {p: s[:r].tolist() for p, s in scores.items()})
+
+    def after_aggregate(self, metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Keep the server's averaged scores (``metrics["scores"]``, tensors or lists) for the
+        next downloads, and return them as the next round's ``prev_scores``."""
+        scores = metrics.get("scores")
+        if isinstance(scores, Mapping) and scores:
+            self.server_scores = {
+                p: torch.as_tensor(v, dtype=torch.float32).reshape(-1).clone()
+                for p, v in scores.items()
+            }
+        return {"prev_scores": self.server_scores} if self.server_scores else None
 
 
 METHOD = Method(
@@ -497,6 +645,6 @@ METHOD = Method(
     stream_add=stream_add,
     stream_result=stream_result,
     error_state=error_state,
-    budget_fields=("components", "steps"),
+    budget_fields=("components", "rank", "steps"),
     summary="HAFL: train the most important rank-1 components, per-component average",
 )

@@ -21,6 +21,7 @@ from fedlora.methods import Budget, ClientOptions, names
 
 ENGINES = ("sequential", "batched")
 HEAD_SCORES = ("weight", "gradient", "random")
+HAFL_MODES = ("freeze", "truncate")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
 MAX_SEED = 2**32 - 1  # numpy's and the per-round key's range
 MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
@@ -54,6 +55,7 @@ class SimConfig:
     heads: int = 4
     head_score: str = "weight"
     hafl_score_steps: int = 1
+    hafl_mode: str = "freeze"
     engine: str = "batched"
     seed: int = 0
     model: str | None = None
@@ -71,6 +73,7 @@ class SimConfig:
             heads=self.heads,
             head_score=self.head_score,
             hafl_score_steps=self.hafl_score_steps,
+            hafl_mode=self.hafl_mode,
         )
 
     def validate(self) -> SimConfig:
@@ -79,14 +82,16 @@ class SimConfig:
         Ranges: the counts (``clients``, ``rounds``, ``local_steps``, ``batch_size``, ``rank``,
         ``heads``) are integers in [1, 10**6], ``max_length`` in [2, 10**6] (and at most the
         model's positions, checked when it is loaded); ``hafl_score_steps`` is in [0, 10**6] and
-        ``max_test`` (0 or None = the whole test split) an integer >= 0; ``max_train_per_client`` is None or
-        positive; ``seed`` is in [0, 2**32); ``lr`` is finite in (0, 1] and ``weight_decay``
-        finite in [0, 1] (AdamW: larger values move or shrink every weight by more than itself
+        ``max_test`` (0 or None = the whole test split) an integer >= 0;
+        ``max_train_per_client`` is None or positive; ``hafl_mode`` is ``freeze`` (HAFL
+        clients hold rank R and train their top ``components``) or ``truncate`` (they hold
+        their top ``rank`` components by the server's averaged scores); ``seed`` is in
+        [0, 2**32); ``lr`` is finite in (0, 1] and ``weight_decay`` finite in [0, 1] (AdamW: larger values move or shrink every weight by more than itself
         per step); ``alpha`` (LoRA scale numerator) is finite and positive;
         ``dirichlet_alpha`` is positive (``inf`` = IID); ``model`` and ``data``, when given,
         name an existing folder / file.
         """
-        for name in ("method", "engine", "head_score", "budgets"):
+        for name in ("method", "engine", "head_score", "hafl_mode", "budgets"):
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise ConfigError(f"{_opt(name)} must be a string, got {v!r}")
@@ -97,6 +102,10 @@ class SimConfig:
         if self.head_score not in HEAD_SCORES:
             raise ConfigError(
                 f"--head-score must be one of {', '.join(HEAD_SCORES)}; got {self.head_score!r}"
+            )
+        if self.hafl_mode not in HAFL_MODES:
+            raise ConfigError(
+                f"--hafl-mode must be one of {', '.join(HAFL_MODES)}; got {self.hafl_mode!r}"
             )
         for name in ("clients", "rounds", "local_steps", "batch_size", "rank", "heads"):
             _check_int(name, getattr(self, name), 1, MAX_COUNT)

@@ -374,10 +374,24 @@ def run(
         if ckpt is not None and start_round >= cfg.rounds:  # a kill may have hit the reports
             write_reports(out, cfg, result.rounds, plot=plot)
 
+    # what the client side keeps from the server's last round (HAFL truncation's scores) and
+    # the aggregate options it asks for; a resumed run replays the hook on the last recorded row
+    server_options = dict(rule.after_aggregate(result.rounds[-1]) or {}) if result.rounds else {}
     bar = _progress(cfg.rounds, start_round, progress)
     for r in range(start_round, cfg.rounds):
-        global_state, row = _federated_round(
-            r, cfg, method, rule, model, parts, budgets, weights, global_state, train_tok, test_tok
+        global_state, row, server_options = _federated_round(
+            r,
+            cfg,
+            method,
+            rule,
+            model,
+            parts,
+            budgets,
+            weights,
+            global_state,
+            train_tok,
+            test_tok,
+            server_options,
         )
         acc, test_loss = row["test_accuracy"], row["test_loss"]
         result.rounds.append(row)
@@ -411,9 +425,12 @@ def _federated_round(
     global_state: dict[str, torch.Tensor],
     train_tok: Tokenized,
     test_tok: Tokenized,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    server_options: dict[str, Any] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """Round ``r``: every client downloads, trains (one group or one per client, by engine) and
-    uploads; the server aggregates; the new global is evaluated. Returns it and the round's row."""
+    uploads; the server aggregates (with ``server_options``, what the client side's
+    ``after_aggregate`` asked for last round); the new global is evaluated. Returns it, the
+    round's row and the next round's ``server_options``."""
     from fedlora import aggregate
     from fedlora.methods.prefix import nbytes
 
@@ -444,6 +461,7 @@ def _federated_round(
     states = [u[0] for u in uploads]
     metas = [u[1] for u in uploads]
     options = method.round_options(_key(cfg.seed, r, 13)) if method.round_options else {}
+    options = {**(server_options or {}), **options}
     new_state, agg = aggregate(
         cfg.method, global_state, states, weights, metas, error=True, **options
     )
@@ -466,7 +484,9 @@ def _federated_round(
         "rejected": agg.get("rejected", []),
         "seconds": time.perf_counter() - t0,
     }
-    return global_state, row
+    if isinstance(agg.get("scores"), dict):  # HAFL's averaged component scores (resume needs them)
+        row["scores"] = {p: [float(x) for x in v.tolist()] for p, v in agg["scores"].items()}
+    return global_state, row, dict(rule.after_aggregate(agg) or {})
 
 
 BASE_SUFFIX = ".base_layer.weight"
