@@ -96,9 +96,15 @@ def build_case(data, method: str):
                 state[f"{p}.lora_s"] = torch.ones(h)
                 if data.draw(st.booleans()):
                     k = data.draw(st.integers(0, h))
-                    meta.setdefault("heads", {})[p] = sorted(
-                        torch.randperm(h, generator=gen)[:k].tolist()
-                    )
+                    heads = sorted(torch.randperm(h, generator=gen)[:k].tolist())
+                    meta.setdefault("heads", {})[p] = heads
+                    if 1 <= k < h and data.draw(st.booleans(), label="compact"):
+                        # the trained heads only (DESIGN §4), s folded in or sent per head
+                        state[f"{p}.lora_H"] = torch.randn(k, r, r, generator=gen)
+                        if data.draw(st.booleans(), label="compact s"):
+                            state[f"{p}.lora_s"] = torch.rand(k, generator=gen) + 0.5
+                        else:
+                            del state[f"{p}.lora_s"]
                 continue
             (R,) = dims[p]
             a, b = _lora_keys(p)
@@ -141,6 +147,8 @@ def corrupt_state(data, state: dict, kind: str):
         del state[key]
         if key.endswith(".lora_A.weight"):  # FFA-LoRA clients may omit A: drop B instead
             state.pop(key.replace(".lora_A.", ".lora_B."))
+        if key.endswith(".lora_s"):  # Ravan clients may omit s (= 1): drop H instead
+            state.pop(key.replace(".lora_s", ".lora_H"))
     elif kind == "extra":
         state["not.in.global"] = torch.randn(2)
     elif kind == "int_dtype":

@@ -206,3 +206,21 @@ def test_hafl_truncation_follows_the_server_scores(tiny_bert_dir):
         )
     # the ranking is not the prefix everywhere: the scores really choose
     assert any(hafl.top_components(s, 4, 2) != [0, 1] for s in scores.values())
+
+
+def test_ravan_upload_shrinks_with_the_head_budget(tiny_bert_dir):
+    """Only the trained heads' s·H travel (DESIGN §4): 1 head of 4 sends a quarter of the cores
+    (the classifier head, sent whole by every client, is the rest)."""
+    from fedlora.methods.prefix import nbytes
+
+    kw = dict(method="ravan", rounds=1, heads=4, rank=4)
+    one = run(tiny(tiny_bert_dir, budgets="heads=1", **kw), progress=False)
+    four = run(tiny(tiny_bert_dir, budgets="heads=4", **kw), progress=False)
+    head = sum(nbytes({k: v}) for k, v in one.global_state.items() if "classifier" in k)
+    cores_one = one.rounds[0]["bytes_up"] - 3 * head
+    cores_four = four.rounds[0]["bytes_up"] - 3 * head
+    h_bytes = sum(v.numel() * 4 for k, v in one.global_state.items() if k.endswith(".lora_H"))
+    s_bytes = sum(v.numel() * 4 for k, v in one.global_state.items() if k.endswith(".lora_s"))
+    assert cores_four == 3 * h_bytes  # every head: H only (s folded in), 3 clients
+    assert cores_one == 3 * h_bytes // 4
+    assert cores_one < (cores_four + 3 * s_bytes) / 4  # below a quarter of the old full upload

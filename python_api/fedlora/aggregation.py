@@ -29,6 +29,8 @@ A method is a :class:`fedlora.methods.Method` found through the registry
 (:func:`fedlora.methods.get`): its ``aggregate`` rule, its rank policy (``ranks``: ``"equal"``,
 ``"prefix"``: client rank ``r_k ≤ R`` holding the leading components, ``"indexed"``: ``r_k ≤ R``
 components placed by the meta), ``optional_suffixes`` (key suffixes a client may omit),
+``indexed_suffixes`` (keys whose uploads may hold only some leading entries, placed by the meta:
+Ravan's trained heads),
 ``linear`` (every uploaded element enters the result with a finite coefficient, so NaN/inf can
 be detected on the result and traced back to the client only when present), ``check_client``
 raising :class:`fedlora.methods._common.ClientRejected`, and ``stream_add`` / ``stream_result``
@@ -237,8 +239,12 @@ def _check_client(
                 what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ClientRejected(key, f"must be a floating-point tensor, got {what}")
             ref = g[key]
-            if value.shape != ref.shape and not (
-                policy != "equal" and ref.dim() == 2 and key.endswith((A_SUFFIX, B_SUFFIX))
+            if (
+                value.shape != ref.shape
+                and not (
+                    policy != "equal" and ref.dim() == 2 and key.endswith((A_SUFFIX, B_SUFFIX))
+                )
+                and not _indexed_rows(impl, key, value, ref)
             ):
                 raise ClientRejected(key, f"shape {list(value.shape)} != global {list(ref.shape)}")
             if value.dtype != ref.dtype or value.device != ref.device:
@@ -267,6 +273,20 @@ def _check_client(
     if impl.check_client is not None:
         impl.check_client(g, clean, meta)
     return clean
+
+
+def _indexed_rows(impl: Method, key: str, value: torch.Tensor, ref: torch.Tensor) -> bool:
+    """``value`` is a compact upload of some of ``ref``'s leading entries (``[K, ...]``,
+    ``1 ≤ K ≤ n`` for ``ref`` ``[n, ...]``) under a key the method declares in
+    ``indexed_suffixes``; its ``check_client`` validates where they go (Ravan's trained heads)."""
+    suffixes = impl.indexed_suffixes
+    return (
+        bool(suffixes)
+        and key.endswith(suffixes)
+        and value.dim() == ref.dim() >= 1
+        and value.shape[1:] == ref.shape[1:]
+        and 1 <= value.shape[0] <= ref.shape[0]
+    )
 
 
 def _signature(g: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Size], Any] | None:

@@ -160,6 +160,10 @@ class Method:
         linear: every uploaded element enters the result linearly with a finite coefficient,
             so NaN/inf can be detected on the result and traced back only when present.
         optional_suffixes: key suffixes a client may omit (FFA-LoRA's frozen ``A``).
+        indexed_suffixes: key suffixes whose uploads may hold only some of the global's leading
+            entries (``[K, ...]`` with ``1 ≤ K ≤ n`` for a global ``[n, ...]``), placed by the
+            meta, which ``check_client`` validates (Ravan's compact ``lora_H`` / ``lora_s``: the
+            trained heads only). Other keys must match the global's shape (or the rank policy).
         budget_fields: which :class:`Budget` fields the client side reads.
         round_options: ``(round_seed) -> dict`` of ``aggregate`` options a round needs (FLoRA's
             seed for its restarted adapter).
@@ -178,6 +182,7 @@ class Method:
     changes_base: bool = False
     linear: bool = False
     optional_suffixes: tuple[str, ...] = ()
+    indexed_suffixes: tuple[str, ...] = ()
     budget_fields: tuple[str, ...] = ("steps",)
     round_options: Callable[[int], dict[str, Any]] | None = None
     summary: str = ""
@@ -214,6 +219,12 @@ def check_method(method: Any) -> Method:
             raise TypeError(f"{where}: {name} must be callable or None")
     if (method.stream_add is None) != (method.stream_result is None):
         raise ValueError(f"{where}: stream_add and stream_result come together (or neither)")
+    for name in ("optional_suffixes", "indexed_suffixes"):
+        value = getattr(method, name)
+        if not (isinstance(value, tuple) and all(isinstance(v, str) and v for v in value)):
+            raise TypeError(f"{where}: {name} must be a tuple of non-empty strings")
+    if method.indexed_suffixes and method.check_client is None:
+        raise ValueError(f"{where}: indexed_suffixes needs a check_client to validate placement")
     bad = [f for f in method.budget_fields if f not in BUDGET_FIELDS]
     if bad:
         raise ValueError(f"{where}: budget_fields must be among {BUDGET_FIELDS}, got {bad}")

@@ -4,23 +4,39 @@ Client side. Every layer is a :class:`fedlora.RavanLinear` whose bases ``A_i``, 
 shared seed, so only the cores travel. Client ``c`` with budget ``K_c`` trains ``K_c`` heads in
 every layer, chosen per layer by a score (:func:`select_heads`):
 
-- ``"weight"``: ``‖s_i H_i‖_F`` of the current (global) adapter;
+- ``"weight"`` (the default): ``‖s_i H_i‖_F`` of the current (global) adapter. It costs nothing
+  (no extra batch: ``gradient`` spends one local batch per round on scoring only), depends only
+  on the global every client received, and in round 1, where every core is 0, it is a seeded
+  random choice per client, so clients spread over the heads; later it keeps training the heads
+  that carry the most of the global update;
 - ``"gradient"``: ``‖∂L/∂H_i‖_F`` on the first local batch (run one forward/backward with all heads
-  trainable before selecting; the gradients are read from ``lora_H.grad``);
+  trainable before selecting; the gradients are read from ``lora_H.grad``): the heads the
+  client's own data pulls on hardest;
 - ``"random"``: a seeded random choice.
 
 Ties (e.g. ``H = 0`` in the first round, where every weight score is 0) are broken by a seeded
-random order, so clients do not all pick heads 0..K-1. The upload (:func:`client_update`) is
-``s_i·H_i`` for every head with ``s = 1`` plus which heads were trained (metadata).
+random order, so clients do not all pick heads 0..K-1.
+
+Upload (:func:`client_update`, DESIGN §4): ``s_i·H_i`` of the ``K_c`` TRAINED heads only, as
+``<path>.lora_H`` ``[K_c, r, r]`` with ``meta["heads"][path]`` their indices (aligned with the
+rows) and no ``lora_s`` (folded in, ``s = 1``), so the upload shrinks with the budget
+(``K_c/h`` of the full cores). The full form (``lora_H`` ``[h, r, r]`` for every head, optional
+``lora_s`` ``[h]``, ``meta["heads"]`` optionally naming the trained ones) stays accepted.
+
+Step size. The layers use ``scale = 1`` (the paper's update ``Σ_i s_i B_i H_i A_i`` has no extra
+factor): unlike LoRA's ``alpha / r`` it does not change with ``--rank`` or ``--heads``, so the
+learning rate means the same at every shape; ``--alpha`` does not apply to Ravan.
 
 Server side (:func:`aggregate`). Per layer and head ``i``, over the clients ``S_i`` that trained
 it: ``H_i ← Σ_{k∈S_i} p_k s_i^k H_i^k / Σ_{k∈S_i} p_k``, unchanged (``s_i H_i`` of the global) if
 ``S_i`` is empty; then ``s_i ← 1``. With every head trained by every client this is exactly
 ``Σ_k p_k ΔW_k`` (the bases are shared), so the aggregation error is 0 up to rounding.
 
-State-dict keys: ``<path>.lora_H`` ``[h, r, r]`` and ``<path>.lora_s`` ``[h]``; any other key (a
-classifier head) is weighted-averaged over all accepted clients. ``metas[k]`` may hold
-``{"heads": {<path>: [trained head indices]}}``; a layer missing there counts as fully trained.
+State-dict keys: ``<path>.lora_H`` ``[K, r, r]`` (``K = h``: every head; ``K < h``: the heads
+``meta["heads"][path]`` names, in that order, required then) and ``<path>.lora_s`` ``[K]``
+(optional: 1 when omitted); any other key (a classifier head) is weighted-averaged over all
+accepted clients. ``metas[k]`` may hold ``{"heads": {<path>: [trained head indices]}}``; a full
+layer missing there counts as fully trained.
 """
 
 from __future__ import annotations
@@ -34,7 +50,13 @@ from torch import nn
 
 import fedlora_kernels as fk
 from fedlora.layers.ravan import RavanLinear
-from fedlora.methods._common import index_list, normalised, per_layer, weighted_average
+from fedlora.methods._common import (
+    ClientRejected,
+    index_list,
+    normalised,
+    per_layer,
+    weighted_average,
+)
 from fedlora.methods._protocol import Budget, Client, Method
 
 SCORES = ("weight", "gradient", "random")
@@ -107,12 +129,15 @@ def select_heads(
 
 
 def client_update(
-    model: nn.Module, *, slot: int = 0, modules_to_save: Sequence[str] = ()
+    model: nn.Module, *, slot: int = 0, modules_to_save: Sequence[str] = (), compact: bool = True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """What a client uploads after local training: ``(state, meta)``.
 
-    ``state[<path>.lora_H] = s ⊙ H`` (all heads, float32), ``state[<path>.lora_s] = 1``, plus the
-    ``modules_to_save`` parameters; ``meta = {"heads": {path: trained heads}}``.
+    ``meta = {"heads": {path: trained heads}}``. With ``compact`` (default)
+    ``state[<path>.lora_H] = (s ⊙ H)[heads]`` ``[K, r, r]`` (float32, rows aligned with
+    ``meta["heads"][path]``) and no ``lora_s``: ``K/h`` of the full cores. ``compact=False``:
+    ``s ⊙ H`` of every head ``[h, r, r]`` and ``lora_s = 1``. Plus the ``modules_to_save``
+    parameters either way.
     """
     from fedlora.state_dict import get_adapter_state_dict
 
@@ -120,9 +145,15 @@ def client_update(
     heads = {}
     for path, layer in ravan_layers(model):
         h_key, s_key = f"{path}.lora_H", f"{path}.lora_s"
-        state[h_key] = state[h_key] * state[s_key][:, None, None]
-        state[s_key] = torch.ones_like(state[s_key])
-        heads[path] = layer.trainable_heads(slot)
+        trained = layer.trainable_heads(slot)
+        folded = state[h_key] * state[s_key][:, None, None]
+        if compact:
+            state[h_key] = folded[trained].clone()
+            del state[s_key]
+        else:
+            state[h_key] = folded
+            state[s_key] = torch.ones_like(state[s_key])
+        heads[path] = trained
     return state, {"heads": heads}
 
 
@@ -150,17 +181,64 @@ def check_client(
     meta: Mapping[str, Any],
 ) -> None:
     """Reject a client whose ``meta["heads"]`` is not a ``{path: [head index, ...]}`` dict of
-    distinct ints in ``[0, h)`` over the global's Ravan layers."""
-    trained_heads(global_state, meta)
+    distinct ints in ``[0, h)`` over the global's Ravan layers, or whose upload does not match
+    it: a compact ``lora_H`` ``[K < h, r, r]`` needs the layer in ``meta["heads"]`` with exactly
+    ``K`` heads; ``lora_s``, when sent, has one entry per uploaded head."""
+    trained = trained_heads(global_state, meta)
+    for path in _paths(global_state):
+        H_g = global_state[f"{path}.lora_H"]
+        key = f"{path}.lora_H"
+        H = state.get(key)
+        if H is None:
+            continue
+        h = H_g.shape[0]
+        if H.dim() != H_g.dim() or H.shape[1:] != H_g.shape[1:] or not 1 <= H.shape[0] <= h:
+            raise ClientRejected(
+                key,
+                f"shape {list(H.shape)} is not [K <= {h}, {', '.join(map(str, H_g.shape[1:]))}]",
+            )
+        K = H.shape[0]
+        if K < h:
+            if path not in trained:
+                raise ClientRejected(
+                    key, f"a compact upload of {K} of {h} heads needs meta 'heads' for {path!r}"
+                )
+            if len(trained[path]) != K:
+                raise ClientRejected(
+                    key, f"meta 'heads' lists {len(trained[path])} heads, the upload has {K}"
+                )
+        s = state.get(f"{path}.lora_s")
+        if s is not None and list(s.shape) != [K]:
+            raise ClientRejected(
+                f"{path}.lora_s", f"shape {list(s.shape)} != [{K}] (one per uploaded head)"
+            )
 
 
-def _folded(state: dict[str, torch.Tensor], path: str) -> torch.Tensor:
-    """``s_i H_i`` of one layer as ``[h, r·r]`` float32."""
+def _folded(state: Mapping[str, torch.Tensor], path: str) -> torch.Tensor:
+    """``s_i H_i`` of the uploaded heads of one layer as ``[K, r·r]`` float32."""
     H = state[f"{path}.lora_H"].float()
     s = state.get(f"{path}.lora_s")
     if s is not None:
         H = H * s.float()[:, None, None]
     return H.reshape(H.shape[0], -1)
+
+
+def _placed(
+    g: torch.Tensor, state: Mapping[str, torch.Tensor], path: str, heads: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cores [h, r·r], mask [h])`` of one client and layer: every head's ``s·H`` (a compact
+    upload written into zeros at its heads' indices) and which heads it trained."""
+    rows = _folded(state, path)
+    h = g.shape[0]
+    mask = torch.ones(h)
+    if heads is not None:
+        mask.zero_()
+        mask[heads] = 1
+    if rows.shape[0] == h:
+        return rows, mask
+    full = torch.zeros_like(g)
+    full[heads] = rows.to(full.device)
+    return full, mask
 
 
 def aggregate(
@@ -186,13 +264,12 @@ def aggregate(
     heads_trained: dict[str, list[int]] = {}
     for path in paths:
         g = _folded(global_state, path)
-        h = g.shape[0]
-        clients = [_folded(cs, path) for cs in client_states]
-        mask = torch.ones(len(clients), h)
-        for k, trained in enumerate(heads_of):
-            if path in trained:
-                mask[k] = 0
-                mask[k, trained[path]] = 1
+        placed = [
+            _placed(g, cs, path, trained.get(path))
+            for cs, trained in zip(client_states, heads_of, strict=True)
+        ]
+        clients = [c for c, _ in placed]
+        mask = torch.stack([m for _, m in placed])
         new = fk.masked_weighted_mean(clients, w, mask, rank_dim=0, fallback=g)
         H_shape = global_state[f"{path}.lora_H"].shape
         dtype = global_state[f"{path}.lora_H"].dtype
@@ -217,12 +294,14 @@ def aggregate(
 
 class RavanClient(Client):
     """Ravan client: ``K_c = budget.heads`` heads per layer train, chosen by the run's head
-    score (``weight`` and ``random`` when the slot is prepared; ``gradient`` after one scoring
-    batch with every head trainable); the upload is ``s·H`` plus the trained heads."""
+    score (``weight``, the default, and ``random`` when the slot is prepared; ``gradient`` after
+    one scoring batch with every head trainable); the upload is ``s·H`` of the trained heads
+    with their indices; the layers use ``scale = 1`` whatever ``--rank`` (module docstring)."""
 
     def layer_options(self) -> dict[str, Any]:
         o = self.options
-        return {"heads": o.heads, "rank": o.rank, "scale": o.alpha / o.rank}
+        # scale 1, not alpha / rank: --rank and --heads must not change the step size (DESIGN §4)
+        return {"heads": o.heads, "rank": o.rank, "scale": 1.0}
 
     def prepare(
         self,
@@ -256,6 +335,8 @@ METHOD = Method(
     aggregate=aggregate,
     client=RavanClient,
     check_client=check_client,
+    optional_suffixes=(".lora_s",),
+    indexed_suffixes=_SUFFIXES,
     budget_fields=("heads", "steps"),
     summary="Ravan: multi-head LoRA, frozen shared bases, per-head average of trained cores",
 )
