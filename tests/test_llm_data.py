@@ -1,0 +1,400 @@
+"""Tests for fedlora.data.instructions: the built-in offline instruction sets and user files."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import itertools
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fedlora.data import (
+    ARITHMETIC_CATEGORIES,
+    InstructionDataset,
+    build_arithmetic,
+    build_stdlib_qa,
+    dirichlet_partition,
+    load_instruction_file,
+    load_instructions,
+    to_chat_messages,
+)
+from fedlora.data import instructions as instr
+
+# ------------------------------------------------------------------------------ arithmetic
+
+
+def _solve(ex) -> int:
+    """Recompute an arithmetic example's answer from its text alone (an independent oracle)."""
+    cat, text, inp = ex["category"], ex["instruction"], ex["input"]
+    nums = [int(n) for n in re.findall(r"\d+", text + " " + inp)]
+    if cat in ("addition", "subtraction", "multiplication", "division", "two_step"):
+        expr = re.fullmatch(r"What is ([\d+\-*/() ]+)\?", text).group(1)
+        value = eval(expr, {"__builtins__": {}}, {})  # digits and + - * / ( ) only
+        assert value == int(value)
+        return int(value)
+    if cat == "comparison":
+        a, b = (int(n) for n in re.fullmatch(r"(\d+) or (\d+)", inp).groups())
+        return max(a, b) if "larger" in text else min(a, b)
+    if cat == "sequence":
+        terms = [int(t) for t in inp.split(", ")]
+        steps = {b - a for a, b in itertools.pairwise(terms)}
+        assert len(steps) == 1, inp
+        return terms[-1] + steps.pop()
+    assert cat == "word_problem"
+    a, b = nums
+    if "more" in text:
+        return a + b
+    if "away" in text:
+        return a - b
+    if "in each" in text:
+        return a * b
+    assert "equally" in text
+    assert a % b == 0
+    return a // b
+
+
+def test_arithmetic_answers_are_exact():
+    ds = build_arithmetic(per_category=150, seed=3)
+    for ex in ds:
+        assert ex["output"] == str(_solve(ex)), ex
+
+
+def test_arithmetic_is_deterministic_and_seeded():
+    a = build_arithmetic(per_category=50, seed=1)
+    b = build_arithmetic(per_category=50, seed=1)
+    c = build_arithmetic(per_category=50, seed=2)
+    assert a.to_dict() == b.to_dict()
+    assert a.to_dict()["examples"] != c.to_dict()["examples"]
+
+
+def test_arithmetic_categories_nonempty_split_disjoint_dedup():
+    ds = build_arithmetic(per_category=100)
+    assert ds.category_names == ARITHMETIC_CATEGORIES
+    assert len(ds) == 100 * len(ARITHMETIC_CATEGORIES)
+    for split in ("train", "test"):
+        counts = ds.category_counts(split)
+        assert all(n > 0 for n in counts.values()), (split, counts)
+    prompts = [(ex["instruction"], ex["input"]) for ex in ds]
+    assert len(set(prompts)) == len(prompts)
+    train = {(ex["instruction"], ex["input"]) for ex in ds.train}
+    test = {(ex["instruction"], ex["input"]) for ex in ds.test}
+    assert train and test and not train & test
+    assert 0.1 < len(test) / len(ds) < 0.3
+
+
+def test_split_is_a_property_of_the_prompt_not_the_seed():
+    a, b = build_arithmetic(per_category=200, seed=0), build_arithmetic(per_category=200, seed=7)
+    split_a = {(ex["instruction"], ex["input"]): s for ex, s in zip(a, a.splits, strict=True)}
+    common = 0
+    for ex, s in zip(b, b.splits, strict=True):
+        key = (ex["instruction"], ex["input"])
+        if key in split_a:
+            common += 1
+            assert split_a[key] == s
+    assert common > 0
+
+
+def test_arithmetic_bad_arguments():
+    with pytest.raises(ValueError, match="per_category"):
+        build_arithmetic(per_category=0)
+    with pytest.raises(ValueError, match="categories"):
+        build_arithmetic(categories=["addition", "poetry"])
+    with pytest.raises(ValueError, match="test_fraction"):
+        build_arithmetic(test_fraction=1.0)
+
+
+# ------------------------------------------------------------------------------- stdlib_qa
+
+
+@pytest.fixture(scope="module")
+def stdlib_qa():
+    return build_stdlib_qa(use_cache=False)
+
+
+def _resolve(qualname: str):
+    """Import the longest importable module prefix of a dotted name and getattr the rest."""
+    parts = qualname.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ImportError:
+            continue
+        for p in parts[k:]:
+            obj = getattr(obj, p)
+        return obj
+    raise AssertionError(qualname)
+
+
+def test_stdlib_qa_answers_come_from_the_docstrings(stdlib_qa):
+    assert len(stdlib_qa) > 300
+    for ex in stdlib_qa.examples[::7]:
+        name = re.search(r"`([\w.]+)`", ex["instruction"]).group(1)
+        assert name.split(".")[0] == ex["category"]
+        doc = inspect.cleandoc(_resolve(name).__doc__)
+        flat = re.sub(r"\s+", " ", doc).replace("``", "`")
+        assert ex["output"].rstrip(".") in flat, (name, ex["output"])
+        assert ex["input"] == ""
+
+
+def test_stdlib_qa_categories_nonempty_and_split_disjoint(stdlib_qa):
+    assert len(stdlib_qa.category_names) >= 5
+    for split in ("train", "test"):
+        assert all(n > 0 for n in stdlib_qa.category_counts(split).values())
+    assert max(stdlib_qa.category_counts().values()) <= 200
+    train = {ex["instruction"] for ex in stdlib_qa.train}
+    test = {ex["instruction"] for ex in stdlib_qa.test}
+    assert not train & test
+    assert len(train) + len(test) == len(stdlib_qa)
+
+
+def test_stdlib_qa_is_deterministic_across_processes(stdlib_qa):
+    again = build_stdlib_qa(use_cache=False)
+    assert again.to_dict() == stdlib_qa.to_dict()
+    code = (
+        "import json, sys; from fedlora.data import build_stdlib_qa; "
+        "json.dump(build_stdlib_qa(use_cache=False).to_dict(), sys.stdout)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert json.loads(out) == stdlib_qa.to_dict()
+
+
+def test_stdlib_qa_cache_is_read_back(tmp_path, monkeypatch):
+    first = build_stdlib_qa(tmp_path, families=("json", "email"))
+    assert list(tmp_path.glob("stdlib_qa-*.json"))
+
+    def refuse(*a, **k):
+        raise AssertionError("rebuilt instead of reading the cache")
+
+    monkeypatch.setattr(instr, "_collect_qa", refuse)
+    assert build_stdlib_qa(tmp_path, families=("json", "email")).to_dict() == first.to_dict()
+    with pytest.raises(AssertionError, match="rebuilt"):  # other parameters: another cache file
+        build_stdlib_qa(tmp_path, families=("json", "email"), seed=1)
+
+
+def test_first_sentence_rules():
+    assert instr._first_sentence("deque(x) --> deque\n\nA list-like sequence. More.", 300) == (
+        "A list-like sequence."
+    )
+    assert instr._first_sentence("Serialize ``obj`` to JSON.\n\nDetails.", 300) == (
+        "Serialize `obj` to JSON."
+    )
+    assert instr._first_sentence("Dictionary that remembers order", 300) == (
+        "Dictionary that remembers order."
+    )
+    assert instr._first_sentence("Use e.g. this one. Then.", 300) == "Use e.g. this one."
+    assert instr._first_sentence("x" * 400, 300) is None
+
+
+# ------------------------------------------------------------- dataset object and chat form
+
+
+def test_dataset_labels_partition_and_roundtrip():
+    ds = build_arithmetic(per_category=40)
+    train = ds.train
+    assert [train.category_names[y] for y in train.labels] == [ex["category"] for ex in train]
+    parts = dirichlet_partition(train.labels, 4, 0.5, seed=0)
+    assert sorted(i for p in parts for i in p) == list(range(len(train)))
+    assert InstructionDataset.from_dict(json.loads(json.dumps(ds.to_dict()))) == ds
+    with pytest.raises(TypeError):
+        ds[0]["output"] = "x"  # read-only examples
+    with pytest.raises(ValueError, match="empty output"):
+        InstructionDataset(
+            examples=[{"instruction": "q", "input": "", "output": " ", "category": "c"}],
+            splits=["train"],
+        )
+
+
+def test_to_chat_messages_forms():
+    ex = {"instruction": "Add.", "input": "2 and 3", "output": "5", "category": "a"}
+    assert to_chat_messages(ex) == [
+        {"role": "user", "content": "Add.\n\n2 and 3"},
+        {"role": "assistant", "content": "5"},
+    ]
+    assert to_chat_messages(ex, system="Be brief.", include_response=False) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add.\n\n2 and 3"},
+    ]
+    chat = dict(ex, messages=[{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    assert to_chat_messages(chat, system="ignored") == [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+        {"role": "assistant", "content": "5"},
+    ]
+
+
+def test_load_instructions_by_name_and_unknown(tmp_path):
+    assert load_instructions("arithmetic").name == "arithmetic"
+    assert load_instructions("stdlib_qa", cache_dir=tmp_path).name == "stdlib_qa"
+    with pytest.raises(ValueError, match="unknown instruction data"):
+        load_instructions("alpaca")
+
+
+# ------------------------------------------------------------------------------ user files
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_instruction_form(tmp_path):
+    f = _jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"instruction": "Say hi", "output": "Hi", "category": "greet"},
+            {"instruction": "Add", "input": "1 2", "output": "3", "category": "math"},
+            "",
+            {"instruction": "Sub", "input": None, "output": "0", "category": "math"},
+        ],
+    )
+    ds = load_instruction_file(f, test_fraction=0.0)
+    assert len(ds) == 3 and ds.category_names == ("greet", "math")
+    assert ds[1]["input"] == "1 2" and ds[0]["input"] == "" and ds[2]["input"] == ""
+    assert set(ds.splits) == {"train"}
+    assert ds.info["forms"] == ["instruction"]
+
+
+def test_jsonl_messages_form(tmp_path):
+    msgs = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    f = _jsonl(tmp_path / "c.jsonl", [{"messages": msgs}, {"messages": msgs[1:3]}])
+    ds = load_instruction_file(f)
+    assert ds.category_names == ("all",)
+    assert ds[0]["instruction"] == "2+2?" and ds[0]["output"] == "4"
+    assert to_chat_messages(ds[0]) == msgs
+    assert to_chat_messages(ds[1], include_response=False) == [msgs[1]]
+
+
+def test_csv_both_forms_with_split(tmp_path):
+    f = tmp_path / "d.csv"
+    chat = json.dumps([{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}])
+    chat_cell = '"' + chat.replace('"', '""') + '"'
+    f.write_text(
+        "instruction,input,output,messages,split\n"
+        "Say hi,,Hi,,train\n"
+        'Add,"1, 2",3,,test\n'
+        f",,,{chat_cell},train\n"
+    )
+    ds = load_instruction_file(f)
+    assert ds.splits == ("train", "test", "train")
+    assert ds[1]["input"] == "1, 2"
+    assert ds[2]["output"] == "A" and ds[2]["instruction"] == "Q?"
+    assert ds.info["forms"] == ["instruction", "messages"]
+
+
+def _msgs(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+BAD_JSONL = {
+    "bad_json": (['{"instruction": "a", "output": '], "line 1: not valid JSON"),
+    "not_object": (["[1, 2]"], "line 1: expected a JSON object, got list"),
+    "neither_form": (
+        [{"instruction": "a", "output": "b"}, {"prompt": "a", "completion": "b"}],
+        "line 2: expected the keys instruction and output",
+    ),
+    "empty_output": ([{"instruction": "a", "output": "  "}], "line 1: empty output"),
+    "empty_instruction": ([{"instruction": " ", "output": "b"}], "line 1: empty instruction"),
+    "non_string_field": ([{"instruction": "a", "output": 3}], "line 1: output"),
+    "messages_not_list": ([{"messages": "hi"}], "line 1: messages must be a non-empty list"),
+    "message_without_role": (
+        [{"messages": [{"content": "hi"}]}],
+        r"line 1: messages\[0\] must be an object with 'role' and 'content'",
+    ),
+    "unknown_role": (
+        [{"messages": _msgs(("human", "hi"), ("assistant", "yo"))}],
+        r"line 1: messages\[0\]: role must be one of",
+    ),
+    "last_not_assistant": (
+        [{"messages": _msgs(("user", "hi"))}],
+        "line 1: the last message must be the assistant's response",
+    ),
+    "empty_response": (
+        [{"messages": _msgs(("user", "hi"), ("assistant", ""))}],
+        "line 1: empty response",
+    ),
+    "no_user_turn": (
+        [{"messages": _msgs(("system", "s"), ("assistant", "a"))}],
+        "line 1: no user message before the response",
+    ),
+    "both_forms": (
+        [{"instruction": "a", "output": "b", "messages": _msgs(("user", "a"), ("assistant", "b"))}],
+        "line 1: has both messages and instruction/output",
+    ),
+    "mixed_category": (
+        [{"instruction": "a", "output": "b", "category": "x"}, {"instruction": "c", "output": "d"}],
+        "line 2: no category while other examples have one",
+    ),
+    "mixed_split": (
+        [{"instruction": "a", "output": "b", "split": "test"}, {"instruction": "c", "output": "d"}],
+        "line 2: no split value while other examples have one",
+    ),
+    "bad_split": ([{"instruction": "a", "output": "b", "split": "x"}], "line 1: split must be"),
+    "no_train": (
+        [{"instruction": "a", "output": "b", "split": "test"}],
+        "no example is in the train",
+    ),
+    "empty_file": ([""], "the file has no examples"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_JSONL))
+def test_bad_jsonl_files_one_line_errors(tmp_path, case):
+    rows, message = BAD_JSONL[case]
+    f = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=message) as err:
+        load_instruction_file(f)
+    assert "\n" not in str(err.value)
+    assert str(f) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("text,label\nhi,1\n", "expected the columns instruction and output"),
+        ("", "the file is empty"),
+        ("instruction,output\na,b,c\n", "line 2: 3 field"),
+        ('instruction,output\n"a,b\n', "malformed CSV|line 2: 1 field"),
+        ("instruction,output\na,\n", "line 2: empty output"),
+        ("messages\nnot json\n", "line 2: the messages field is not valid JSON"),
+    ],
+    ids=["no_columns", "empty", "field_count", "unterminated_quote", "empty_output", "bad_chat"],
+)
+def test_bad_csv_files_one_line_errors(tmp_path, text, message):
+    f = tmp_path / "bad.csv"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        load_instruction_file(f)
+    assert "\n" not in str(err.value)
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"unsupported file type '\.txt'"):
+        load_instruction_file(tmp_path / "d.txt")
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        load_instruction_file(tmp_path / "missing.jsonl")
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(ValueError, match="is not a file"):
+        load_instruction_file(tmp_path / "dir.jsonl")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match="line 2: not valid UTF-8"):
+        load_instruction_file(latin)
+
+
+def test_line_over_the_cap_is_refused_early(tmp_path):
+    f = tmp_path / "long.jsonl"
+    f.write_text('{"instruction": "' + "x" * (instr.MAX_LINE_CHARS + 10) + '", "output": "b"}')
+    with pytest.raises(ValueError, match="line 1 is longer than 1048576 characters"):
+        load_instruction_file(f)
