@@ -110,11 +110,12 @@ def _candidates() -> list[Path]:
     name = _file_name()
     found = [Path(__file__).resolve().parent / "_lib" / name]
     try:  # an editable install: the build products live in site-packages, recorded in RECORD
-        from importlib.metadata import PackageNotFoundError, distribution
+        from importlib.metadata import distributions
 
-        files = distribution("fedlora-kernels").files or []
-        found += [Path(str(f.locate())) for f in files if f.name == name]
-    except (PackageNotFoundError, OSError, ValueError):
+        # every installation of the name (a stale egg-info on sys.path may come first)
+        for dist in distributions(name="fedlora-kernels"):
+            found += [Path(str(f.locate())) for f in dist.files or [] if f.name == name]
+    except (OSError, ValueError):
         pass
     return found
 
