@@ -530,7 +530,7 @@ def load_causal_lm(
         model: ``"smollm2"`` (or None) for the embedded SmolLM2-135M-Instruct (LLaMA
             architecture: 30 layers, hidden 576, vocabulary 49,152, tied embeddings; a chat
             template), or a local Hugging Face causal-LM folder (config.json + weights +
-            tokenizer).
+            tokenizer; write ``./smollm2`` for a folder of that name).
         dtype: parameter dtype (float32 by default; e.g. ``torch.bfloat16`` on a GPU).
         cache_dir: where the embedded model's dequantised copy is kept (default
             ``$FEDLORA_CACHE`` or ``~/.cache/fedlora``; see `llm_cache_path`). Unused for a folder.
