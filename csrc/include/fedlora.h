@@ -129,8 +129,10 @@ FEDLORA_API int fedlora_masked_weighted_mean(int64_t num_clients, const void* co
  * param, exp_avg, exp_avg_sq (and ema, unc) are float32 [slots, rows, cols]; grad has the same
  * shape, float32 or bfloat16 (grad_dtype). mask [slots, R] (each entry 0 or 1) selects rank
  * components: rows (rank_dim = 0, R = rows: A) or columns (rank_dim = 1, R = cols: B). Elements
- * of masked components are neither read nor written: param, both moments, ema and unc keep them
- * bitwise. For a trained element, with b1 = beta1, b2 = beta2 and step t = steps[slot] (a whole
+ * of masked components keep param, both moments, ema and unc bitwise: masked rows, and masked
+ * column spans of 64 elements or more, are not touched at all; shorter column spans (B of a
+ * small rank, where the trained and frozen columns share cache lines) are computed alongside
+ * and stored back with their own bits by a select, never with a computed value. For a trained element, with b1 = beta1, b2 = beta2 and step t = steps[slot] (a whole
  * number >= 1), exactly as torch.optim.AdamW (and fedlora_kernels.reference.masked_adamw_):
  *
  *   (importance, from the weight before the step)  I = |p*g|,

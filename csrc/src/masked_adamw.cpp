@@ -22,8 +22,12 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // longest run one call processes (load balance over threads)
 
+// Contiguous elements [offset, offset + len) of one slot, all trained (col_mask == nullptr); or,
+// for a column mask with short spans, `len` whole rows of `cols` elements starting at offset,
+// where only the columns with col_mask[k] != 0 are trained.
 struct Run {
   int64_t offset, len, slot;
+  const uint32_t* col_mask;  // [len * cols] select words: all ones (trained) or 0
 };
 
 struct Consts {  // float32 constants, each rounded once from its float64 value (as torch does)
@@ -36,6 +40,8 @@ struct Job {
   const void* grad;
   float *m, *v, *ema, *unc;
   const Run* runs;
+  int64_t cols;    // row length
+  int64_t period;  // length of a column pattern: whole rows, at least 256 elements
   const float* neg_step_size;  // [slots]
   const float* bc2_sqrt;       // [slots]
   Consts c;
@@ -47,6 +53,28 @@ template <>
 FEDLORA_INLINE float grad_at<float>(const float* g, int64_t i) { return g[i]; }
 template <>
 FEDLORA_INLINE float grad_at<uint16_t>(const uint16_t* g, int64_t i) { return bf16_to_f32(g[i]); }
+
+// One element's update (see fedlora.h); returns the new param, m, v (and ema, unc).
+struct Updated {
+  float p, m, v, ema, unc;
+};
+
+template <bool kImportance, bool kTensorStep>
+FEDLORA_INLINE Updated update(const Consts& c, float p0, float gi, float m0, float v0, float e0,
+                              float u0, float neg_ss, float bc) {
+  Updated r{};
+  if (kImportance) {
+    const float sens = std::fabs(p0 * gi);
+    r.ema = e0 * c.ib1 + sens * c.one_minus_ib1;
+    r.unc = u0 * c.ib2 + std::fabs(sens - r.ema) * c.one_minus_ib2;
+  }
+  const float pd = p0 * c.decay;
+  r.m = std::fma(c.lerp_coeff, gi - m0, c.lerp_small ? m0 : gi);
+  r.v = std::fma(c.one_minus_b2 * gi, gi, v0 * c.b2);
+  const float denom = std::sqrt(r.v) / bc + c.eps;
+  r.p = kTensorStep ? std::fma(r.m / denom, neg_ss, pd) : pd + (neg_ss * r.m) / denom;
+  return r;
+}
 
 template <bool kImportance, bool kTensorStep, class G>
 FEDLORA_INLINE void process_runs(const Job& job, int64_t r0, int64_t r1) {
@@ -60,23 +88,43 @@ FEDLORA_INLINE void process_runs(const Job& job, int64_t r0, int64_t r1) {
     float* __restrict ema = kImportance ? job.ema + run.offset : nullptr;
     float* __restrict unc = kImportance ? job.unc + run.offset : nullptr;
     const float neg_ss = job.neg_step_size[run.slot], bc = job.bc2_sqrt[run.slot];
-    for (int64_t i = 0; i < run.len; ++i) {
-      const float p0 = p[i], gi = grad_at(g, i), m0 = m[i], v0 = v[i];
-      if (kImportance) {
-        const float sens = std::fabs(p0 * gi);
-        const float e = ema[i] * c.ib1 + sens * c.one_minus_ib1;
-        const float u = unc[i] * c.ib2 + std::fabs(sens - e) * c.one_minus_ib2;
-        ema[i] = e;
-        unc[i] = u;
+    if (run.col_mask == nullptr) {
+      for (int64_t i = 0; i < run.len; ++i) {
+        const Updated u = update<kImportance, kTensorStep>(
+            c, p[i], grad_at(g, i), m[i], v[i], kImportance ? ema[i] : 0.0f,
+            kImportance ? unc[i] : 0.0f, neg_ss, bc);
+        p[i] = u.p;
+        m[i] = u.m;
+        v[i] = u.v;
+        if (kImportance) {
+          ema[i] = u.ema;
+          unc[i] = u.unc;
+        }
       }
-      const float pd = p0 * c.decay;
-      const float mn = std::fma(c.lerp_coeff, gi - m0, c.lerp_small ? m0 : gi);
-      const float vn = std::fma(c.one_minus_b2 * gi, gi, v0 * c.b2);
-      const float denom = std::sqrt(vn) / bc + c.eps;
-      const float pn = kTensorStep ? std::fma(mn / denom, neg_ss, pd) : pd + (neg_ss * mn) / denom;
-      p[i] = pn;
-      m[i] = mn;
-      v[i] = vn;
+      continue;
+    }
+    // short column spans: compute every element of the rows (vectorised) and select per
+    // element with the slot's repeating column pattern; a masked element is stored back with
+    // its own bits (never with a computed value)
+    const uint32_t* __restrict keep = run.col_mask;  // one period: job.period elements
+    const int64_t n = run.len * job.cols, period = job.period;
+    for (int64_t b = 0; b < n; b += period) {
+      const int64_t len = std::min(period, n - b);
+      for (int64_t k = 0; k < len; ++k) {
+        const int64_t i = b + k;
+        const float p0 = p[i], m0 = m[i], v0 = v[i];
+        const float e0 = kImportance ? ema[i] : 0.0f, u0 = kImportance ? unc[i] : 0.0f;
+        const Updated u =
+            update<kImportance, kTensorStep>(c, p0, grad_at(g, i), m0, v0, e0, u0, neg_ss, bc);
+        const bool on = keep[k] != 0;
+        p[i] = on ? u.p : p0;
+        m[i] = on ? u.m : m0;
+        v[i] = on ? u.v : v0;
+        if (kImportance) {
+          ema[i] = on ? u.ema : e0;
+          unc[i] = on ? u.unc : u0;
+        }
+      }
     }
   }
 }
@@ -114,19 +162,27 @@ RunsFn pick_grad(int grad_dtype) {
                                         : pick<kImportance, kTensorStep, float>();
 }
 
+int64_t pattern_period(int64_t cols) { return cols * std::max<int64_t>(1, 256 / cols); }
+
 void push_chunked(std::vector<Run>& runs, int64_t offset, int64_t len, int64_t slot) {
   for (int64_t done = 0; done < len; done += kChunk)
-    runs.push_back(Run{offset + done, std::min(kChunk, len - done), slot});
+    runs.push_back(Run{offset + done, std::min(kChunk, len - done), slot, nullptr});
 }
 
-// Runs of contiguous trained elements over all slots.
+// The work over all slots: runs of contiguous trained elements, or (columns masked in short
+// spans) blocks of rows with a column mask.
 std::vector<Run> trained_runs(const uint8_t* mask, int64_t slots, int64_t rows, int64_t cols,
-                              int rank_dim) {
+                              int rank_dim, std::vector<uint32_t>& words) {
   std::vector<Run> runs;
   const int64_t rank = rank_dim == 0 ? rows : cols;
+  // rank_dim = 1 with short spans: per slot, its column mask repeated over whole rows to at
+  // least 256 elements, as select words (all ones or 0): blocks of rows are flat loops
+  const int64_t period = pattern_period(cols);
+  if (rank_dim == 1) words.assign(static_cast<size_t>(slots * period), 0u);
   std::vector<std::pair<int64_t, int64_t>> spans;  // [j0, j1) of trained components
   for (int64_t s = 0; s < slots; ++s) {
     spans.clear();
+    int64_t trained = 0;
     const uint8_t* ms = mask + s * rank;
     for (int64_t j = 0; j < rank;) {
       if (!ms[j]) {
@@ -136,16 +192,28 @@ std::vector<Run> trained_runs(const uint8_t* mask, int64_t slots, int64_t rows, 
       int64_t j1 = j;
       while (j1 < rank && ms[j1]) ++j1;
       spans.emplace_back(j, j1);
+      trained += j1 - j;
       j = j1;
     }
     const int64_t base = s * rows * cols;
+    if (spans.empty()) continue;
     if (rank_dim == 0) {
-      for (auto& sp : spans) push_chunked(runs, base + sp.first * cols, (sp.second - sp.first) * cols, s);
-    } else if (spans.size() == 1 && spans[0].first == 0 && spans[0].second == cols) {
+      for (auto& sp : spans)
+        push_chunked(runs, base + sp.first * cols, (sp.second - sp.first) * cols, s);
+    } else if (trained == cols) {
       push_chunked(runs, base, rows * cols, s);  // every column on: the slot is one run
+    } else if (trained < 64 * static_cast<int64_t>(spans.size())) {
+      // spans shorter than a few cache lines on average: whole rows (the same cache lines are
+      // touched anyway), computed vectorised, stores selected by column
+      uint32_t* pattern = words.data() + s * period;
+      for (int64_t i = 0; i < period; ++i) pattern[i] = ms[i % cols] ? 0xFFFFFFFFu : 0u;
+      const int64_t per = std::max<int64_t>(1, kChunk / cols);
+      for (int64_t r = 0; r < rows; r += per)
+        runs.push_back(Run{base + r * cols, std::min(per, rows - r), s, pattern});
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        for (auto& sp : spans) runs.push_back(Run{base + r * cols + sp.first, sp.second - sp.first, s});
+        for (auto& sp : spans)
+          runs.push_back(Run{base + r * cols + sp.first, sp.second - sp.first, s, nullptr});
     }
   }
   return runs;
@@ -251,11 +319,15 @@ extern "C" int fedlora_masked_adamw(float* param, const void* grad, int grad_dty
     c.ib2 = static_cast<float>(cfg.importance_beta2);
     c.one_minus_ib2 = static_cast<float>(1.0 - cfg.importance_beta2);
 
-    const std::vector<Run> runs = trained_runs(mask, slots, rows, cols, rank_dim);
+    std::vector<uint32_t> words;
+    const std::vector<Run> runs = trained_runs(mask, slots, rows, cols, rank_dim, words);
     if (runs.empty()) return;
     int64_t work = 0;
-    for (const Run& r : runs) work += r.len;
-    Job job{param, grad, exp_avg, exp_avg_sq, ema, unc, runs.data(), neg_ss.data(), bc2.data(), c};
+    for (const Run& r : runs) work += r.col_mask != nullptr ? r.len * cols : r.len;
+    Job job{param,       grad, exp_avg,
+            exp_avg_sq,  ema,  unc,
+            runs.data(), cols, pattern_period(cols),
+            neg_ss.data(), bc2.data(), c};
     RunsFn fn = ema != nullptr
                     ? (tensor_step ? pick_grad<true, true>(grad_dtype) : pick_grad<true, false>(grad_dtype))
                     : (tensor_step ? pick_grad<false, true>(grad_dtype) : pick_grad<false, false>(grad_dtype));
