@@ -37,6 +37,7 @@ __all__ = [
     "masked_combine",
     "masked_lora_forward",
     "multihead_forward",
+    "unavailable_reason",
     "warn_unavailable",
 ]
 
@@ -162,6 +163,12 @@ def library() -> ctypes.CDLL | None:
 def available() -> bool:
     """True when libfedlora is built and loads."""
     return library() is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`library` returned ``None`` (empty when it loaded)."""
+    library()
+    return str(_state.get("why", ""))
 
 
 def warn_unavailable(op: str) -> None:

@@ -5,8 +5,11 @@ Every public op follows the same three steps (DESIGN §3):
 1. validate its inputs with the helpers below (each raises ``ValueError``/``TypeError`` naming the
    argument, the shape or dtype expected and what it got);
 2. pick a backend with :func:`resolve_backend`: CUDA tensors go to Triton, CPU tensors to the
-   pure-PyTorch reference, ``backend=`` or ``FEDLORA_BACKEND`` override;
-3. call the Triton ``triton_op`` or the function in :mod:`fedlora_kernels.reference`.
+   pure-PyTorch reference, or to the C library (``csrc/``, :mod:`fedlora_kernels._clib`) for
+   the ops that have a faster C implementation there; ``backend=`` or ``FEDLORA_BACKEND``
+   override (``"torch"`` forces the reference, ``"c"`` the C library);
+3. call the Triton ``triton_op``, the C function, or the function in
+   :mod:`fedlora_kernels.reference`.
 
 With ``TRITON_INTERPRET=1`` the Triton kernels run on CPU tensors (slowly): that is how the tests
 check the kernels on machines without a GPU.
@@ -21,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "torch", "c")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: dtypes a 0/1 mask may have (bool is the cheap one: it needs no value check)
 MASK_DTYPES = (
@@ -52,21 +55,34 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Return ``"triton"`` or ``"torch"`` for tensors on ``device``.
+def resolve_backend(backend: str | None, device: torch.device, *, c_op: str | None = None) -> str:
+    """Return ``"triton"``, ``"torch"`` or ``"c"`` for tensors on ``device``.
 
     Order: the explicit ``backend`` argument, then the ``FEDLORA_BACKEND`` environment variable,
-    then the device (CUDA -> Triton, anything else -> torch). Asking for Triton on CPU tensors is
-    allowed only under the Triton interpreter.
+    then the device (CUDA -> Triton; CPU -> the C library for an op with a C implementation,
+    named by ``c_op``, when libfedlora is built, else torch, with one warning per process that
+    the library is missing; anything else -> torch). Asking for Triton on CPU tensors is allowed
+    only under the Triton interpreter; ``"c"`` needs CPU tensors and the library, and means the
+    reference for an op without a C implementation.
     """
     choice = backend if backend is not None else os.environ.get("FEDLORA_BACKEND") or None
     if choice is None:
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if c_op is not None and device.type == "cpu":
+            from fedlora_kernels import _clib
+
+            if _clib.available():
+                return "c"
+            _clib.warn_unavailable(c_op)
+        return "torch"
     if choice not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {choice!r}")
-    if choice == "triton" and device.type == "meta":
+    if choice != "torch" and device.type == "meta":
         # meta tensors have shapes but no data: only the pure-torch path can propagate them
         return "torch"
+    if choice == "c":
+        return _resolve_c(device, c_op)
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("backend='triton' needs the triton package: pip install triton")
@@ -77,6 +93,22 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 "in the interpreter"
             )
     return choice
+
+
+def _resolve_c(device: torch.device, c_op: str | None) -> str:
+    """``backend="c"``: the C library on CPU tensors (the reference for ops without one)."""
+    if device.type != "cpu":
+        raise ValueError(f"backend='c' needs CPU tensors (got device {device})")
+    if c_op is None:
+        return "torch"
+    from fedlora_kernels import _clib
+
+    if not _clib.available():
+        raise RuntimeError(
+            f"backend='c' needs libfedlora, which is unavailable ({_clib.unavailable_reason()}); "
+            "reinstall with a C++17 compiler and CMake"
+        )
+    return "c"
 
 
 def values_unavailable(*tensors: torch.Tensor | None) -> bool:

@@ -788,3 +788,97 @@ def test_masked_adamw_column_spans(cols, on):
     ss = HP["lr"] / (1 - HP["beta1"] ** 3)
     bound = _param_bound(a[0], a[1], a[2], ss, (1 - HP["beta2"] ** 3) ** 0.5)
     assert torch.all((b[0] - a[0]).abs().double() <= bound)
+
+
+# ------------------------------------------------------------------------------------------------
+# the ops' CPU path (fedlora_kernels.masked_weighted_mean / masked_adamw_)
+# ------------------------------------------------------------------------------------------------
+
+
+def _forbid_c(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the C library was called")
+
+    monkeypatch.setattr(_clib, "masked_combine", boom)
+    monkeypatch.setattr(_clib, "masked_adamw", boom)
+
+
+def test_ops_use_the_c_library_on_cpu(monkeypatch):
+    """By default the CPU path of both ops is the C library, with the reference's numbers:
+    the mean bitwise, the AdamW moments bitwise (the parameter within one sqrt rounding)."""
+    import fedlora_kernels as fk
+
+    monkeypatch.delenv("FEDLORA_BACKEND", raising=False)
+    assert fk.resolve_backend(None, torch.device("cpu"), c_op="masked_adamw_") == "c"
+    gen = torch.Generator().manual_seed(31)
+    x = [torch.randn(33, r, generator=gen) for r in (8, 3, 6)]
+    g = torch.randn(33, 8, generator=gen)
+    mask = torch.rand(3, 8, generator=gen) > 0.3
+    calls = []
+    real = _clib.masked_combine
+    monkeypatch.setattr(_clib, "masked_combine", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = fk.masked_weighted_mean(x, [3.0, 1.0, 2.0], mask, rank_dim=1, fallback=g)
+    exp = fk.masked_weighted_mean(x, [3.0, 1.0, 2.0], mask, rank_dim=1, fallback=g, backend="torch")
+    assert calls and same_bits(got, exp)
+    forced = fk.masked_weighted_mean(x, [3.0, 1.0, 2.0], mask, rank_dim=1, fallback=g, backend="c")
+    assert same_bits(forced, exp)
+
+    p, gr, m, v, ema, unc = _adamw_state((2, 5, 40), gen)
+    keep = torch.rand(2, 5, generator=gen) > 0.5
+    a = [t.clone() for t in (p, m, v, ema, unc)]
+    b = [t.clone() for t in (p, m, v, ema, unc)]
+    kw = dict(lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"])
+    kw["weight_decay"] = HP["weight_decay"]
+    step = torch.tensor([2, 9])
+    fk.masked_adamw_(a[0], gr, a[1], a[2], keep, step=step, importance=(a[3], a[4], 0.85, 0.85), backend="torch", **kw)  # fmt: skip
+    fk.masked_adamw_(b[0], gr, b[1], b[2], keep, step=step, importance=(b[3], b[4], 0.85, 0.85), **kw)  # fmt: skip
+    assert all(same_bits(x, y) for x, y in zip(a[1:], b[1:], strict=True))
+    ss = torch.tensor([HP["lr"] / (1 - HP["beta1"] ** s) for s in (2, 9)], dtype=torch.float64)
+    bc = torch.tensor([(1 - HP["beta2"] ** s) ** 0.5 for s in (2, 9)], dtype=torch.float64)
+    bound = _param_bound(a[0], a[1], a[2], ss.view(2, 1, 1), bc.view(2, 1, 1))
+    assert torch.all((b[0] - a[0]).abs().double() <= bound)
+
+
+def test_backend_torch_forces_the_reference(monkeypatch):
+    import fedlora_kernels as fk
+
+    _forbid_c(monkeypatch)
+    x = [torch.randn(4, 6), torch.randn(2, 6)]
+    p, g, m, v, _, _ = _adamw_state((4, 6), torch.Generator().manual_seed(32))
+    kw = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, step=1)
+    monkeypatch.setenv("FEDLORA_BACKEND", "torch")
+    fk.masked_weighted_mean(x, [1.0, 1.0], fallback=torch.zeros(4, 6))
+    fk.masked_adamw_(p, g, m, v, torch.ones(4), **kw)
+    monkeypatch.delenv("FEDLORA_BACKEND")
+    fk.masked_weighted_mean(x, [1.0, 1.0], fallback=torch.zeros(4, 6), backend="torch")
+    fk.masked_adamw_(p, g, m, v, torch.ones(4), backend="torch", **kw)
+    # float16 has no C path: the reference, silently
+    fk.masked_weighted_mean([t.half() for t in x], [1.0, 1.0])
+    with pytest.raises(ValueError, match="backend='c' needs CPU tensors"):
+        fk.resolve_backend("c", torch.device("cuda"), c_op="masked_adamw_")
+    assert fk.resolve_backend("c", torch.device("cpu")) == "torch"  # an op without C: torch
+
+
+def test_ops_without_the_library_warn_once_and_use_torch(monkeypatch, tmp_path):
+    import warnings
+
+    import fedlora_kernels as fk
+
+    monkeypatch.delenv("FEDLORA_BACKEND", raising=False)
+    monkeypatch.setattr(_clib, "_state", {})
+    monkeypatch.setenv("FEDLORA_LIBRARY", str(tmp_path / "absent.so"))
+    _forbid_c(monkeypatch)
+    x = [torch.randn(4, 6), torch.randn(2, 6)]
+    exp = reference.masked_weighted_mean(
+        x, torch.tensor([1.0, 3.0], dtype=torch.float64), None, rank_dim=0, fallback=None,
+        rank=4, dtype=torch.float32,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="libfedlora is unavailable") as record:
+        got = fk.masked_weighted_mean(x, [1.0, 3.0])
+    assert len(record) == 1 and same_bits(got, exp)
+    p, g, m, v, _, _ = _adamw_state((4, 6), torch.Generator().manual_seed(33))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second op does not warn again
+        fk.masked_adamw_(p, g, m, v, torch.ones(4), lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, step=1)  # fmt: skip
+    with pytest.raises(RuntimeError, match="backend='c' needs libfedlora"):
+        fk.masked_weighted_mean(x, [1.0, 3.0], backend="c")

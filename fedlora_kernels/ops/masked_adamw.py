@@ -121,7 +121,13 @@ def masked_adamw_(
         importance: ``(ema, unc, beta1, beta2)``: HAFL's smoothed sensitivity and uncertainty
             (tensors like ``param``, contiguous), updated in the same pass from ``|param · grad|``
             taken before the step (see the module docstring).
-        backend: ``"triton"`` or ``"torch"``; default by device (see ``FEDLORA_BACKEND``).
+        backend: ``"triton"``, ``"torch"`` or ``"c"``; default by device (see
+            ``FEDLORA_BACKEND``): CUDA tensors run the Triton kernel, CPU tensors the C library
+            (libfedlora, ``csrc/``: float32 state, float32/bfloat16 gradient; only the trained
+            components are visited) when it is built, else the torch reference. The C path
+            follows the reference op for op except ``sqrt``, which it rounds correctly (torch's
+            vectorised float32 sqrt may be 1 ulp off), so the parameter can differ from the
+            reference's in the last bit; the moments and importance statistics are bitwise equal.
 
     The masked components of ``param``, ``exp_avg``, ``exp_avg_sq`` (and ``ema``, ``unc``) stay
     bitwise unchanged. Returns ``None``.
@@ -130,7 +136,11 @@ def masked_adamw_(
         param, grad, exp_avg, exp_avg_sq, mask, lr, betas, eps, weight_decay, step, rank_dim,
         importance,
     )  # fmt: skip
-    if resolve_backend(backend, p.device) == "torch":
+    chosen = resolve_backend(backend, p.device, c_op="masked_adamw_")
+    if chosen == "c" and _c_supported(param, grad, exp_avg, exp_avg_sq, p):
+        _masked_adamw_c(param, grad, exp_avg, exp_avg_sq, p)
+        return None
+    if chosen != "triton":
         view = (p.slots, *param.shape[-2:])
         reference.masked_adamw_(
             param.view(view),
@@ -166,6 +176,54 @@ def masked_adamw_(
         p.eps, p.weight_decay, step_size, bc2_sqrt, p.imp_beta1, p.imp_beta2,
     )  # fmt: skip
     return None
+
+
+def _c_supported(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    p: _AdamWArgs,
+) -> bool:
+    """The C path: float32 state (param, moments, importance), float32/bfloat16 gradient,
+    values readable (not while tracing)."""
+    from fedlora_kernels import _clib
+
+    state = [param, exp_avg, exp_avg_sq, p.ema, p.unc]
+    return (
+        all(t is None or t.dtype == torch.float32 for t in state)
+        and grad.dtype in _clib.DTYPES
+        and param.numel() > 0
+        and not values_unavailable(param, grad, p.mask, *(t for t in state if t is not None))
+        and (not isinstance(p.step, torch.Tensor) or not values_unavailable(p.step))
+    )
+
+
+def _masked_adamw_c(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    p: _AdamWArgs,
+) -> None:
+    """The CPU path through libfedlora (``fedlora_masked_adamw``), in place."""
+    from fedlora_kernels import _clib
+
+    view = (p.slots, *param.shape[-2:])
+    tensor_step = isinstance(p.step, torch.Tensor)
+    steps = p.step.tolist() if tensor_step else [p.step] * p.slots
+    importance = None
+    if p.ema is not None:
+        importance = (p.ema.view(view), p.unc.view(view), p.imp_beta1, p.imp_beta2)
+    _clib.masked_adamw(
+        param.view(view), grad.detach().reshape(view).contiguous(), exp_avg.view(view),
+        exp_avg_sq.view(view), p.mask, steps, lr=p.lr, beta1=p.beta1, beta2=p.beta2, eps=p.eps,
+        weight_decay=p.weight_decay, rank_dim=p.rank_dim, tensor_step=tensor_step,
+        importance=importance,
+    )  # fmt: skip
+    # written behind autograd's back: bump the version counters as an in-place torch op would
+    written = [param, exp_avg, exp_avg_sq] + ([p.ema, p.unc] if p.ema is not None else [])
+    torch.autograd.graph.increment_version(written)
 
 
 class _AdamWArgs(NamedTuple):

@@ -17,6 +17,7 @@ The Triton kernel, its pointer table of clients and its registration live in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -55,7 +56,10 @@ def masked_weighted_mean(
             for ``B`` ``[d_out, R]``); negative values count from the end.
         fallback: tensor of the full output shape, used where ``Σ_k w_k m_kj = 0`` (e.g. the
             previous global state: "unchanged if no client contributed"). Omitted: 0 there.
-        backend: ``"triton"`` or ``"torch"``; default by device (see ``FEDLORA_BACKEND``).
+        backend: ``"triton"``, ``"torch"`` or ``"c"``; default by device (see
+            ``FEDLORA_BACKEND``): CUDA tensors run the Triton kernel, CPU tensors the C library
+            (libfedlora, ``csrc/``; float32/bfloat16, bitwise the reference's result) when it is
+            built, else the torch reference.
 
     The full rank ``R`` is ``fallback``'s size along ``rank_dim`` if given, else ``mask``'s
     second dimension if given, else ``max_k r_k``; every ``r_k`` must be ``≤ R``. With no clients
@@ -71,7 +75,10 @@ def masked_weighted_mean(
     p = _prepare_masked_weighted_mean(tensors, weights, mask, rank_dim, fallback)
     tensors, weights, mask = p.tensors, p.weights, p.mask
     args = dict(rank_dim=p.rank_dim, fallback=fallback, rank=p.rank, dtype=p.dtype)
-    if not tensors or resolve_backend(backend, p.device) == "torch":
+    chosen = resolve_backend(backend, p.device, c_op="masked_weighted_mean")
+    if chosen == "c" and tensors and _c_supported(p, fallback):
+        return _masked_weighted_mean_c(p, fallback)
+    if not tensors or chosen != "triton":
         return reference.masked_weighted_mean(tensors, weights, mask, **args)
     coef, has = reference.masked_mean_coefficients(weights, mask, p.ranks, p.rank)
     # clients with nothing to read (rank 0, or an empty tensor) have no table row
@@ -84,6 +91,41 @@ def masked_weighted_mean(
 
     return impl.masked_weighted_mean(
         tensors, coef.contiguous(), has.to(torch.float32), fallback, p.rank_dim, p.rank, p.dtype
+    )
+
+
+def _c_supported(p: _MeanArgs, fallback: torch.Tensor | None) -> bool:
+    """The C path takes float32/bfloat16 values it can read (not while tracing), non-empty."""
+    from fedlora_kernels import _clib
+
+    dtypes = {p.tensors[0].dtype, p.dtype}
+    return (
+        dtypes <= set(_clib.DTYPES)
+        and not values_unavailable(*p.tensors, fallback)
+        and all(s > 0 for s in _full_shape(p, fallback))
+    )
+
+
+def _full_shape(p: _MeanArgs, fallback: torch.Tensor | None) -> list[int]:
+    shape = list(fallback.shape if fallback is not None else p.tensors[0].shape)
+    shape[p.rank_dim] = p.rank
+    return shape
+
+
+def _masked_weighted_mean_c(p: _MeanArgs, fallback: torch.Tensor | None) -> torch.Tensor:
+    """The CPU path through libfedlora: the reference's coefficients, then its float32 sum in
+    client order (``fedlora_masked_combine``), threads over the output."""
+    from fedlora_kernels import _clib
+
+    coef, has = reference.masked_mean_coefficients(p.weights, p.mask, p.ranks, p.rank)
+    shape = _full_shape(p, fallback)
+    outer = math.prod(shape[: p.rank_dim])
+    inner = math.prod(shape[p.rank_dim + 1 :])
+    out = torch.empty(shape, dtype=p.dtype)
+    tensors = [x.detach().contiguous() for x in p.tensors]
+    fb = None if fallback is None else fallback.detach().contiguous()
+    return _clib.masked_combine(
+        tensors, p.ranks, coef, has, out, outer=outer, rank=p.rank, inner=inner, fallback=fb
     )
 
 
