@@ -18,7 +18,7 @@ Groups (float32, the machine's torch thread count for both sides):
   4 heads × r 8), reference vs C, no autograd.
 
 Every C row's result is checked against the torch row first. The last test prints the speed-ups
-and writes ``bench/results/csrc-<device>.json``.
+and writes ``bench/results/csrc-<device>.json`` (add the machine's load as its ``note``).
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def warn_unavailable(op: str) -> None:
         f"{op} and the other CPU ops use their torch implementations. Reinstall with a C++17 "
         "compiler and CMake to build it, or set FEDLORA_BACKEND=torch to silence this warning.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # warn_unavailable <- resolve_backend <- the op <- its caller
     )
 
 
