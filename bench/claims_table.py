@@ -121,7 +121,9 @@ def main(out: Path) -> str:
                 cells = ", ".join(
                     f"rank {r}: {sum(p[r] for p in prefix) / len(prefix):.3f}" for r in ranks
                 )
-                notes.append(f"- {label}, {setting}: the final global model at rank {cells}.")
+                notes.append(
+                    f"- {label}, {setting}: the final global model at each client rank: {cells}."
+                )
             if data.get("command"):
                 notes.append(f"- {label}, {setting}: `{data['command']}`")
     lines += ["", "Details and the exact commands:", "", *notes]
