@@ -182,8 +182,9 @@ def _delimited_rows(path: Path, reader: Any, text_col: str, label_col: str) -> l
     return rows
 
 
-def _read_jsonl(path: Path, text_col: str, label_col: str) -> list[_Row]:
-    rows = []
+def json_objects(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """``(object, "line N")`` for every non-blank line of a JSONL file, each line a JSON
+    object (the line cap applies); one-line ``ValueError`` naming the line otherwise."""
     with _open_text(path, newline=None) as f:
         for lineno, line in enumerate(_lines(path, f), start=1):
             if not line.strip():
@@ -201,22 +202,28 @@ def _read_jsonl(path: Path, text_col: str, label_col: str) -> list[_Row]:
                 raise _fail(path, f"{where}: unreadable JSON ({str(e)[:200]})") from None
             if not isinstance(obj, dict):
                 raise _fail(path, f"{where}: expected a JSON object, got {type(obj).__name__}")
-            missing = [k for k in (text_col, label_col) if k not in obj]
-            if missing:
-                raise _fail(
-                    path,
-                    f"{where}: missing key(s) {missing}; the object has {sorted(obj)} "
-                    f"(expected keys {text_col!r} and {label_col!r})",
-                )
-            split = obj.get("split")
-            rows.append(
-                _Row(
-                    text=_text_str(path, obj[text_col], where),
-                    label=_label_str(path, obj[label_col], where),
-                    split=_norm_split(path, split, where) if split is not None else None,
-                    where=where,
-                )
+            yield obj, where
+
+
+def _read_jsonl(path: Path, text_col: str, label_col: str) -> list[_Row]:
+    rows = []
+    for obj, where in json_objects(path):
+        missing = [k for k in (text_col, label_col) if k not in obj]
+        if missing:
+            raise _fail(
+                path,
+                f"{where}: missing key(s) {missing}; the object has {sorted(obj)} "
+                f"(expected keys {text_col!r} and {label_col!r})",
             )
+        split = obj.get("split")
+        rows.append(
+            _Row(
+                text=_text_str(path, obj[text_col], where),
+                label=_label_str(path, obj[label_col], where),
+                split=_norm_split(path, split, where) if split is not None else None,
+                where=where,
+            )
+        )
     return rows
 
 

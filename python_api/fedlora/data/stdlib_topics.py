@@ -238,6 +238,22 @@ def _write_cache(path: Path, ds: TextDataset) -> None:
             os.unlink(tmp)
 
 
+def check_families(families: Sequence[str]) -> tuple[str, ...]:
+    """``families`` as a tuple of at least two distinct top-level standard-library package
+    names that are safe to import, else ``ValueError`` naming the bad entry."""
+    if isinstance(families, str):
+        raise ValueError("families must be a sequence of package names, not one string")
+    families = tuple(families)
+    if len(families) < 2 or len(set(families)) != len(families):
+        raise ValueError(f"families must hold at least two distinct names, got {families}")
+    for fam in families:
+        if not isinstance(fam, str) or not fam.isidentifier():
+            raise ValueError(f"families: {fam!r} is not a top-level package name")
+        if fam in _NEVER_IMPORT:
+            raise ValueError(f"families: {fam!r} is never imported (side effects or test code)")
+    return families
+
+
 def build_stdlib_topics(
     cache_dir: str | Path | None = None,
     *,
@@ -288,16 +304,7 @@ def build_stdlib_topics(
         raise ValueError(f"seed must be an int, got {seed!r}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
-    if isinstance(families, str):
-        raise ValueError("families must be a sequence of package names, not one string")
-    families = tuple(families)
-    if len(families) < 2 or len(set(families)) != len(families):
-        raise ValueError(f"families must hold at least two distinct names, got {families}")
-    for fam in families:
-        if not isinstance(fam, str) or not fam.isidentifier():
-            raise ValueError(f"families: {fam!r} is not a top-level package name")
-        if fam in _NEVER_IMPORT:
-            raise ValueError(f"families: {fam!r} is never imported (side effects or test code)")
+    families = check_families(families)
 
     params: dict[str, Any] = {
         "families": list(families),
