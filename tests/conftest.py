@@ -63,3 +63,23 @@ def tiny_bert_dir(tmp_path_factory):
     transformers.BertModel(config).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory):
+    """A tiny random LLaMA (2 layers, hidden 32) with a word-level tokenizer over the arithmetic
+    set and a ChatML template (`fedlora.testing.random_causal_lm`): federated SFT runs take
+    seconds and need no model wheel."""
+    pytest.importorskip("transformers")
+    from fedlora.testing import random_causal_lm
+
+    return str(random_causal_lm(tmp_path_factory.mktemp("tiny-llama"), arch="llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    """As `tiny_llm_dir`, a Qwen2 (the other decoder family the SFT task is tested on)."""
+    pytest.importorskip("transformers")
+    from fedlora.testing import random_causal_lm
+
+    return str(random_causal_lm(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2"))

@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import NoReturn
 
 from fedlora.methods import names as method_names
-from fedlora.simulate.config import ENGINES, HAFL_MODES, HEAD_SCORES, ConfigError, SimConfig
+from fedlora.simulate.config import (
+    ENGINES,
+    HAFL_MODES,
+    HEAD_SCORES,
+    TASK_DEFAULTS,
+    TASKS,
+    ConfigError,
+    SimConfig,
+)
+from fedlora.simulate.devices import DTYPES
 
 _DEFAULTS = SimConfig()
 
@@ -35,6 +44,13 @@ class _Parser(argparse.ArgumentParser):
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     p.add_argument(
+        "--task",
+        default=d.task,
+        choices=list(TASKS),
+        help="classify (an encoder, a label head: the default) or sft (instruction tuning of "
+        "a causal LM)",
+    )
+    p.add_argument(
         "--clients", type=int, default=d.clients, help="number of clients (default %(default)s)"
     )
     p.add_argument(
@@ -42,7 +58,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--local-steps", type=int, default=d.local_steps, help="local steps per round")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="examples per local step")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help=f"AdamW learning rate (default {_task_defaults('lr')})",
+    )
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument(
         "--dirichlet-alpha",
@@ -88,24 +109,65 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         default=None,
-        help="local Hugging Face model folder (default: embedded all-MiniLM-L6-v2)",
+        help="local Hugging Face model folder (default: the embedded all-MiniLM-L6-v2 for "
+        "classify, the embedded SmolLM2-135M-Instruct, 'smollm2', for sft)",
     )
     p.add_argument(
         "--data",
         default=None,
-        help="CSV/JSONL file with text,label columns (default: stdlib topics)",
+        help="classify: CSV/JSONL file with text,label columns (default: stdlib topics); sft: "
+        "arithmetic (default), stdlib_qa, or a JSONL/CSV file of instruction/input/output or "
+        "chat messages",
     )
-    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per example")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help=f"tokens per example (default {_task_defaults('max_length')}; sft: longer "
+        "responses are cut, prompts that fill it are left out, both counted)",
+    )
     p.add_argument(
         "--max-test",
         type=int,
-        default=d.max_test,
-        help="test examples evaluated per round (0 = all)",
+        default=None,
+        help=f"test examples evaluated per round (0 = all; default {_task_defaults('max_test')})",
     )
     p.add_argument(
         "--target-modules",
-        default=",".join(d.target_modules),
-        help="comma-separated module names to adapt",
+        default=None,
+        help="comma-separated module names to adapt (default: query,value for classify, the "
+        "model family's q_proj,v_proj for sft)",
+    )
+    p.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        help="clients sampled each round (seeded; default: all)",
+    )
+    p.add_argument(
+        "--device",
+        default=d.device,
+        help="auto (cuda when present), cpu, cuda or cuda:N",
+    )
+    p.add_argument(
+        "--dtype",
+        default=d.dtype,
+        choices=list(DTYPES),
+        help="the frozen base's dtype (auto: bfloat16 on a GPU, float32 on a CPU); adapters and "
+        "optimizer state are always float32",
+    )
+    p.add_argument(
+        "--max-generate",
+        type=int,
+        default=d.max_generate,
+        help="sft: test prompts answered greedily each round, scored by ROUGE-L and exact match "
+        "(0 = none)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="sft: length limit of a generated answer",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -114,9 +176,14 @@ def _config(args: argparse.Namespace, method: str) -> SimConfig:
     fields = {f.name for f in dataclasses.fields(SimConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["method"] = method
-    values["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    values["max_test"] = None if args.max_test == 0 else args.max_test  # 0 = all; < 0 refused
+    if args.target_modules is not None:
+        values["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     return SimConfig(**values).validate()
+
+
+def _task_defaults(name: str) -> str:
+    """``"classify X, sft Y"``: a task-dependent default for the help text."""
+    return ", ".join(f"{task} {TASK_DEFAULTS[task][name]}" for task in TASKS)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -124,9 +191,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
     cfg = _config(args, args.method)
     result = run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
-    last = result.rounds[-1]
+    last = result.rounds[-1] if result.rounds else result.initial or {}
+    metric = "test_accuracy" if cfg.task == "classify" else "rouge_l"
     print(
-        f"done: {cfg.method} final test accuracy {last['test_accuracy']:.3f}; outputs in {args.out}"
+        f"done: {cfg.method} final {metric.replace('_', ' ')} {last.get(metric, float('nan')):.3f}"
+        f"; outputs in {args.out}"
     )
     return 0
 

@@ -220,7 +220,7 @@ def compare(
             continue
         scores = {}
         for lr in spec.lr_grid:
-            tcfg = dataclasses.replace(cfg, lr=float(lr), seed=spec.seeds[0], max_test=None)
+            tcfg = dataclasses.replace(cfg, lr=float(lr), seed=spec.seeds[0], max_test=0)
             print(f"== {cfg.method}: lr {lr:g} on validation", flush=True)
             res = _start(
                 tcfg, out / cfg.method / f"tune-lr{lr:g}", {"dataset": tune}, plot, progress
@@ -236,7 +236,7 @@ def compare(
         for seed in spec.seeds:
             fcfg = dataclasses.replace(cfg, lr=chosen[cfg.method], seed=seed)
             if spec.lr_grid is not None:
-                fcfg = dataclasses.replace(fcfg, max_test=None)
+                fcfg = dataclasses.replace(fcfg, max_test=0)
             tag = "" if full else f"seed{seed}"
             print(f"== {cfg.method}: seed {seed}", flush=True)
             res = _start(fcfg, out / cfg.method / tag, {"dataset": final}, plot, progress)
@@ -255,7 +255,7 @@ def _plan(configs: list[SimConfig], spec: CompareSpec) -> list[tuple[SimConfig, 
     plan = []
     for cfg in configs:
         for lr in spec.lr_grid or ():
-            tcfg = dataclasses.replace(cfg, lr=float(lr), seed=spec.seeds[0], max_test=None)
+            tcfg = dataclasses.replace(cfg, lr=float(lr), seed=spec.seeds[0], max_test=0)
             plan.append((tcfg, f"tune-lr{lr:g}"))
         if spec.lr_grid is None:
             for seed in spec.seeds:

@@ -14,12 +14,27 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fedlora.methods import Budget, ClientOptions, names
 
 ENGINES = ("sequential", "batched")
+TASKS = ("classify", "sft")
+#: per-task defaults of the fields left None (see :meth:`SimConfig.__post_init__`)
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classify": {
+        "lr": 5e-3,
+        "max_length": 32,
+        "max_test": 256,
+        "target_modules": ["query", "value"],
+    },
+    "sft": {"lr": 1e-3, "max_length": 256, "max_test": 64, "target_modules": None},
+}
+#: fields added after checkpoints were first written: left out of the fingerprint at these
+#: values, so runs checkpointed before they existed still resume
+_LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
+                 "max_generate": 16, "max_new_tokens": 32}  # fmt: skip
 HEAD_SCORES = ("weight", "gradient", "random")
 HAFL_MODES = ("freeze", "truncate")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
@@ -39,14 +54,25 @@ def __getattr__(name: str) -> Any:
 
 @dataclass
 class SimConfig:
-    """Everything that defines a run; two runs with equal configs give equal numbers."""
+    """Everything that defines a run; two runs with equal configs give equal numbers.
 
+    ``task`` is ``classify`` (an encoder and a label head) or ``sft`` (instruction tuning of a
+    causal LM); ``lr``, ``max_length``, ``max_test`` and ``target_modules`` left None take the
+    task's defaults (:data:`TASK_DEFAULTS`; ``target_modules`` None for ``sft`` means the
+    model family's default projections). ``max_test`` 0 evaluates the whole test split.
+    ``clients_per_round`` samples that many clients each round (None: all). ``device`` and
+    ``dtype`` are where the run trains and the frozen base's precision
+    (:mod:`fedlora.simulate.devices`); ``max_generate`` / ``max_new_tokens``: the SFT test
+    prompts answered greedily each round and the answers' length limit.
+    """
+
+    task: str = "classify"
     method: str = "fedit"
     clients: int = 10
     rounds: int = 5
     local_steps: int = 5
     batch_size: int = 8
-    lr: float = 5e-3
+    lr: float | None = None
     weight_decay: float = 0.0
     dirichlet_alpha: float = 0.3
     budgets: str = "uniform"
@@ -60,10 +86,20 @@ class SimConfig:
     seed: int = 0
     model: str | None = None
     data: str | None = None
-    max_length: int = 32
+    max_length: int | None = None
     max_train_per_client: int | None = None
-    max_test: int | None = 256
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    max_test: int | None = None
+    target_modules: list[str] | None = None
+    clients_per_round: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_generate: int = 16
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        for name, value in TASK_DEFAULTS.get(self.task, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(value) if isinstance(value, list) else value)
 
     def client_options(self) -> ClientOptions:
         """The settings the method's client side reads (:class:`fedlora.methods.ClientOptions`)."""
@@ -91,10 +127,17 @@ class SimConfig:
         ``dirichlet_alpha`` is positive (``inf`` = IID); ``model`` and ``data``, when given,
         name an existing folder / file.
         """
-        for name in ("method", "engine", "head_score", "hafl_mode", "budgets"):
+        for name in ("task", "method", "engine", "head_score", "hafl_mode", "budgets", "device"):
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise ConfigError(f"{_opt(name)} must be a string, got {v!r}")
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        from fedlora.simulate.devices import DTYPES, check_device_name
+
+        check_device_name(self.device)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.method not in names():
             raise ConfigError(f"--method must be one of {', '.join(names())}; got {self.method!r}")
         if self.engine not in ENGINES:
@@ -112,8 +155,15 @@ class SimConfig:
         _check_int("max_length", self.max_length, 2, MAX_COUNT)  # [CLS] and [SEP] at least
         _check_int("hafl_score_steps", self.hafl_score_steps, 0, MAX_COUNT)
         _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.max_test is not None:
-            _check_int("max_test", self.max_test, 0)
+        _check_int("max_test", self.max_test, 0)
+        _check_int("max_generate", self.max_generate, 0, MAX_COUNT)
+        _check_int("max_new_tokens", self.max_new_tokens, 1, MAX_COUNT)
+        if self.clients_per_round is not None:
+            _check_int("clients_per_round", self.clients_per_round, 1, MAX_COUNT)
+            if self.clients_per_round > self.clients:
+                raise ConfigError(
+                    f"--clients-per-round {self.clients_per_round} exceeds --clients {self.clients}"
+                )
         if self.max_train_per_client is not None:
             _check_int("max_train_per_client", self.max_train_per_client, 1)
         _check_float("lr", self.lr, 0.0, 1.0, low_open=True)
@@ -123,6 +173,8 @@ class SimConfig:
             "dirichlet_alpha", self.dirichlet_alpha, 0.0, math.inf, low_open=True, allow_inf=True
         )
         tm = self.target_modules
+        if tm is None and self.task == "sft":
+            tm = ["(model default)"]
         if isinstance(tm, str) or not isinstance(tm, (list, tuple)):
             raise ConfigError(f"--target-modules must be a list of module names, got {tm!r}")
         if not tm or not all(isinstance(t, str) and t.strip() for t in tm):
@@ -130,8 +182,10 @@ class SimConfig:
         dup = sorted({t for t in tm if list(tm).count(t) > 1})
         if dup:
             raise ConfigError(f"--target-modules names {', '.join(dup)} more than once")
-        _check_path("model", self.model, want_dir=True)
-        _check_path("data", self.data, want_dir=False)
+        _check_path("model", self.model, want_dir=True, names=("smollm2",) * (self.task == "sft"))
+        from fedlora.data import BUILTIN_SETS
+
+        _check_path("data", self.data, want_dir=False, names=BUILTIN_SETS * (self.task == "sft"))
         parse_budgets(self)
         return self
 
@@ -141,13 +195,22 @@ class SimConfig:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SimConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if "max_test" in values and values["max_test"] is None:  # the old "whole test split"
+            values["max_test"] = 0
+        return cls(**values)
 
     def fingerprint(self) -> str:
         """Stable text of the config, to refuse resuming a different run (``rounds`` is left out:
         a finished run may be resumed for more rounds)."""
         data = self.to_json()
         data.pop("rounds")
+        data.pop("device")  # a run may resume on another device (the last bits may differ)
+        for name, default in _LATER_FIELDS.items():
+            if data.get(name) == default:
+                data.pop(name)
+        if data.get("max_test") == 0:  # "the whole test split" was None before
+            data["max_test"] = None
         return json.dumps(data, sort_keys=True)
 
 
@@ -188,9 +251,10 @@ def _check_float(
         raise ConfigError(f"{_opt(name)} must be in {lo}{low:g}, {hi}, got {v:g}")
 
 
-def _check_path(name: str, v: Any, *, want_dir: bool) -> None:
-    """``v`` is None or names an existing folder (``want_dir``) or file."""
-    if v is None:
+def _check_path(name: str, v: Any, *, want_dir: bool, names: tuple[str, ...] = ()) -> None:
+    """``v`` is None, one of the built-in ``names``, or names an existing folder
+    (``want_dir``) or file."""
+    if v is None or (isinstance(v, str) and v in names):
         return
     if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
         raise ConfigError(f"{_opt(name)} must be a path, got {v!r}")
@@ -201,7 +265,8 @@ def _check_path(name: str, v: Any, *, want_dir: bool) -> None:
         raise ConfigError(f"{_opt(name)} {str(v)!r}: {err}") from None
     kind = "folder" if want_dir else "file"
     if not exists:
-        raise ConfigError(f"{_opt(name)} {str(v)!r} does not exist")
+        known = f" (nor one of {', '.join(names)})" if names else ""
+        raise ConfigError(f"{_opt(name)} {str(v)!r} does not exist{known}")
     if is_dir != want_dir:
         raise ConfigError(f"{_opt(name)} {str(v)!r} is not a {kind}")
 
