@@ -192,9 +192,11 @@ def _simulate(args: argparse.Namespace) -> int:
     cfg = _config(args, args.method)
     result = run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     last = result.rounds[-1] if result.rounds else result.initial or {}
-    metric = "test_accuracy" if cfg.task == "classify" else "rouge_l"
+    metric, label = (
+        ("test_accuracy", "test accuracy") if cfg.task == "classify" else ("rouge_l", "ROUGE-L")
+    )
     print(
-        f"done: {cfg.method} final {metric.replace('_', ' ')} {last.get(metric, float('nan')):.3f}"
+        f"done: {cfg.method} final {label} {last.get(metric, float('nan')):.3f}"
         f"; outputs in {args.out}"
     )
     return 0
