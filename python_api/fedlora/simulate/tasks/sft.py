@@ -247,16 +247,21 @@ def build_model(
     return lm, tokenizer
 
 
-def _head_only_where_needed(lm: nn.Module) -> bool:
-    """Whether the logits are ``lm_head(final hidden state)`` with nothing after it (LLaMA,
-    Qwen2, Mistral, GPT-2, ...), so the head can be applied to selected positions only."""
+def _decoder(lm: nn.Module) -> nn.Module | None:
+    """The decoder stack whose last hidden state the LM head reads, when the logits are
+    ``lm_head(that state)`` with nothing after it (LLaMA, Qwen2, Mistral, GPT-2, ...), so the head
+    can be applied to selected positions only; None otherwise (soft-capped or scaled logits, or
+    no separable decoder)."""
     config = getattr(lm, "config", None)
-    extra = [getattr(config, a, None) for a in ("final_logit_softcapping", "logit_scale")]
-    return (
-        all(e is None for e in extra)
-        and callable(getattr(lm, "get_decoder", None))
-        and lm.get_decoder() is not None
-    )
+    if any(
+        getattr(config, a, None) is not None for a in ("final_logit_softcapping", "logit_scale")
+    ):
+        return None
+    try:
+        decoder = lm.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
+    return decoder if isinstance(decoder, nn.Module) and decoder is not lm else None
 
 
 def response_token_losses(lm: nn.Module, batch: LMBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,8 +270,9 @@ def response_token_losses(lm: nn.Module, batch: LMBatch) -> tuple[torch.Tensor, 
     target = batch.labels[:, 1:]
     sel = target != IGNORE
     rows = sel.nonzero()[:, 0]
-    if _head_only_where_needed(lm):
-        out = lm.get_decoder()(
+    decoder = _decoder(lm)
+    if decoder is not None:
+        out = decoder(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
