@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from fedlora.cli import main
 from fedlora.simulate.compare import CompareSpec, matched, paired, split_validation
@@ -14,6 +15,15 @@ from fedlora.simulate.config import ConfigError, SimConfig
 
 COMMON = ["--clients", "2", "--rounds", "2", "--local-steps", "1", "--batch-size", "4",
           "--max-length", "16", "--rank", "4", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: two spinning threads on 2 shared cores slow tiny models down a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_paired_statistics_on_known_numbers():
@@ -54,6 +64,7 @@ def test_compare_with_seeds_lr_grid_baseline_and_prefixes(tiny_bert_dir, tmp_pat
             "--budgets", "rank=2,4", *COMMON]  # fmt: skip
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())
+    assert data["task"] == "classify" and data["metric"] == data["ranked_by"] == "test_accuracy"
     rows = {r["method"]: r for r in data["rows"]}
     for method in ("fedit", "hetlora"):
         # the chosen lr is the grid entry with the best final validation accuracy
@@ -64,6 +75,7 @@ def test_compare_with_seeds_lr_grid_baseline_and_prefixes(tiny_bert_dir, tmp_pat
             for lr in (0.01, 0.05)
         }
         assert rows[method]["lr"] == max(val, key=lambda lr: (val[lr], -lr))
+        assert data["lr_scores"][method] == {f"{lr:g}": v for lr, v in val.items()}
         finals = [
             json.loads((out / method / f"seed{s}" / "metrics.json").read_text())["rounds"][-1][
                 "test_accuracy"
@@ -72,12 +84,14 @@ def test_compare_with_seeds_lr_grid_baseline_and_prefixes(tiny_bert_dir, tmp_pat
         ]
         assert rows[method]["final_accuracy"] == pytest.approx(sum(finals) / 2)
         assert rows[method]["seeds"] == 2 and "rounds_to_target" in rows[method]
+        assert 0 <= rows[method]["initial_accuracy"] <= 1  # round 0, before training
     v = rows["hetlora"]["vs_baseline"]
     assert len(v["per_seed"]) == 2 and "vs_baseline" not in rows["fedit"]
     assert set(data["prefix_accuracy"]) == {"hetlora"}  # a prefix method, evaluated per rank
     assert set(data["prefix_accuracy"]["hetlora"][0]) == {"2", "4"}
     md = (out / "results.md").read_text()
     assert "| fedit |" in md and "Paired per-seed differences" in md and "rank 2:" in md
+    assert "final test accuracy" in md and "Validation accuracy" in md and "\\|t\\|" in md
     assert "fedlora compare --methods fedit,hetlora" in md
     assert (out / "results.csv").read_text().startswith("method,lr,budget,seeds")
     assert (out / "curves.png").stat().st_size > 0

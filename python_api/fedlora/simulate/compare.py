@@ -1,25 +1,42 @@
 """``fedlora compare``: methods side by side the way a reviewer would accept (DESIGN §6.2).
 
-For every method, on the same data and the same partitions (one per seed):
+For every method, on the same data and the same partitions (one per seed), for either task
+(``classify``: an encoder scored by test accuracy; ``sft``: instruction tuning of a causal LM
+scored by ROUGE-L, with perplexity and exact match reported beside it):
 
 1. **Learning rate chosen on validation, never on test.** With ``lr_grid``, a validation split is
    carved from the training data (``val_fraction`` of the training examples, chosen by a stable
-   hash of the text, held out of every client's partition); each learning rate of the grid trains
-   on the first seed and is scored by its final validation accuracy; the best one is kept.
+   hash of the text, or of the prompt for instruction data, held out of every client's
+   partition); each learning rate of the grid trains on the first seed and is scored by the
+   task's primary metric on validation after the last round; the best one is kept (ties: the
+   smaller rate).
 2. **Several seeds** (each seed its own partition, batches and initialisation, the same for every
-   method, so the runs are paired), evaluated on the **whole test split**.
+   method, so the runs are paired), evaluated on the **whole test split** when tuning (else on
+   ``max_test`` examples).
 3. **Budgets matched on a declared axis**: ``match="comm"`` sizes each method so it sends about
    the numbers FedIT sends at rank ``R`` per layer and round: Ravan's per-head rank becomes
-   ``round(sqrt(R · (d_in + d_out) / heads))`` and FFA-LoRA (which uploads only ``B``) doubles its
-   rank; the table states what each method sent.
-4. **Statistics**: final test accuracy mean ± std over seeds; per-seed paired differences
-   against ``baseline`` with a paired t statistic and a two-sided 5 % verdict ("better", "worse",
-   "within noise"); aggregation error per round; rounds to a ``target`` accuracy; for prefix
-   methods (HetLoRA, PreLort, FlexLoRA) the final global model evaluated at every client rank
-   prefix (does a low-rank client benefit?).
+   ``round(sqrt(R · (d_in + d_out) / heads))`` with ``d_in + d_out`` taken as twice the model's
+   hidden size (read from its config, never its weights; 576 for the embedded SmolLM2; a
+   grouped-query ``v_proj`` is narrower, so Ravan is sized slightly generously there), and
+   FFA-LoRA (which uploads only ``B``) doubles its rank; the table states what each method sent.
+4. **Statistics** on the ranked metric (the task's ``primary``: test accuracy or ROUGE-L, higher
+   is better): final mean ± std over seeds, best round, round 0 (before training); per-seed
+   paired differences against ``baseline`` with a paired t statistic and a two-sided 5 % verdict
+   ("better", "worse", "within noise"); aggregation error per round; rounds to a ``target``
+   (round 0 counts); for prefix methods (HetLoRA, PreLort, FlexLoRA) the final global model
+   evaluated at every client rank prefix (does a low-rank client benefit?).
+
+**No ROUGE-L** (``sft`` with ``max_generate=0``: nothing is generated, so ROUGE-L and exact match
+are NaN): the comparison then ranks, tunes and pairs by the test loss (mean response NLL, the
+log of the perplexity; lower is better) and says so in ``results.md``; a ``target`` is refused
+(there is no ROUGE-L to reach).
 
 Outputs in ``out``: ``results.md`` (tables and the exact command), ``results.csv``,
-``results.json``, ``curves.png`` (mean ± std bands per round). Every run is an ordinary
+``results.json``, ``curves.png`` (mean ± std bands per round, round 0 included). Row keys name
+the metric: ``final_<m>``, ``final_<m>_std``, ``best_<m>``, ``initial_<m>`` and ``final_<c>`` for
+the task's other columns, with ``<m>`` the metric less its ``test_`` prefix (``accuracy``,
+``rouge_l``, ``perplexity``, ``loss``, ...); ``results.json`` names it (``metric``,
+``ranked_by``) and holds the prefix evaluation under ``prefix_<m>``. Every run is an ordinary
 ``fedlora simulate`` run in ``out/<method>/...`` and resumes where it stopped.
 """
 
@@ -43,15 +60,17 @@ from fedlora.simulate.engine import (
     check_out_dir,
     check_plotting,
     clean_stale_temps,
-    load_dataset,
     probe_writable,
     run,
 )
+from fedlora.simulate.tasks import get_task
 
 MATCH_AXES = ("none", "comm")
 # two-sided 5 % critical values of Student's t by degrees of freedom (then the normal's)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 _T975.update({9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042})
+#: labels of metrics no task panel names
+_LABELS = {"test_loss": "test loss", "aggregation_error": "aggregation error"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +84,9 @@ class CompareSpec:
     target: float | None = None
     val_fraction: float = 0.1
 
-    def check(self, methods: Sequence[str]) -> None:
-        """Raise :class:`ConfigError` naming the option for anything that cannot run."""
+    def check(self, methods: Sequence[str], *, metric: str = "primary metric") -> None:
+        """Raise :class:`ConfigError` naming the option for anything that cannot run
+        (``metric``: the ranked metric's label, for the ``--target`` message)."""
         seeds = self.seeds
         if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
             raise ConfigError(f"--seeds must name at least one seed >= 0, got {list(seeds)}")
@@ -85,37 +105,118 @@ class CompareSpec:
             )
         if self.match not in MATCH_AXES:
             raise ConfigError(f"--match must be one of {', '.join(MATCH_AXES)}, got {self.match!r}")
-        if self.target is not None and not 0 < self.target <= 1:
-            raise ConfigError(f"--target must be an accuracy in (0, 1], got {self.target}")
+        target = self.target
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1
+        ):
+            raise ConfigError(f"--target must be a {metric} in (0, 1], got {target}")
+
+
+# ------------------------------------------------------------------------------------- metric
+@dataclasses.dataclass(frozen=True)
+class Ranking:
+    """The metric a comparison tunes, ranks and pairs by: ``key`` in the task's metrics,
+    its ``label``, whether ``higher`` is better; when it stands in for the task's primary
+    metric, that metric's label (``instead_of``) and why it cannot be used (``why``)."""
+
+    key: str
+    label: str
+    higher: bool = True
+    instead_of: str | None = None
+    why: str | None = None
+
+    @property
+    def note(self) -> str | None:
+        """One clause saying what this metric stands in for and why (None: the primary)."""
+        if self.instead_of is None:
+            return None
+        return f"instead of {self.instead_of}, which is not computed: {self.why}"
+
+    @property
+    def short(self) -> str:
+        """The name in row keys (``final_<short>``)."""
+        return _short(self.key)
+
+    def order(self, value: float) -> float:
+        """A sort key, larger = better; NaN ranks last."""
+        if value is None or math.isnan(value):
+            return -math.inf
+        return value if self.higher else -value
+
+
+def _short(key: str) -> str:
+    return key.removeprefix("test_")
+
+
+def metric_labels(task: Any) -> dict[str, str]:
+    """Every metric's label: the task's panel labels, then the shared ones."""
+    labels = dict(_LABELS)
+    for panel in task.panels:
+        labels.update(dict(panel))
+    for c in task.columns:
+        labels.setdefault(c, c.replace("_", " "))
+    return labels
+
+
+def ranking(cfg: SimConfig) -> Ranking:
+    """What ``cfg``'s comparison ranks by: the task's primary metric (higher is better), or the
+    test loss (lower is better) when the primary metric cannot be computed (SFT with
+    ``max_generate`` 0 generates nothing, so ROUGE-L and exact match are NaN)."""
+    task = get_task(cfg.task)
+    labels = metric_labels(task)
+    if task.primary in ("rouge_l", "exact_match") and cfg.max_generate == 0:
+        return Ranking(
+            "test_loss",
+            labels["test_loss"],
+            higher=False,
+            instead_of=labels[task.primary],
+            why="--max-generate 0 answers no test prompt (the test loss is the mean NLL of the "
+            "response tokens, the log of the perplexity)",
+        )
+    return Ranking(task.primary, labels[task.primary])
 
 
 # ------------------------------------------------------------------------------------- data
+def _example_keys(dataset: Any) -> list[str]:
+    """The text each example is hashed by: a TextDataset's text, an InstructionDataset's
+    prompt (as its train/test split is: equal prompts never straddle two splits)."""
+    texts = getattr(dataset, "texts", None)
+    if texts is not None:
+        return list(texts)
+    examples = getattr(dataset, "examples", None)
+    if examples is not None:
+        from fedlora.data.instructions import _prompt_key
+
+        return [_prompt_key(ex) for ex in examples]
+    raise ConfigError(
+        f"--lr-grid: cannot carve a validation split from a {type(dataset).__name__} data set"
+    )
+
+
 def split_validation(dataset: Any, fraction: float) -> tuple[Any, Any]:
     """``(tune, final)``: ``tune`` trains on the training split minus a validation part and
     tests on that part; ``final`` trains on the same reduced training split and tests on the
-    real test split. The part is chosen by a stable hash of each text, so it does not depend on
-    the seed, the method or the machine."""
-    from fedlora.data.dataset import TextDataset, stable_unit
+    real test split. The part is chosen by a stable hash of each text (of each prompt for an
+    :class:`~fedlora.data.InstructionDataset`), so it does not depend on the seed, the method or
+    the machine. Works for any data set with ``subset``, ``splits`` and ``info``."""
+    from fedlora.data import stable_unit
 
+    keys = _example_keys(dataset)
     val = [
-        s == "train" and stable_unit(t, "fedlora-validation") < fraction
-        for t, s in zip(dataset.texts, dataset.splits, strict=True)
+        s == "train" and stable_unit(k, "fedlora-validation") < fraction
+        for k, s in zip(keys, dataset.splits, strict=True)
     ]
     if not any(val):
         raise ConfigError(f"--val-fraction {fraction} leaves no validation example")
+    info = {**dataset.info, "validation_fraction": fraction}
 
-    def build(keep: list[int], splits: list[str]) -> TextDataset:
-        return TextDataset(
-            texts=[dataset.texts[i] for i in keep],
-            labels=[dataset.labels[i] for i in keep],
-            label_names=dataset.label_names,
-            splits=splits,
-            name=dataset.name,
-            info={**dataset.info, "validation_fraction": fraction},
-        )
+    def build(keep: list[int], splits: list[str]) -> Any:
+        return dataclasses.replace(dataset.subset(keep), splits=splits, info=info)
 
-    n = len(dataset.texts)
+    n = len(keys)
     tune_idx = [i for i in range(n) if dataset.splits[i] == "train"]
+    if all(val[i] for i in tune_idx):
+        raise ConfigError(f"--val-fraction {fraction} leaves no training example")
     tune = build(tune_idx, ["test" if val[i] else "train" for i in tune_idx])
     final_idx = [i for i in range(n) if not val[i]]
     final = build(final_idx, [dataset.splits[i] for i in final_idx])
@@ -137,14 +238,34 @@ def matched(cfg: SimConfig, match: str) -> SimConfig:
 
 
 def _hidden_size(cfg: SimConfig) -> int:
-    """The width of the target layers (the encoder's hidden size) without loading weights."""
+    """The width of the target layers (the model's hidden size) without loading weights: the
+    ``--model`` folder's config, the embedded encoder's for ``classify``, and SmolLM2-135M's
+    (576, `fedlora.testing.SMOLLM2_135M`) for the embedded LLM of ``sft``."""
+    from fedlora.models import DEFAULT_LLM
+
+    if cfg.task == "sft" and (cfg.model is None or str(cfg.model) == DEFAULT_LLM):
+        from fedlora.testing import SMOLLM2_135M
+
+        return int(SMOLLM2_135M["hidden_size"])
     import transformers
 
-    from fedlora.models import default_model_path
+    try:
+        if cfg.model is None:
+            from fedlora.models import default_model_path
 
-    path = cfg.model or default_model_path()
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    return int(config.hidden_size)
+            path = default_model_path()
+        else:
+            path = str(cfg.model)
+        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ImportError, OSError, ValueError) as err:
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"--match comm: cannot read the model's config ({why})") from None
+    config = getattr(config, "text_config", None) or config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ConfigError("--match comm: the model's config names no hidden size")
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -158,21 +279,35 @@ def _start(cfg: SimConfig, path: Path, shared: dict, plot: bool, progress: bool)
     )
 
 
-def _prefix_accuracy(cfg: SimConfig, state: dict, dataset: Any) -> dict[int, float] | None:
-    """Test accuracy of the final global model truncated to every client rank (prefix methods
-    only); None for the others."""
+def prefix_metrics(cfg: SimConfig, state: dict, dataset: Any) -> dict[int, dict] | None:
+    """The task's test metrics of the final global model truncated to every client rank (prefix
+    methods only; None for the others): the model built by the task with one slot, the test
+    split encoded by the task, each truncated state loaded into slot 0 and evaluated."""
     m = get_method(cfg.method)
     if m.ranks != "prefix" or m.changes_base:
         return None
-    from fedlora.methods import prefix
-    from fedlora.simulate.engine import build_model, evaluate, tokenize_split
+    import torch
 
-    ranks = sorted({b.rank for b in parse_budgets(cfg)} | {cfg.rank})
-    client = m.client(cfg.client_options(), parse_budgets(cfg))
-    model, tokenizer = build_model(cfg, dataset.num_classes, 1, client)
-    test = dataset.test
-    tok = tokenize_split(tokenizer, list(test.texts), list(test.labels), cfg.max_length)
-    return {r: evaluate(model, prefix.truncate(state, r), tok)[0] for r in ranks}
+    from fedlora.methods import prefix
+    from fedlora.simulate.engine import evaluate_global
+
+    task = get_task(cfg.task)
+    budgets = parse_budgets(cfg)
+    ranks = sorted({b.rank for b in budgets} | {cfg.rank})
+    torch.manual_seed(cfg.seed)
+    client = m.client(cfg.client_options(), budgets)
+    model, tokenizer = task.build_model(cfg, dataset, 1, client)
+    test = task.encode(tokenizer, dataset.test, cfg, test=True)
+    out = {}
+    for r in ranks:
+        metrics = evaluate_global(model, task, prefix.truncate(state, r), test, cfg)
+        out[r] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return out
+
+
+def _choose(scores: dict[float, float], metric: Ranking) -> float:
+    """The learning rate with the best validation score (ties and NaNs: the smaller rate)."""
+    return max(scores, key=lambda lr: (metric.order(scores[lr]), -lr))
 
 
 def compare(
@@ -186,8 +321,9 @@ def compare(
     """Run every method of ``configs`` as ``spec`` says and write the tables and plot to
     ``out``. Returns the table rows (one per method).
 
-    Everything is checked before the first run trains (the options, every config, every run
-    directory, the data, ``out``'s writability); any problem is one :class:`ConfigError`.
+    Everything is checked before the first run trains (the options, every config, that they
+    share one task and ranking metric, every run directory, the data, ``out``'s writability);
+    any problem is one :class:`ConfigError`.
     """
     spec = spec or CompareSpec(seeds=(configs[0].seed,) if configs else (0,))
     if not configs:
@@ -196,24 +332,38 @@ def compare(
     dup = sorted({m for m in methods if methods.count(m) > 1})
     if dup:
         raise ConfigError(f"--methods names {', '.join(dup)} more than once")
-    spec.check(methods)
+    configs = [cfg.validate() for cfg in configs]
+    tasks = sorted({c.task for c in configs})
+    if len(tasks) > 1:
+        raise ConfigError(f"--task: the methods compared must share one task, got {tasks}")
+    metric = ranking(configs[0])
+    if any(ranking(c) != metric for c in configs[1:]):
+        raise ConfigError("--max-generate: the methods compared must be ranked by one metric")
+    spec.check(methods, metric=metric.label)
+    if spec.target is not None and not metric.higher:
+        raise ConfigError(
+            f"--target: no {metric.instead_of} is computed to reach it (the comparison is "
+            f"ranked by {metric.label}: {metric.why.split(' (')[0]})"
+        )
     if not str(out).strip():
         raise ConfigError("--out must name a directory, got ''")
     out = Path(out).expanduser()
-    configs = [matched(cfg.validate(), spec.match).validate() for cfg in configs]
+    configs = [matched(cfg, spec.match).validate() for cfg in configs]
+    task = get_task(configs[0].task)
     full = spec.lr_grid is None and len(spec.seeds) == 1  # one run per method, as before
     plan = _plan(configs, spec)
     for cfg, path in plan:
         check_out_dir(
             _run_dir(out, cfg.method, path), cfg, resume=(out / cfg.method / path / CKPT).exists()
         )
-    dataset = load_dataset(configs[0])
+    dataset = task.load_data(configs[0])
     tune, final = split_validation(dataset, spec.val_fraction) if spec.lr_grid else (None, dataset)
     probe_writable(out)
     clean_stale_temps(out)
     plot = check_plotting(None)
 
     chosen: dict[str, float] = {}
+    lr_scores: dict[str, dict[float, float]] = {}
     for cfg in configs:
         if spec.lr_grid is None:
             chosen[cfg.method] = cfg.lr
@@ -225,12 +375,17 @@ def compare(
             res = _start(
                 tcfg, out / cfg.method / f"tune-lr{lr:g}", {"dataset": tune}, plot, progress
             )
-            scores[float(lr)] = res.rounds[-1]["test_accuracy"]
-        chosen[cfg.method] = max(scores, key=lambda lr: (scores[lr], -lr))
-        print(f"== {cfg.method}: lr {chosen[cfg.method]:g} chosen ({scores})", flush=True)
+            scores[float(lr)] = res.rounds[-1][metric.key]
+        chosen[cfg.method] = _choose(scores, metric)
+        lr_scores[cfg.method] = scores
+        print(
+            f"== {cfg.method}: lr {chosen[cfg.method]:g} chosen by validation {metric.label} "
+            f"({scores})",
+            flush=True,
+        )
 
     runs: dict[str, list[Any]] = {}
-    prefixes: dict[str, list[dict[int, float]]] = {}
+    prefixes: dict[str, list[dict[int, dict]]] = {}
     for cfg in configs:
         runs[cfg.method] = []
         for seed in spec.seeds:
@@ -241,11 +396,12 @@ def compare(
             print(f"== {cfg.method}: seed {seed}", flush=True)
             res = _start(fcfg, out / cfg.method / tag, {"dataset": final}, plot, progress)
             runs[cfg.method].append(res)
-            acc = _prefix_accuracy(fcfg, res.global_state, final) if not full else None
-            if acc is not None:
-                prefixes.setdefault(cfg.method, []).append(acc)
-    rows = _rows(configs, runs, chosen, spec)
-    _write(out, configs, rows, runs, prefixes, spec, chosen, command, plot)
+            pm = prefix_metrics(fcfg, res.global_state, final) if not full else None
+            if pm is not None:
+                prefixes.setdefault(cfg.method, []).append(pm)
+    rows = _rows(configs, runs, chosen, spec, metric, task)
+    report = _Report(configs, rows, runs, prefixes, spec, chosen, lr_scores, metric, task)
+    _write(out, report, command, plot)
     return rows
 
 
@@ -264,10 +420,13 @@ def _plan(configs: list[SimConfig], spec: CompareSpec) -> list[tuple[SimConfig, 
 
 
 # ------------------------------------------------------------------------------------- statistics
-def paired(diffs: Sequence[float]) -> dict[str, Any]:
-    """Mean, std and paired t statistic of per-seed differences, with a two-sided 5 % verdict
-    ("better", "worse", or "within noise"; one seed gives no verdict)."""
+def paired(diffs: Sequence[float], *, higher_is_better: bool = True) -> dict[str, Any]:
+    """Mean, std and paired t statistic of per-seed differences (method − baseline), with a
+    two-sided 5 % verdict ("better", "worse", or "within noise"; one seed gives no verdict; a
+    NaN difference gives none either). ``higher_is_better`` False: a negative mean is better."""
     n = len(diffs)
+    if any(d is None or math.isnan(d) for d in diffs):
+        return {"mean": math.nan, "std": math.nan, "t": math.nan, "verdict": "undefined (NaN)"}
     mean = statistics.fmean(diffs)
     if n < 2:
         return {"mean": mean, "std": math.nan, "t": math.nan, "verdict": "one seed: no test"}
@@ -277,12 +436,34 @@ def paired(diffs: Sequence[float]) -> dict[str, Any]:
     else:  # identical differences: infinitely significant unless they are all 0
         t = math.copysign(math.inf, mean) if mean else 0.0
     crit = _T975.get(n - 1) or next((v for k, v in sorted(_T975.items()) if k >= n - 1), 1.96)
-    verdict = "within noise" if abs(t) < crit else ("better" if mean > 0 else "worse")
+    gain = mean if higher_is_better else -mean
+    verdict = "within noise" if abs(t) < crit else ("better" if gain > 0 else "worse")
     return {"mean": mean, "std": sd, "t": t, "verdict": f"{verdict} (|t| vs {crit:.2f}, p=0.05)"}
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean; None when a value is missing (a run without a round-0 evaluation)."""
+    vals = list(values)
+    if not vals or any(v is None for v in vals):
+        return None
+    return statistics.fmean(vals)
+
+
+def _series(result: Any) -> list[dict[str, Any]]:
+    """Round 0 (the evaluation before training, when recorded) and every round's row."""
+    initial = [{"round": 0, **result.initial}] if result.initial else []
+    return initial + list(result.rounds)
+
+
+def _best(result: Any, metric: Ranking) -> float:
+    values = [x[metric.key] for x in result.rounds]
+    return max(values, key=metric.order) if values else math.nan
 
 
 def _rows(
@@ -290,25 +471,30 @@ def _rows(
     runs: dict[str, list[Any]],
     chosen: dict[str, float],
     spec: CompareSpec,
+    metric: Ranking,
+    task: Any,
 ) -> list[dict]:
     base = runs.get(spec.baseline) if spec.baseline else None
+    key, s = metric.key, metric.short
     rows = []
     for cfg in configs:
         results = runs[cfg.method]
-        final = [r.rounds[-1]["test_accuracy"] for r in results]
-        mean, sd = _mean_std(final)
+        mean, sd = _mean_std([r.rounds[-1][key] for r in results])
         row: dict[str, Any] = {
             "method": cfg.method,
             "lr": chosen[cfg.method],
             "budget": f"rank {cfg.rank}"
             + (f", {cfg.heads} heads" if cfg.method == "ravan" else ""),
             "seeds": len(results),
-            "final_accuracy": mean,
-            "final_accuracy_std": sd,
-            "best_accuracy": statistics.fmean(
-                max(x["test_accuracy"] for x in r.rounds) for r in results
-            ),
-            "final_loss": statistics.fmean(r.rounds[-1]["test_loss"] for r in results),
+            f"final_{s}": mean,
+            f"final_{s}_std": sd,
+            f"best_{s}": statistics.fmean(_best(r, metric) for r in results),
+            f"initial_{s}": _mean((r.initial or {}).get(key) for r in results),
+        }
+        for c in task.columns:
+            if c != key:
+                row[f"final_{_short(c)}"] = statistics.fmean(r.rounds[-1][c] for r in results)
+        row |= {
             "mean_aggregation_error": statistics.fmean(
                 statistics.fmean(x["aggregation_error"] for x in r.rounds) for r in results
             ),
@@ -321,7 +507,7 @@ def _rows(
         }
         if spec.target is not None:
             hit = [
-                next((x["round"] for x in r.rounds if x["test_accuracy"] >= spec.target), None)
+                next((x["round"] for x in _series(r) if x[key] >= spec.target), None)
                 for r in results
             ]
             reached = [h for h in hit if h is not None]
@@ -329,23 +515,92 @@ def _rows(
             row["seeds_reaching_target"] = len(reached)
         if base is not None and cfg.method != spec.baseline:
             diffs = [
-                r.rounds[-1]["test_accuracy"] - b.rounds[-1]["test_accuracy"]
-                for r, b in zip(results, base, strict=True)
+                r.rounds[-1][key] - b.rounds[-1][key] for r, b in zip(results, base, strict=True)
             ]
-            row["vs_baseline"] = paired(diffs)
+            row["vs_baseline"] = paired(diffs, higher_is_better=metric.higher)
             row["vs_baseline"]["per_seed"] = diffs
         rows.append(row)
     return rows
 
 
 # ------------------------------------------------------------------------------------- outputs
+@dataclasses.dataclass
+class _Report:
+    """Everything the tables and the plot are written from."""
+
+    configs: list[SimConfig]
+    rows: list[dict]
+    runs: dict[str, list[Any]]
+    prefixes: dict[str, list[dict[int, dict]]]
+    spec: CompareSpec
+    chosen: dict[str, float]
+    lr_scores: dict[str, dict[float, float]]
+    metric: Ranking
+    task: Any
+
+
 def _fmt(x: Any, spec: str = ".3f") -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if spec == "auto":  # perplexities run into the thousands: fewer decimals there
+        spec = ".1f" if abs(x) >= 100 else ".3f"
+    return format(x, spec)
 
 
-def _write(out, configs, rows, runs, prefixes, spec, chosen, command, plot) -> None:
+def _cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell (the verdict's ``|t|``)."""
+    return text.replace("|", "\\|")
+
+
+def _is_nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def _other_columns(rep: _Report) -> list[str]:
+    """The task's metric columns other than the ranked one, left out when NaN everywhere."""
+    return [
+        c
+        for c in rep.task.columns
+        if c != rep.metric.key and not all(_is_nan(r[f"final_{_short(c)}"]) for r in rep.rows)
+    ]
+
+
+def _secondary(rep: _Report) -> str | None:
+    """A second metric shown beside the ranked one in the prefix lines (SFT: perplexity)."""
+    rest = [c for c in _other_columns(rep) if c != "test_loss"]
+    return rest[0] if rest else None
+
+
+def _how_scored(rep: _Report) -> str:
+    cfg, m = rep.configs[0], rep.metric
+    labels = metric_labels(rep.task)
+    test = (
+        "the whole test split"
+        if rep.spec.lr_grid is not None or not cfg.max_test
+        else f"the first {cfg.max_test} test examples"
+    )
+    line = f"Task {cfg.task}: tuned, ranked and paired by {m.label} (`{m.key}`, "
+    line += f"{'higher' if m.higher else 'lower'} is better"
+    line += f"; {m.note})" if m.note else ")"
+    line += f" on {test}"
+    if "rouge_l" in rep.task.columns and cfg.max_generate:
+        line += (
+            f"; {labels['rouge_l']} and {labels.get('exact_match', 'exact match')} on the first "
+            f"{cfg.max_generate} of those prompts answered greedily (at most "
+            f"{cfg.max_new_tokens} new tokens), perplexity over all their response tokens"
+        )
+    return line + "."
+
+
+def _markdown(rep: _Report, command: str | None) -> str:
+    spec, m, s = rep.spec, rep.metric, rep.metric.short
+    labels = metric_labels(rep.task)
+    others = _other_columns(rep)
+    has_initial = any(r[f"initial_{s}"] is not None for r in rep.rows)
     seeds = ", ".join(map(str, spec.seeds))
     lines = [
+        _how_scored(rep),
+        "",
         f"Seeds {seeds}; learning rate "
         + (
             "chosen per method on validation from " + ", ".join(f"{x:g}" for x in spec.lr_grid)
@@ -354,111 +609,210 @@ def _write(out, configs, rows, runs, prefixes, spec, chosen, command, plot) -> N
         )
         + f"; budgets matched on: {spec.match}.",
         "",
-        "| method | final acc | best acc | final loss | mean agg. error | MiB up/round | s/round | lr | budget |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        acc = _fmt(r["final_accuracy"]) + (
-            f" ± {r['final_accuracy_std']:.3f}" if r["seeds"] > 1 else ""
-        )
-        lines.append(
-            f"| {r['method']} | {acc} | {r['best_accuracy']:.3f} | {r['final_loss']:.3f} "
-            f"| {r['mean_aggregation_error']:.2e} | {r['MiB_up_per_round']:.2f} "
-            f"| {r['seconds_per_round']:.1f} | {r['lr']:g} | {r['budget']} |"
-        )
+    head = [f"final {m.label}", f"best {m.label}"] + [f"round 0 {m.label}"] * has_initial
+    head += [f"final {labels[c]}" for c in others]
+    head += ["mean agg. error", "MiB up/round", "s/round", "lr", "budget"]
+    lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for r in rep.rows:
+        cells = [
+            _fmt(r[f"final_{s}"], "auto")
+            + (f" ± {_fmt(r[f'final_{s}_std'], 'auto')}" if r["seeds"] > 1 else ""),
+            _fmt(r[f"best_{s}"], "auto"),
+        ]
+        if has_initial:
+            cells.append(_fmt(r[f"initial_{s}"], "auto"))
+        cells += [_fmt(r[f"final_{_short(c)}"], "auto") for c in others]
+        cells += [
+            f"{r['mean_aggregation_error']:.2e}",
+            f"{r['MiB_up_per_round']:.2f}",
+            f"{r['seconds_per_round']:.1f}",
+            f"{r['lr']:g}",
+            r["budget"],
+        ]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    if rep.lr_scores:
+        lines += [
+            "",
+            f"Validation {m.label.removeprefix('test ')} after the last round per learning rate (seed "
+            f"{spec.seeds[0]}, runs in `<method>/tune-lr*`; the test split is never used):",
+            "",
+        ]
+        for method, scores in rep.lr_scores.items():
+            cells = ", ".join(f"{lr:g}: {_fmt(v, 'auto')}" for lr, v in scores.items())
+            lines.append(f"- {method}: {cells} → lr {rep.chosen[method]:g}")
     if spec.baseline:
         lines += [
             "",
-            f"Paired per-seed differences of final test accuracy against {spec.baseline}:",
+            f"Paired per-seed differences of final {m.label} against {spec.baseline} (method − "
+            f"{spec.baseline}; {'higher' if m.higher else 'lower'} is better):",
             "",
         ]
         lines += ["| method | mean Δ | std | t | verdict | per seed |", "|---|---|---|---|---|---|"]
-        for r in rows:
+        for r in rep.rows:
             v = r.get("vs_baseline")
             if v:
-                per = ", ".join(f"{d:+.3f}" for d in v["per_seed"])
+                per = ", ".join(_fmt(d, "+.3f") for d in v["per_seed"])
                 lines.append(
-                    f"| {r['method']} | {v['mean']:+.3f} | {_fmt(v['std'])} | {_fmt(v['t'], '.2f')} "
-                    f"| {v['verdict']} | {per} |"
+                    f"| {r['method']} | {_fmt(v['mean'], '+.3f')} | {_fmt(v['std'])} "
+                    f"| {_fmt(v['t'], '.2f')} | {_cell(v['verdict'])} | {per} |"
                 )
     if spec.target is not None:
         lines += [
             "",
-            f"Rounds to test accuracy {spec.target:g} (mean over the seeds that reach it):",
+            f"Rounds to {m.label} {spec.target:g} (round 0 = before training; mean over the "
+            "seeds that reach it):",
             "",
         ]
-        for r in rows:
+        for r in rep.rows:
             lines.append(
                 f"- {r['method']}: {_fmt(r['rounds_to_target'], '.1f')} "
                 f"({r['seeds_reaching_target']}/{r['seeds']} seeds)"
             )
-    if prefixes:
+    if rep.prefixes:
+        second = _secondary(rep)
+        what = m.label + (f"; {labels[second]} in parentheses" if second else "")
         lines += [
             "",
-            "Final global model at each client rank prefix (test accuracy, mean over seeds):",
+            f"Final global model at each client rank prefix ({what}; mean over seeds):",
             "",
         ]
-        for method, accs in prefixes.items():
-            ranks = sorted(accs[0])
-            cells = ", ".join(
-                f"rank {k}: {statistics.fmean(a[k] for a in accs):.3f}" for k in ranks
-            )
-            lines.append(f"- {method}: {cells}")
+        for method, per_seed in rep.prefixes.items():
+            cells = []
+            for k in sorted(per_seed[0]):
+                cell = f"rank {k}: {_fmt(_prefix_mean(per_seed, k, m.key), 'auto')}"
+                if second:
+                    cell += f" ({_fmt(_prefix_mean(per_seed, k, second), 'auto')})"
+                cells.append(cell)
+            lines.append(f"- {method}: " + ", ".join(cells))
     if command:
         lines += ["", "Reproduce with:", "", "```bash", command, "```"]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def _prefix_mean(per_seed: list[dict[int, dict]], rank: int, key: str) -> float:
+    values = [p[rank].get(key, math.nan) for p in per_seed]
+    return _mean_std(values)[0]
+
+
+def _csv_fields(rep: _Report) -> list[str]:
+    s = rep.metric.short
+    fields = ["method", "lr", "budget", "seeds", f"final_{s}", f"final_{s}_std", f"best_{s}",
+              f"initial_{s}"]  # fmt: skip
+    fields += [f"final_{_short(c)}" for c in rep.task.columns if c != rep.metric.key]
+    return [*fields, "mean_aggregation_error", "MiB_up_per_round", "seconds_per_round"]
+
+
+def _lean(row: dict[str, Any]) -> dict[str, Any]:
+    """A round's row without its generated samples (each run's samples.jsonl has them)."""
+    return {k: v for k, v in row.items() if k != "samples"}
+
+
+def _write(out: Path, rep: _Report, command: str | None, plot: bool) -> None:
+    text = _markdown(rep, command)
     _atomic_write(out / "results.md", lambda p: Path(p).write_text(text))
     buf = io.StringIO()
-    fields = ["method", "lr", "budget", "seeds", "final_accuracy", "final_accuracy_std", "best_accuracy",
-              "final_loss", "mean_aggregation_error", "MiB_up_per_round", "seconds_per_round"]  # fmt: skip
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=_csv_fields(rep), extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(rep.rows)
     _atomic_write(out / "results.csv", lambda p: Path(p).write_text(buf.getvalue()))
+    m = rep.metric
     data = {
-        "spec": dataclasses.asdict(spec),
+        "spec": dataclasses.asdict(rep.spec),
         "command": command,
-        "configs": {c.method: c.to_json() for c in configs},
-        "rows": rows,
-        "rounds": {m: [r.rounds for r in rs] for m, rs in runs.items()},
-        "prefix_accuracy": {
-            m: [{str(k): v for k, v in a.items()} for a in accs] for m, accs in prefixes.items()
+        "task": rep.configs[0].task,
+        "metric": rep.task.primary,
+        "ranked_by": m.key,
+        "higher_is_better": m.higher,
+        "ranking_note": m.note,
+        "configs": {c.method: c.to_json() for c in rep.configs},
+        "rows": rep.rows,
+        "lr_scores": {k: {f"{lr:g}": v for lr, v in sc.items()} for k, sc in rep.lr_scores.items()},
+        "initial": {
+            k: [_lean(r.initial) if r.initial else None for r in rs] for k, rs in rep.runs.items()
+        },
+        "rounds": {k: [[_lean(x) for x in r.rounds] for r in rs] for k, rs in rep.runs.items()},
+        f"prefix_{m.short}": {
+            k: [{str(r): v[m.key] for r, v in p.items()} for p in per_seed]
+            for k, per_seed in rep.prefixes.items()
+        },
+        "prefix_metrics": {
+            k: [{str(r): v for r, v in p.items()} for p in per_seed]
+            for k, per_seed in rep.prefixes.items()
         },
     }
     blob = json.dumps(data, indent=1, default=str)
     _atomic_write(out / "results.json", lambda p: Path(p).write_text(blob))
     if plot:
-        plot_bands(runs, out / "curves.png")
+        plot_bands(rep.runs, out / "curves.png", panels=_panels(rep))
     print(text)
 
 
-def plot_bands(runs: dict[str, list[Any]], path: Path) -> None:
-    """Test accuracy, test loss and aggregation error per round: mean over seeds with a ± std
-    band per method, written atomically as a PNG."""
+def _panels(rep: _Report) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """The task's curves.png panels, the ranked metric's first when no panel holds it; metrics
+    NaN in every run left out."""
+    panels = list(rep.task.panels)
+    if not any(rep.metric.key == k for p in panels for k, _ in p):
+        panels.insert(0, ((rep.metric.key, rep.metric.label),))
+
+    def finite(key: str) -> bool:
+        return any(
+            not _is_nan(x.get(key)) for rs in rep.runs.values() for r in rs for x in r.rounds
+        )
+
+    kept = [tuple((k, lab) for k, lab in p if finite(k)) for p in panels]
+    return tuple(p for p in kept if p)
+
+
+CLASSIFY_PANELS = ((("test_accuracy", "test accuracy"),), (("test_loss", "test loss"),))
+
+
+def plot_bands(
+    runs: dict[str, list[Any]],
+    path: Path,
+    panels: Sequence[Sequence[tuple[str, str]]] = CLASSIFY_PANELS,
+) -> None:
+    """Each panel's metrics (several per axis: one line style each) and the aggregation error
+    per round: mean over seeds with a ± std band per method (one colour each), round 0 (before
+    training) included where the runs recorded it; written atomically as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    keys = (("test_accuracy", "test accuracy"), ("test_loss", "test loss"),
-            ("aggregation_error", "aggregation error"))  # fmt: skip
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for name, results in runs.items():
-        x = [r["round"] for r in results[0].rounds]
-        for ax, (key, _) in zip(axes, keys, strict=True):
-            ys = [[r.rounds[i][key] for r in results] for i in range(len(x))]
-            mean = [statistics.fmean(v) for v in ys]
-            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in ys]
-            (line,) = ax.plot(x, mean, marker="o", label=name)
-            ax.fill_between(x, [m - s for m, s in zip(mean, sd, strict=True)],
-                            [m + s for m, s in zip(mean, sd, strict=True)],
-                            color=line.get_color(), alpha=0.2)  # fmt: skip
-    for ax, (_, label) in zip(axes, keys, strict=True):
+    groups = [list(p) for p in panels] + [[("aggregation_error", "aggregation error")]]
+    styles = ("-", "--", ":", "-.")
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.7 * len(groups), 4), squeeze=False)
+    axes = axes[0]
+    for index, (name, results) in enumerate(runs.items()):
+        color = f"C{index % 10}"
+        for ax, group in zip(axes, groups, strict=True):
+            for style, (key, label) in zip(styles * len(group), group, strict=False):
+                with_initial = key != "aggregation_error" and all(
+                    r.initial and key in r.initial for r in results
+                )
+                seqs = [_series(r) if with_initial else list(r.rounds) for r in results]
+                n = min(len(q) for q in seqs)
+                x = [row["round"] for row in seqs[0][:n]]
+                ys = [[q[i][key] for q in seqs] for i in range(n)]
+                stats = [_mean_std(v) for v in ys]
+                mean = [a for a, _ in stats]
+                sd = [b if not math.isnan(b) else 0.0 for _, b in stats]
+                tag = name if len(group) == 1 else f"{name}: {label}"
+                ax.plot(x, mean, marker="o", linestyle=style, color=color, label=tag)
+                ax.fill_between(x, [a - b for a, b in zip(mean, sd, strict=True)],
+                                [a + b for a, b in zip(mean, sd, strict=True)],
+                                color=color, alpha=0.2)  # fmt: skip
+    for ax, group in zip(axes, groups, strict=True):
+        label = " / ".join(lab for _, lab in group)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(xlabel="round", ylabel=label, title=f"{label} (mean ± std over seeds)")
-    axes[2].set_yscale("symlog", linthresh=1e-6)
-    axes[0].legend(fontsize=8)
+        if len(group) > 1:
+            ax.legend(fontsize=7)
+    axes[-1].set_yscale("symlog", linthresh=1e-6)
+    if len(groups[0]) == 1:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     try:
         _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
