@@ -23,11 +23,14 @@ _ROUGE_HINT = "pip install rouge-score (or 'fedlora-kernels[llm]')"
 
 def normalize_answer(text: str) -> str:
     """``text`` lower-cased, with whitespace collapsed and surrounding quotes and a final
-    ``.``, ``!`` or ``?`` removed: ``'  "42." '`` and ``'42'`` normalise alike."""
+    ``.``, ``!`` or ``?`` removed, in either order: ``'  "42." '``, ``'"42".'`` and ``'42'``
+    normalise alike."""
     t = _WS.sub(" ", text).strip().lower()
-    t = t.strip("\"'`")
-    t = t.rstrip(".!?").strip()
-    return t
+    while True:  # until stable: a period outside the quotes hides them from one pass
+        s = t.strip("\"'`").rstrip(".!?").strip()
+        if s == t:
+            return t
+        t = s
 
 
 def exact_match(prediction: str, reference: str) -> float:
