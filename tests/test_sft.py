@@ -399,16 +399,23 @@ def test_a_response_that_encodes_to_nothing_is_refused(tiny_llm_dir):
         encode_examples(tok, [_example("What is 2 + 3?", "5"), _example("What?", " ")], [0, 0], 32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sft.py's docstring says the truncated/left-out counts are 'recorded in "
-    "metrics.json'; engine._setup only logs them (data_note) and write_reports does not "
-    "write them",
-)
 def test_truncation_counts_are_recorded_in_metrics_json(tiny_llm_dir, tmp_path):
-    quiet_run(sft_cfg(tiny_llm_dir, rounds=1, local_steps=1, max_length=14), tmp_path)
-    text = (tmp_path / "metrics.json").read_text()
-    assert "truncated" in text and "dropped" in text
+    """metrics.json's ``data`` holds, per split, the counts `encode_examples` reports for the
+    same examples and --max-length (and the per-client example counts of the partition)."""
+    import json
+
+    cfg = sft_cfg(tiny_llm_dir, rounds=1, local_steps=1, max_length=14)
+    quiet_run(cfg, tmp_path)
+    data = json.loads((tmp_path / "metrics.json").read_text())["data"]
+    task = SFTTask()
+    dataset = task.load_data(cfg)
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tiny_llm_dir)
+    for split, examples in (("train", dataset.train), ("test", dataset.test)):
+        ex = list(examples.examples)[: cfg.max_test if split == "test" else None]
+        *_, counts = encode_examples(tok, ex, [0] * len(ex), cfg.max_length)
+        assert data[split] == counts, split
+    assert data["train"]["truncated"] > 0 and data["train"]["dropped"] > 0
+    assert sum(data["clients"]) == data["train"]["examples"] - data["train"]["dropped"]
 
 
 def test_a_run_logs_the_truncation_counts(tiny_llm_dir):

@@ -220,6 +220,8 @@ class RunResult:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     global_state: dict[str, torch.Tensor] = field(default_factory=dict)
     initial: dict[str, Any] | None = None
+    #: how the splits were encoded, per split (SFT: examples, truncated, dropped)
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -235,6 +237,7 @@ class _Setup:
     test: Any
     parts: list[list[int]]
     weights: list[float]
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 def _partition(cfg: SimConfig, train: Batch) -> tuple[list[list[int]], list[float]]:
@@ -269,7 +272,11 @@ def _setup(cfg: SimConfig, shared: dict | None, log: Callable[[str], None]) -> _
     if note:
         log(f"data: {note}")
     parts, weights = _partition(cfg, train)
-    return _Setup(task, method, rule, budgets, model, train, test, parts, weights)
+    data = {"name": getattr(dataset, "name", None), "clients": [len(p) for p in parts]}
+    for split, enc in (("train", train), ("test", getattr(test, "batch", test))):
+        stats = getattr(enc, "stats", None)
+        data[split] = dict(stats) if stats else {"examples": len(enc)}
+    return _Setup(task, method, rule, budgets, model, train, test, parts, weights, data)
 
 
 def run(
@@ -308,6 +315,7 @@ def run(
     if shared and "encoder" in shared and "model" not in shared:
         shared = {**shared, "model": shared["encoder"]}
     s = _setup(cfg, shared, log)
+    result.data = s.data
     model, device = s.model, model_device(s.model)
     global_state = get_adapter_state_dict(model, slot=0)
     start_round = 0
@@ -325,7 +333,9 @@ def run(
         probe_writable(out)
         clean_stale_temps(out)
         if ckpt is not None and start_round >= cfg.rounds:  # a kill may have hit the reports
-            write_reports(out, cfg, result.rounds, plot=plot, initial=result.initial)
+            write_reports(
+                out, cfg, result.rounds, plot=plot, initial=result.initial, data=result.data
+            )
     if start_round == 0 and result.initial is None:
         t0 = time.perf_counter()
         result.initial = evaluate_global(model, s.task, global_state, s.test, cfg)
@@ -357,6 +367,7 @@ def run(
                 global_state | _changed_bases(model, cfg),
                 plot=plot,
                 initial=result.initial,
+                data=result.data,
             )
     if bar is not None:
         bar.close()

@@ -298,8 +298,10 @@ def write_reports(
     *,
     plot: bool = True,
     initial: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> None:
-    """metrics.json, metrics.csv (round 0 = ``initial``, the model before training, when
+    """metrics.json (with ``data``: how the splits were encoded, e.g. the SFT truncation
+    counts), metrics.csv (round 0 = ``initial``, the model before training, when
     given), samples.jsonl (the answers of tasks that generate) and, with ``plot``, curves.png;
     each written atomically."""
     from fedlora.simulate.tasks import get_task
@@ -309,7 +311,7 @@ def write_reports(
         out / "metrics.json",
         lambda p: Path(p).write_text(
             json.dumps(
-                {"config": cfg.to_json(), "initial": initial, "rounds": rounds},
+                {"config": cfg.to_json(), "data": data, "initial": initial, "rounds": rounds},
                 indent=1,
                 default=str,
             )
@@ -340,12 +342,13 @@ def write_outputs(
     *,
     plot: bool = True,
     initial: dict[str, Any] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> None:
     """The checkpoint first (the source of truth a resume reads), then the reports derived from
     it; every file is written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     write_checkpoint(out, cfg, rounds, global_state, initial)
-    write_reports(out, cfg, rounds, plot=plot, initial=initial)
+    write_reports(out, cfg, rounds, plot=plot, initial=initial, data=data)
 
 
 CLASSIFY_PANELS = ((("test_accuracy", "test accuracy"),), (("test_loss", "test loss"),))
