@@ -121,3 +121,23 @@ def test_result_files(gpu, tmp_path):
     env = _timing.environment("cpu", rows=[1])
     path = _timing.write_results(env, tmp_path / "sub" / "x.json")
     assert json.loads(path.read_text()) == env
+
+
+def test_sft_speed_scripts_run_end_to_end_on_a_tiny_model(tmp_path):
+    """The SFT steps of bench/gpu_all.sh (simulate_speed.py --task sft, sft_throughput.py) at
+    tiny sizes: both engines agree, every row is timed, and the result files hold the numbers."""
+    sim = tmp_path / "sim.json"
+    proc = _script(
+        "simulate_speed.py", "--task", "sft", "--random-tiny", "--device", "cpu",
+        "--clients", "3", "--rounds", "1", "--local-steps", "1", "--batch-size", "2",
+        "--max-length", "64", "--max-test", "4", "--max-generate", "0", "--out", str(sim),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(sim.read_text())
+    assert rows and "batched" in json.dumps(rows) and "sequential" in json.dumps(rows)
+    tp = tmp_path / "tp.json"
+    proc = _script("sft_throughput.py", "--tiny", "--warmup", "1", "--steps", "2", "--out", str(tp))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = tp.read_text()
+    for row in ("ours", "peft", "frozen_floor"):
+        assert row in text, row
