@@ -197,18 +197,28 @@ def main(argv: list[str] | None = None) -> int:
         rows=[],
     )
     failures = {name: tb.strip().splitlines()[-1] for name, tb in broken.items()}
+    save = not (run.dry_run and args.out is None)
     torch.manual_seed(0)
+    results["complete"] = False
     for name, suite in suites.items():
         print(f"== {name}", flush=True)
         try:
             results["rows"] += suite(run)
+        except KeyboardInterrupt:  # gpu_all.sh's time limit: keep what the earlier suites measured
+            print(f"suite {name} interrupted; writing the suites before it", file=sys.stderr)
+            failures[name] = "interrupted (time limit)"
+            break
         except Exception as exc:  # keep the other suites' numbers, then fail the run
             traceback.print_exc()
             print(f"suite {name} failed: {exc!r}", file=sys.stderr, flush=True)
             failures[name] = repr(exc)
+        if save:  # after every suite: a run cut short by its time limit keeps these numbers
+            write_results({**results, "failures": failures} if failures else results, args.out)
+    else:
+        results["complete"] = True
     if failures:
         results["failures"] = failures
-    if run.dry_run and args.out is None:
+    if not save:
         print(f"dry run: {len(results['rows'])} rows; no results written (give --out)")
     else:
         print(f"wrote {write_results(results, args.out)}")

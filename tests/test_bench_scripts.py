@@ -101,6 +101,24 @@ def test_a_suite_that_raises_fails_the_run_after_the_others(gpu, monkeypatch, tm
     assert results["rows"]
 
 
+def test_a_time_limit_keeps_the_suites_measured_before_it(gpu, monkeypatch, tmp_path, capsys):
+    """gpu_all.sh stops a step with SIGINT at its limit: the suites measured before the
+    interrupted one are in the results file (written after every suite), marked incomplete."""
+
+    def interrupted(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(gpu.SUITES, "interrupted", interrupted)
+    out = tmp_path / "r.json"
+    argv = ["--dry-run", "--only", "masked_mean", "--only", "interrupted", "--out", str(out)]
+    assert gpu.main(argv) == 1
+    results = json.loads(out.read_text())
+    assert results["complete"] is False and "interrupted" in results["failures"]["interrupted"]
+    assert {r["bench"] for r in results["rows"]} == {"masked_weighted_mean"}
+    assert gpu.main(["--dry-run", "--only", "masked_mean", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["complete"] is True
+
+
 def test_without_cuda_every_suite_says_it_is_skipped(gpu, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = tmp_path / "r.json"
