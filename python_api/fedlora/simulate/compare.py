@@ -164,7 +164,7 @@ def ranking(cfg: SimConfig) -> Ranking:
     ``max_generate`` 0 generates nothing, so ROUGE-L and exact match are NaN)."""
     task = get_task(cfg.task)
     labels = metric_labels(task)
-    if task.primary in ("rouge_l", "exact_match") and cfg.max_generate == 0:
+    if not task.primary_available(cfg):
         return Ranking(
             "test_loss",
             labels["test_loss"],

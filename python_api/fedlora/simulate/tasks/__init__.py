@@ -68,6 +68,10 @@ class Task(Protocol):
     def round_line(self, row: dict[str, Any]) -> str:
         """The metric part of a round's progress line."""
 
+    def primary_available(self, cfg: Any) -> bool:
+        """Whether ``cfg``'s runs compute the primary metric (SFT with ``max_generate`` 0
+        generates nothing, so it has no ROUGE-L; ``fedlora compare`` then ranks by the loss)."""
+
 
 def get_task(name: str) -> Task:
     """The task named ``name`` (one of :data:`TASKS`)."""

@@ -208,3 +208,6 @@ class ClassifyTask:
 
     def round_line(self, row: dict[str, Any]) -> str:
         return f"acc {row['test_accuracy']:.3f}  loss {row['test_loss']:.3f}"
+
+    def primary_available(self, cfg: SimConfig) -> bool:
+        return True

@@ -429,6 +429,10 @@ class SFTTask:
             f"EM {row['exact_match']:.3f}"
         )
 
+    def primary_available(self, cfg: SimConfig) -> bool:
+        """ROUGE-L needs generated answers: none with ``--max-generate 0``."""
+        return cfg.max_generate > 0
+
     def data_note(self, train: Any, test: Any) -> str | None:
         """One line on truncated / left-out examples (None when there are none)."""
         parts = []
