@@ -18,6 +18,7 @@ from fedlora.data import (
     build_arithmetic,
     build_stdlib_qa,
     dirichlet_partition,
+    files,
     load_instruction_file,
     load_instructions,
     to_chat_messages,
@@ -395,6 +396,6 @@ def test_file_level_errors(tmp_path):
 
 def test_line_over_the_cap_is_refused_early(tmp_path):
     f = tmp_path / "long.jsonl"
-    f.write_text('{"instruction": "' + "x" * (instr.MAX_LINE_CHARS + 10) + '", "output": "b"}')
+    f.write_text('{"instruction": "' + "x" * (files.MAX_LINE_CHARS + 10) + '", "output": "b"}')
     with pytest.raises(ValueError, match="line 1 is longer than 1048576 characters"):
         load_instruction_file(f)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 SPLITS: tuple[str, ...] = ("train", "test")
 
@@ -36,8 +36,47 @@ def hash_split(text: str, test_fraction: float) -> str:
     return "test" if stable_unit(text, "fedlora-split") < test_fraction else "train"
 
 
+class SplitViews:
+    """The split views every data set of this package shares: its examples carry a ``splits``
+    tag each ("train" or "test"), and ``subset`` (the class's own) builds a data set of chosen
+    examples; ``indices``, ``select``, ``train`` and ``test`` follow from those two."""
+
+    splits: Sequence[str]
+
+    def subset(self, indices: Iterable[int]) -> Self:  # pragma: no cover - every class has one
+        raise NotImplementedError
+
+    def indices(self, split: str | None = None) -> list[int]:
+        """Indices of the examples in `split` ("train" or "test"), or of all examples for None."""
+        if split is None:
+            return list(range(len(self.splits)))
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+        return [i for i, s in enumerate(self.splits) if s == split]
+
+    def select(self, split: str) -> Self:
+        """The examples of one split as a data set of their own (class indices unchanged)."""
+        return self.subset(self.indices(split))
+
+    @property
+    def train(self) -> Self:
+        """The training split."""
+        return self.select("train")
+
+    @property
+    def test(self) -> Self:
+        """The test split."""
+        return self.select("test")
+
+    def split_summary(self, groups: str) -> str:
+        """``"<name>: N examples (a train, b test), <groups>"``: the one-line description."""
+        n_train = len(self.indices("train"))
+        name = getattr(self, "name", "dataset")
+        return f"{name}: {len(self.splits)} examples ({n_train} train, {len(self.splits) - n_train} test), {groups}"
+
+
 @dataclass(frozen=True)
-class TextDataset:
+class TextDataset(SplitViews):
     """A labelled text data set with a train/test tag per example.
 
     Attributes:
@@ -98,14 +137,6 @@ class TextDataset:
         """Number of classes (the classification head's output size)."""
         return len(self.label_names)
 
-    def indices(self, split: str | None = None) -> list[int]:
-        """Indices of the examples in `split` ("train" or "test"), or of all examples for None."""
-        if split is None:
-            return list(range(len(self)))
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
-        return [i for i, s in enumerate(self.splits) if s == split]
-
     def subset(self, indices: Iterable[int]) -> TextDataset:
         """A new data set with the given examples (in the given order) and the same classes."""
         idx = list(indices)
@@ -118,20 +149,6 @@ class TextDataset:
             info=self.info,
         )
 
-    def select(self, split: str) -> TextDataset:
-        """The examples of one split as a data set of their own (class indices unchanged)."""
-        return self.subset(self.indices(split))
-
-    @property
-    def train(self) -> TextDataset:
-        """The training split."""
-        return self.select("train")
-
-    @property
-    def test(self) -> TextDataset:
-        """The test split."""
-        return self.select("test")
-
     def class_counts(self, split: str | None = None) -> list[int]:
         """Number of examples per class, in the order of `label_names`, for one split or all."""
         counts = [0] * self.num_classes
@@ -141,11 +158,7 @@ class TextDataset:
 
     def summary(self) -> str:
         """A one-line human-readable description (size, classes, split sizes)."""
-        n_train = len(self.indices("train"))
-        return (
-            f"{self.name}: {len(self)} examples ({n_train} train, {len(self) - n_train} test), "
-            f"{self.num_classes} classes"
-        )
+        return self.split_summary(f"{self.num_classes} classes")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; `from_dict` inverts it exactly."""

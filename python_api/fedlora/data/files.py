@@ -20,6 +20,7 @@ naming the file and the line.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import json
 from collections.abc import Iterator
@@ -131,13 +132,17 @@ def _open_text(path: Path, newline: str | None) -> Any:
         raise _fail(path, f"cannot read the file ({e.strerror or e})") from None
 
 
-def _read_delimited(path: Path, text_col: str, label_col: str, delimiter: str) -> list[_Row]:
+@contextlib.contextmanager
+def csv_reader(path: Path, delimiter: str) -> Iterator[Any]:
+    """A ``csv.reader`` over ``path`` under the line and field limits (`MAX_LINE_CHARS`);
+    malformed CSV inside the ``with`` block becomes a one-line ValueError naming the line.
+    The process-wide field limit is restored on exit."""
     old_limit = csv.field_size_limit(MAX_LINE_CHARS)
     try:
         with _open_text(path, newline="") as f:
             reader = csv.reader(_lines(path, f), delimiter=delimiter)
             try:
-                return _delimited_rows(path, reader, text_col, label_col)
+                yield reader
             except csv.Error as e:
                 problem = str(e)
                 if "field larger than field limit" in problem:
@@ -145,6 +150,11 @@ def _read_delimited(path: Path, text_col: str, label_col: str, delimiter: str) -
                 raise _fail(path, f"line {reader.line_num}: malformed CSV ({problem})") from None
     finally:
         csv.field_size_limit(old_limit)
+
+
+def _read_delimited(path: Path, text_col: str, label_col: str, delimiter: str) -> list[_Row]:
+    with csv_reader(path, delimiter) as reader:
+        return _delimited_rows(path, reader, text_col, label_col)
 
 
 def _delimited_rows(path: Path, reader: Any, text_col: str, label_col: str) -> list[_Row]:

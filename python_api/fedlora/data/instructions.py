@@ -28,7 +28,6 @@ change with the seed and equal prompts never straddle train and test.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import inspect
 import json
@@ -42,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dataset import SPLITS, hash_split, stable_unit
-from .files import MAX_LINE_CHARS, _fail, _lines, _norm_split, _open_text, json_objects
+from .dataset import SPLITS, SplitViews, hash_split, stable_unit
+from .files import _fail, _norm_split, csv_reader, json_objects
 from .stdlib_topics import (
     DEFAULT_FAMILIES,
     _family_modules,
@@ -110,7 +109,7 @@ def _check_example(i: int, ex: Any) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class InstructionDataset:
+class InstructionDataset(SplitViews):
     """Instruction/response examples with a category and a train/test tag each.
 
     Attributes:
@@ -172,14 +171,6 @@ class InstructionDataset:
         index = {n: i for i, n in enumerate(self.category_names)}
         return tuple(index[ex["category"]] for ex in self.examples)
 
-    def indices(self, split: str | None = None) -> list[int]:
-        """Indices of the examples in `split` ("train" or "test"), or of all for None."""
-        if split is None:
-            return list(range(len(self)))
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
-        return [i for i, s in enumerate(self.splits) if s == split]
-
     def subset(self, indices: Iterable[int]) -> InstructionDataset:
         """The given examples, in the given order, with the same categories."""
         idx = list(indices)
@@ -191,17 +182,6 @@ class InstructionDataset:
             info=self.info,
         )
 
-    def select(self, split: str) -> InstructionDataset:
-        return self.subset(self.indices(split))
-
-    @property
-    def train(self) -> InstructionDataset:
-        return self.select("train")
-
-    @property
-    def test(self) -> InstructionDataset:
-        return self.select("test")
-
     def category_counts(self, split: str | None = None) -> dict[str, int]:
         """Examples per category (every category listed, in label order)."""
         counts = dict.fromkeys(self.category_names, 0)
@@ -210,11 +190,7 @@ class InstructionDataset:
         return counts
 
     def summary(self) -> str:
-        n_train = len(self.indices("train"))
-        return (
-            f"{self.name}: {len(self)} examples ({n_train} train, {len(self) - n_train} test), "
-            f"{self.num_categories} categories"
-        )
+        return self.split_summary(f"{self.num_categories} categories")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; `from_dict` inverts it."""
@@ -772,44 +748,31 @@ def _read_jsonl_records(path: Path) -> Iterator[tuple[dict[str, Any], str | None
 def _read_csv_records(
     path: Path, delimiter: str
 ) -> Iterator[tuple[dict[str, Any], str | None, str]]:
-    old_limit = csv.field_size_limit(MAX_LINE_CHARS)
-    try:
-        with _open_text(path, newline="") as f:
-            reader = csv.reader(_lines(path, f), delimiter=delimiter)
-            try:
-                header = next(reader, None)
-                while header is not None and not any(h.strip() for h in header):
-                    header = next(reader, None)
-                if header is None:
-                    raise _fail(
-                        path,
-                        "the file is empty (expected a header row with instruction and output "
-                        "columns, or a messages column)",
-                    )
-                names = [h.strip() for h in header]
-                if not ({"instruction", "output"} <= set(names) or "messages" in names):
-                    raise _fail(
-                        path,
-                        f"expected the columns instruction and output (input optional) or a "
-                        f"messages column; the header has {names[:20]}",
-                    )
-                for record in reader:
-                    if not record or not any(c.strip() for c in record):
-                        continue
-                    where = f"line {reader.line_num}"
-                    if len(record) != len(names):
-                        raise _fail(path, f"{where}: {len(record)} field(s), expected {len(names)}")
-                    ex, split = _record(
-                        path, dict(zip(names, record, strict=True)), where, csv_row=True
-                    )
-                    yield ex, split, where
-            except csv.Error as e:
-                problem = str(e)
-                if "field larger than field limit" in problem:
-                    problem = f"a field is longer than {MAX_LINE_CHARS} characters"
-                raise _fail(path, f"line {reader.line_num}: malformed CSV ({problem})") from None
-    finally:
-        csv.field_size_limit(old_limit)
+    with csv_reader(path, delimiter) as reader:
+        header = next(reader, None)
+        while header is not None and not any(h.strip() for h in header):
+            header = next(reader, None)
+        if header is None:
+            raise _fail(
+                path,
+                "the file is empty (expected a header row with instruction and output "
+                "columns, or a messages column)",
+            )
+        names = [h.strip() for h in header]
+        if not ({"instruction", "output"} <= set(names) or "messages" in names):
+            raise _fail(
+                path,
+                f"expected the columns instruction and output (input optional) or a "
+                f"messages column; the header has {names[:20]}",
+            )
+        for record in reader:
+            if not record or not any(c.strip() for c in record):
+                continue
+            where = f"line {reader.line_num}"
+            if len(record) != len(names):
+                raise _fail(path, f"{where}: {len(record)} field(s), expected {len(names)}")
+            ex, split = _record(path, dict(zip(names, record, strict=True)), where, csv_row=True)
+            yield ex, split, where
 
 
 def load_instruction_file(path: str | Path, *, test_fraction: float = 0.2) -> InstructionDataset:
