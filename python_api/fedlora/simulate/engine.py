@@ -273,7 +273,7 @@ def _setup(cfg: SimConfig, shared: dict | None, log: Callable[[str], None]) -> _
         log(f"data: {note}")
     parts, weights = _partition(cfg, train)
     data = {"name": getattr(dataset, "name", None), "clients": [len(p) for p in parts]}
-    for split, enc in (("train", train), ("test", getattr(test, "batch", test))):
+    for split, enc in (("train", train), ("test", test)):
         stats = getattr(enc, "stats", None)
         data[split] = dict(stats) if stats else {"examples": len(enc)}
     return _Setup(task, method, rule, budgets, model, train, test, parts, weights, data)
@@ -294,8 +294,8 @@ def run(
     Everything that can be checked is checked before the first round (the config, ``out_dir``
     by creating it and a probe file, the checkpoint when resuming, the data file, the device,
     the model, the partition): any problem is a one-line :class:`ConfigError` and nothing is
-    written. ``shared`` may hold a ``"dataset"`` (and for the classify task an ``"encoder"``,
-    ``(model, tokenizer)``) to reuse. ``plot``: draw curves.png (None: when matplotlib imports;
+    written. ``shared`` may hold a ``"dataset"`` and a ``"model"`` (the task's
+    ``(model, tokenizer)`` before injection, used once) to reuse. ``plot``: draw curves.png (None: when matplotlib imports;
     otherwise skip it with one warning). Stale temp files of a killed run are removed before the
     first write. The global model is evaluated once before round 1 (``RunResult.initial``,
     round 0 of the reports).
@@ -312,8 +312,6 @@ def run(
             log(
                 f"{out} holds no checkpoint yet (stopped before round 1 ended?); starting at round 1"
             )
-    if shared and "encoder" in shared and "model" not in shared:
-        shared = {**shared, "model": shared["encoder"]}
     s = _setup(cfg, shared, log)
     result.data = s.data
     model, device = s.model, model_device(s.model)

@@ -107,6 +107,11 @@ class SFTEval:
     def __len__(self) -> int:
         return len(self.batch)
 
+    @property
+    def stats(self) -> dict[str, int]:
+        """How the test split was encoded (see `LMBatch.stats`)."""
+        return self.batch.stats
+
 
 # ------------------------------------------------------------------------------------- data
 def load_data(cfg: SimConfig) -> Any:
@@ -436,7 +441,7 @@ class SFTTask:
     def data_note(self, train: Any, test: Any) -> str | None:
         """One line on truncated / left-out examples (None when there are none)."""
         parts = []
-        for what, stats in (("train", train.stats), ("test", test.batch.stats)):
+        for what, stats in (("train", train.stats), ("test", test.stats)):
             if stats.get("truncated") or stats.get("dropped"):
                 parts.append(
                     f"{what}: {stats['truncated']} of {stats['examples']} responses truncated, "
