@@ -847,14 +847,16 @@ def _spies(monkeypatch):
         built.append(out[0])
         return out
 
-    class SpyAdamW(engine_mod.SlotAdamW):
+    import fedlora.optim as optim_mod
+
+    class SpyAdamW(optim_mod.SlotAdamW):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             optimizers.append(self)
 
     with monkeypatch.context() as mp:
         mp.setattr(SFTTask, "build_model", spy_build)
-        mp.setattr(engine_mod, "SlotAdamW", SpyAdamW)
+        mp.setattr(optim_mod, "SlotAdamW", SpyAdamW)  # fedlora.local makes its optimizers
         yield built, optimizers
 
 

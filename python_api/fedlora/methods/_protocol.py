@@ -113,6 +113,14 @@ class Client:
 
         return get_adapter_state_dict(model, slot=slot), {}
 
+    def handback(self) -> dict[str, Any] | None:
+        """What the server sends with every download besides the state, so that a client side
+        built fresh for the round (a Flower ClientApp) knows what :meth:`after_aggregate` told
+        the server's (HAFL truncation: the averaged scores that say where the downloaded
+        components belong). JSON-able; the client passes it to its own ``after_aggregate``.
+        Default: None."""
+        return None
+
     def after_aggregate(self, metrics: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """After the server aggregated a round: ``metrics`` as :func:`fedlora.aggregate`
         returned them (or, when a run resumes, the last round's recorded row). The client side

@@ -623,6 +623,15 @@ class HAFLClient(Client):
         }
         return truncation_upload(state, indices, {p: s[:r].tolist() for p, s in scores.items()})
 
+    def handback(self) -> dict[str, Any] | None:
+        """Truncation mode: the server's averaged scores (a fresh client side needs them to
+        place its downloaded components); freeze mode: nothing."""
+        if self.mode != "truncate" or not self.server_scores:
+            return None
+        return {
+            "scores": {p: [float(x) for x in v.tolist()] for p, v in self.server_scores.items()}
+        }
+
     def after_aggregate(self, metrics: Mapping[str, Any]) -> dict[str, Any] | None:
         """Keep the server's averaged scores (``metrics["scores"]``, tensors or lists) for the
         next downloads, and return them as the next round's ``prev_scores``."""

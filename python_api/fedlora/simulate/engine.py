@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedlora import local, rounds
 from fedlora.methods import Client
 from fedlora.methods import get as get_method
 from fedlora.simulate.config import Budget, ConfigError, SimConfig, parse_budgets
-from fedlora.simulate.optim import SlotAdamW
 from fedlora.simulate.outputs import (  # noqa: F401  (re-exported: compare, tests, examples)
     CKPT,
     CKPT_DIGEST_KEY,
@@ -47,7 +47,6 @@ from fedlora.simulate.outputs import (  # noqa: F401  (re-exported: compare, tes
     write_outputs,
     write_reports,
 )
-from fedlora.simulate.seeding import key as _key
 from fedlora.simulate.tasks import Batch, Task, get_task, model_device
 from fedlora.simulate.tasks.classify import (  # noqa: F401  (re-exported: the classify pieces)
     EVAL_BATCH,
@@ -62,7 +61,6 @@ from fedlora.state_dict import (
     apply_base_merges,
     get_adapter_state_dict,
     set_adapter_state_dict,
-    slotted_modules,
 )
 
 
@@ -70,54 +68,44 @@ from fedlora.state_dict import (
 def client_batches(
     indices: list[int], batch_size: int, steps: int, seed: int, round_idx: int, client: int
 ) -> list[list[int]]:
-    """``steps`` batches for one client in one round: a fresh seeded shuffle, cycled as needed."""
-    gen = torch.Generator().manual_seed(_key(seed, round_idx, client))
-    order: list[int] = []
-    need = steps * batch_size
-    while len(order) < need:
-        order += [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
-    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+    """``steps`` batches for one client in one round (:func:`fedlora.local.sample_batches`)."""
+    return local.sample_batches(indices, batch_size, steps, seed, round_idx, client)
 
 
 def sample_clients(cfg: SimConfig, round_idx: int) -> list[int]:
     """The clients of round ``round_idx`` (0-based), in increasing order: all of them, or
-    ``clients_per_round`` drawn without replacement by a generator seeded with (seed, round),
-    so a resumed run and both engines draw the same ones."""
-    k = cfg.clients_per_round
-    if k is None or k >= cfg.clients:
-        return list(range(cfg.clients))
-    gen = torch.Generator().manual_seed(_key(cfg.seed, round_idx, 17))
-    return sorted(torch.randperm(cfg.clients, generator=gen)[:k].tolist())
+    ``clients_per_round`` drawn by :func:`fedlora.rounds.sample_clients` (seeded by seed and
+    round, so a resumed run and both engines draw the same ones)."""
+    return rounds.sample_clients(cfg.seed, round_idx, range(cfg.clients), cfg.clients_per_round)
 
 
-def set_segments(
-    model: nn.Module,
-    offsets: torch.Tensor | None,
-    slots: torch.Tensor | None,
-    rank_mask: torch.Tensor | None = None,
-) -> None:
-    """Route example segments to slots in every slotted module of ``model``."""
-    from fedlora.layers.lora import LoRALinear
-
-    for _, module in slotted_modules(model):
-        if offsets is None:
-            module.set_segments(None)
-        elif isinstance(module, LoRALinear):
-            module.set_segments(offsets, slots, rank_mask)
-        else:
-            module.set_segments(offsets, slots)
+#: kept for older callers: :func:`fedlora.local.route_segments`
+set_segments = local.route_segments
 
 
 # ------------------------------------------------------------------------------------- training
 @dataclass
 class ClientJob:
-    """One client's work in a round."""
+    """One client's work in a round: example indices per batch into the round's data."""
 
     client: int
     budget: Budget
     batches: list[list[int]]
     state: dict[str, torch.Tensor]
     seed: int
+
+
+class _Taken:
+    """A job's batches drawn from the encoded training split on demand."""
+
+    def __init__(self, data: Batch, batches: list[list[int]]) -> None:
+        self.data, self.batches = data, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.data.take(self.batches[i])
 
 
 def train_group(
@@ -129,75 +117,19 @@ def train_group(
     round_idx: int,
     task: Task | None = None,
 ) -> tuple[list[tuple[dict, dict]], list[float]]:
-    """Train ``jobs`` together, client ``i`` in slot ``i``; return uploads and last losses.
-
-    Each step concatenates the active clients' batches (a client training under several rank
-    truncations at once contributes one copy per truncation, weighted equally), routes each
-    segment to its slot and takes one masked AdamW step on the slots that train."""
+    """Train ``jobs`` together, client ``i`` in slot ``i`` (:func:`fedlora.local.train_slots`
+    with the task's loss); return ``(state, meta)`` uploads and each client's last loss."""
     task = task or get_task(cfg.task)
-    device = model_device(model)
-    rule.start_round(model, round_idx)
-    for slot, job in enumerate(jobs):
-        rule.prepare(model, slot, job.state, job.budget, job.seed)
-    opt = SlotAdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    num_slots = opt.num_slots
-    pre = [rule.pre_steps(j.budget) for j in jobs]
-    for slot, job in enumerate(jobs):
-        if pre[slot] == 0:  # nothing to score first: choose what trains now
-            rule.scoring_done(model, slot, job.budget, job.seed)
-    total = [p + j.budget.steps for p, j in zip(pre, jobs, strict=True)]
-    last_loss = [float("nan")] * len(jobs)
-    for step in range(max(total)):
-        active = [i for i, j in enumerate(jobs) if step < total[i]]
-        parts, offsets, slots, weights, rank_masks = [], [0], [], [], []
-        for i in active:
-            part = data.take(jobs[i].batches[step])
-            truncs = rule.truncations(jobs[i].budget)
-            copies = truncs if truncs is not None else [None]
-            for t in copies:
-                parts.append(part)
-                offsets.append(offsets[-1] + len(part))
-                slots.append(i)
-                weights.append(1.0 / len(copies))
-                if t is not None:
-                    m = torch.zeros(cfg.rank, dtype=torch.bool)
-                    m[:t] = True
-                else:
-                    m = _slot_rank_mask(model, i, cfg.rank)
-                rank_masks.append(m)
-        set_segments(
-            model, torch.tensor(offsets), torch.tensor(slots), torch.stack(rank_masks).to(device)
-        )
-        seg_losses = task.segment_losses(model, task.cat(parts).to(device), offsets)
-        loss = seg_losses[0].new_zeros(())
-        per_client: dict[int, float] = {}
-        for s, seg in enumerate(seg_losses):
-            loss = loss + weights[s] * seg
-            per_client[slots[s]] = per_client.get(slots[s], 0.0) + weights[s] * float(seg.detach())
-        opt.zero_grad()
-        loss.backward()
-        rule.after_backward(model, active)
-        train_now = torch.zeros(num_slots, dtype=torch.bool)
-        for i in active:
-            if step >= pre[i]:
-                train_now[i] = True
-                last_loss[i] = per_client[i]
-        opt.step(train_now)
-        for i in active:
-            if step + 1 == pre[i]:
-                rule.scoring_done(model, i, jobs[i].budget, jobs[i].seed)
-    set_segments(model, None, None)
-    uploads = [rule.upload(model, slot, job.budget) for slot, job in enumerate(jobs)]
-    return uploads, last_loss
-
-
-def _slot_rank_mask(model: nn.Module, slot: int, rank: int) -> torch.Tensor:
-    from fedlora.layers.lora import LoRALinear
-
-    for m in model.modules():
-        if isinstance(m, LoRALinear):
-            return m.rank_mask[slot].detach().cpu().clone()
-    return torch.ones(rank, dtype=torch.bool)
+    results = local.train_slots(
+        model,
+        rule,
+        [local.Job(j.client, j.budget, j.state, _Taken(data, j.batches), j.seed) for j in jobs],
+        task,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        round_idx=round_idx,
+    )
+    return [(r.state, r.meta) for r in results], [r.metrics["train_loss"] for r in results]
 
 
 @torch.no_grad()
@@ -206,7 +138,7 @@ def evaluate_global(
 ) -> dict[str, Any]:
     """The task's metrics of the global adapter (loaded into slot 0) on ``test``."""
     set_adapter_state_dict(model, global_state, slot=0)
-    set_segments(model, None, None)
+    local.route_segments(model, None)
     return task.evaluate(model, test, cfg)
 
 
@@ -340,14 +272,22 @@ def run(
         result.initial["seconds"] = time.perf_counter() - t0
         log(f"round   0/{cfg.rounds}  {s.task.round_line(result.initial)}  (before training)")
 
-    # what the client side keeps from the server's last round (HAFL truncation's scores) and
-    # the aggregate options it asks for; a resumed run replays the hook on the last recorded row
-    server_options = dict(s.rule.after_aggregate(result.rounds[-1]) or {}) if result.rounds else {}
+    # the server's bookkeeping (fedlora.rounds): budgets, downloads, per-round options and what
+    # the client side keeps from the last round (HAFL truncation's scores; a resumed run replays
+    # it on the last recorded row)
+    server = rounds.Server(
+        s.method,
+        global_state,
+        options=cfg.client_options(),
+        budgets=dict(enumerate(s.budgets)),
+        seed=cfg.seed,
+        error=True,
+        side=s.rule,
+    )
+    server.restore(global_state, result.rounds[-1] if result.rounds else None)
     bar = _progress(cfg.rounds, start_round, progress)
     for r in range(start_round, cfg.rounds):
-        global_state, row, server_options = _federated_round(
-            r, cfg, s, global_state, server_options
-        )
+        global_state, row = _federated_round(r, cfg, s, server)
         result.rounds.append(row)
         bar_write = bar.write if bar is not None else log
         bar_write(
@@ -374,57 +314,43 @@ def run(
 
 
 def _federated_round(
-    r: int,
-    cfg: SimConfig,
-    s: _Setup,
-    global_state: dict[str, torch.Tensor],
-    server_options: dict[str, Any] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Round ``r``: the round's clients (all, or ``clients_per_round`` sampled) download, train
-    (one group or one per client, by engine) and upload; the server aggregates (with
-    ``server_options``, what the client side's ``after_aggregate`` asked for last round); the new
-    global is evaluated. Returns it, the round's row and the next round's ``server_options``."""
-    from fedlora import aggregate
+    r: int, cfg: SimConfig, s: _Setup, server: rounds.Server
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Round ``r``: the round's clients (all, or ``clients_per_round`` sampled) download from
+    ``server``, train (one group or one per client, by engine) and upload; the server
+    aggregates; the new global is evaluated. Returns it and the round's row."""
     from fedlora.methods.prefix import nbytes
 
     t0 = time.perf_counter()
-    rule, budgets, model = s.rule, s.budgets, s.model
+    rule, model = s.rule, s.model
     sampled = sample_clients(cfg, r)
-    jobs = [
-        ClientJob(
-            k,
-            budgets[k],
-            client_batches(
-                s.parts[k],
-                cfg.batch_size,
-                rule.pre_steps(budgets[k]) + budgets[k].steps,
-                cfg.seed,
-                r,
-                k,
-            ),
-            rule.download(global_state, budgets[k]),
-            _key(cfg.seed, r, k, 11),
-        )
-        for k in sampled
-    ]
+    downloads = server.configure(r, sampled)
+    jobs = []
+    for k, d in downloads.items():
+        steps = rule.pre_steps(d.budget) + d.budget.steps
+        batches = client_batches(s.parts[k], cfg.batch_size, steps, cfg.seed, r, k)
+        jobs.append(ClientJob(k, d.budget, batches, d.state, d.seed))
     groups = [jobs] if cfg.engine == "batched" else [[j] for j in jobs]
     uploads, losses = [], []
     for group in groups:
         ups, ls = train_group(model, rule, group, s.train, cfg, r, s.task)
         uploads += ups
         losses += ls
-    states = [u[0] for u in uploads]
-    metas = [u[1] for u in uploads]
-    options = s.method.round_options(_key(cfg.seed, r, 13)) if s.method.round_options else {}
-    options = {**(server_options or {}), **options}
-    weights = [s.weights[k] for k in sampled]
-    new_state, agg = aggregate(
-        cfg.method, global_state, states, weights, metas, error=True, **options
-    )
-    # FLoRA / FedEx-LoRA: fold the server's merge instructions into the shared frozen base
-    global_state = apply_base_merges(model, new_state)
+    replies = [
+        rounds.Reply(j.client, state, s.weights[j.client], meta)
+        for j, (state, meta) in zip(jobs, uploads, strict=True)
+    ]
+    outcome = server.aggregate(r, replies)
+    if outcome.state is None and not outcome.metrics:  # the rule itself failed: a bug, not input
+        raise RuntimeError(outcome.error)
+    agg = outcome.metrics
+    if outcome.state is not None:
+        # FLoRA / FedEx-LoRA: fold the server's merge instructions into the shared frozen base
+        server.global_state = apply_base_merges(model, outcome.state)
+    global_state = server.global_state
     metrics = evaluate_global(model, s.task, global_state, s.test, cfg)
-    used = agg.get("clients_used", len(states))
+    used = agg.get("clients_used", len(replies))
+    states = [u[0] for u in uploads]
     row = {
         "round": r + 1,
         **metrics,
@@ -440,7 +366,7 @@ def _federated_round(
         row["sampled"] = sampled
     if isinstance(agg.get("scores"), dict):  # HAFL's averaged component scores (resume needs them)
         row["scores"] = {p: [float(x) for x in v.tolist()] for p, v in agg["scores"].items()}
-    return global_state, row, dict(rule.after_aggregate(agg) or {})
+    return global_state, row
 
 
 BASE_SUFFIX = ".base_layer.weight"

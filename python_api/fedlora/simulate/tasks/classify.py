@@ -144,7 +144,7 @@ def _check_max_length(cfg: SimConfig, encoder: nn.Module) -> None:
 @torch.no_grad()
 def accuracy_and_loss(model: nn.Module, data: Tokenized) -> tuple[float, float]:
     """Accuracy and mean cross-entropy of the slot-0 model on ``data``."""
-    from fedlora.simulate.engine import set_segments
+    from fedlora.local import route_segments as set_segments
 
     set_segments(model, None, None)
     device = model_device(model)

@@ -412,7 +412,7 @@ class SFTTask:
         return [means[t] for t in range(n)]
 
     def evaluate(self, model: nn.Module, test: SFTEval, cfg: SimConfig) -> dict[str, Any]:
-        from fedlora.simulate.engine import set_segments
+        from fedlora.local import route_segments as set_segments
         from fedlora.simulate.tasks.scoring import score_answers
 
         set_segments(model, None, None)
