@@ -263,7 +263,7 @@ def train_slots(
         rank_mask = torch.stack(masks).to(device)
         if segment:
             route_segments(model, torch.tensor(offsets), torch.tensor(slots), rank_mask)
-            seg_losses = loss.segment_losses(model, loss.cat(parts).to(device), offsets)
+            seg_losses = loss.segment_losses(model, _to(loss.cat(parts), device), offsets)
             seg_losses = [_check_loss(s, step == 0) for s in seg_losses]
         else:
             seg_losses = []

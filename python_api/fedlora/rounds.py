@@ -82,6 +82,8 @@ def full_budget(
     entry above the run's is capped to it."""
     if isinstance(budget, Budget):
         return budget
+    if budget is not None and not isinstance(budget, Mapping):
+        raise TypeError(f"a budget must be a Budget or a dict, got {budget!r}")
     budget = dict(budget or {})
 
     def get(name: str, default: int, cap: int | None = None) -> int:
@@ -259,7 +261,11 @@ class Server:
         self.global_state = dict(global_state)
         self.aggregate_options = dict(aggregate_options or {})
         self.aggregate_fn = aggregate_fn
-        known = list(budgets.values()) if isinstance(budgets, Mapping) else []
+        known = []
+        for c, b in budgets.items() if isinstance(budgets, Mapping) else ():
+            if b is not None and not isinstance(b, (Budget, Mapping)):
+                raise TypeError(f"budget of client {c!r} must be a Budget or a dict, got {b!r}")
+            known.append(b)
         self.side = side or self.method.client(
             options, [full_budget(options, b, self.steps) for b in known]
         )
