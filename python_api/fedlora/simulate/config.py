@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedlora.methods import Budget, ClientOptions, names
+from fedlora.simulate.errors import ConfigError
 
 ENGINES = ("sequential", "batched")
 TASKS = ("classify", "sft")
@@ -40,10 +41,6 @@ HAFL_MODES = ("freeze", "truncate")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
 MAX_SEED = 2**32 - 1  # numpy's and the per-round key's range
 MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run (the CLI prints it on one line and exits with code 2)."""
 
 
 def __getattr__(name: str) -> Any:

@@ -3,7 +3,7 @@
 The adapters, the classifier head and the optimizer state are always float32; ``--dtype`` is the
 frozen base model's dtype (bf16 on a GPU by default: half the memory traffic of the base, the
 tensor-core path of the Triton kernels). Every check here runs before any training and fails
-with a one-line :class:`~fedlora.simulate.config.ConfigError`.
+with a one-line :class:`~fedlora.simulate.errors.ConfigError`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import platform
 
 import torch
 
-from fedlora.simulate.config import ConfigError
+from fedlora.simulate.errors import ConfigError
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16")
