@@ -563,3 +563,17 @@ def test_a_dp_round_on_a_tiny_injected_model(method, options):
         assert privacy.clip_delta(delta.values, 0.05)[1] <= 0.05 * (1 + 1e-5)
     assert set(new) == set(g) and all(new[k].shape == g[k].shape for k in g)
     fedlora.set_adapter_state_dict(model, new)  # the result loads back into the model
+
+
+def test_readme_privacy_table_matches_the_semantics():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in readme.splitlines()
+        if line.startswith("| ") and line.count("|") == 6
+    }
+    for name in names():
+        assert name in rows, f"README's privacy table has no row for {name}"
+        assert rows[name].startswith(privacy.DP_SEMANTICS[name].status), name
