@@ -577,3 +577,43 @@ def test_readme_privacy_table_matches_the_semantics():
     for name in names():
         assert name in rows, f"README's privacy table has no row for {name}"
         assert rows[name].startswith(privacy.DP_SEMANTICS[name].status), name
+
+
+def test_a_method_without_dp_semantics_is_refused():
+    from fedlora.methods import Method, register, unregister
+    from fedlora.methods.fedit import aggregate
+
+    register(Method(name="mine_no_dp", layer="lora", ranks="equal", aggregate=aggregate))
+    try:
+        with pytest.raises(ValueError, match="'mine_no_dp' declares no DP semantics"):
+            privacy.check_dp_compatible("mine_no_dp")
+    finally:
+        unregister("mine_no_dp")
+
+
+def test_expected_denominators_leave_uncovered_indices_and_weigh_the_population():
+    gen = torch.Generator().manual_seed(13)
+    g, downs, ups, metas, budgets = _prelort_round(gen)
+    budgets, downs, ups, metas = budgets[:3], downs[:3], ups[:3], metas[:3]  # ranks 2, 4, 4
+    pop = privacy.Population([budget(2), budget(4)], 0.5, num_examples=[10, 400])
+    dp = dp_config(denominator="expected", weights="capped", weight_cap=100)
+    new, m = privacy.private_aggregate(
+        "prelort",
+        g,
+        downs,
+        ups,
+        metas,
+        budgets,
+        dp,
+        gen,
+        population=pop,
+        num_examples=[10, 400, 50],
+    )
+    # w = 0.1 and 1 in the population: q·Σ w·[r > j] = 0.55 for j < 2, 0.5 for j < 4, then 0
+    assert m["dp_denominators"]["l0.lora_A.weight"] == pytest.approx(
+        [0.55] * 2 + [0.5] * 2 + [0] * 2
+    )
+    assert m["dp_sample_rate"] == 0.5
+    assert torch.equal(new["l0.lora_A.weight"][4:], g["l0.lora_A.weight"][4:])
+    assert torch.equal(new["l0.lora_B.weight"][:, 4:], g["l0.lora_B.weight"][:, 4:])
+    assert not torch.equal(new["l0.lora_A.weight"][:4], g["l0.lora_A.weight"][:4])

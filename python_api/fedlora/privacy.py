@@ -526,14 +526,20 @@ class ClientDelta:
     dims: dict[str, int]
 
 
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    """The server's working copy: float64 on the CPU (adapter-sized tensors; one device for the
+    sums, the noise and the public denominators, whatever device the states live on)."""
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
 def _ravan_paths(state: State) -> list[str]:
     return [k[: -len(H_SUFFIX)] for k in state if k.endswith(H_SUFFIX)]
 
 
 def _folded(state: State, path: str) -> torch.Tensor:
-    H = state[path + H_SUFFIX].to(torch.float64)
+    H = _f64(state[path + H_SUFFIX])
     s = state.get(path + S_SUFFIX)
-    return H if s is None else H * s.to(torch.float64)[:, None, None]
+    return H if s is None else H * _f64(s)[:, None, None]
 
 
 def _other_keys(method: str, global_state: State) -> list[str]:
@@ -585,8 +591,8 @@ def _client_delta(
     cover: dict[str, torch.Tensor | None] = {}
     dims: dict[str, int] = {}
     for key in _other_keys(method, g):
-        up = _tensor(upload, key, "upload").to(torch.float64)
-        down = _tensor(download, key, "download").to(torch.float64)
+        up = _f64(_tensor(upload, key, "upload"))
+        down = _f64(_tensor(download, key, "download"))
         if up.shape != g[key].shape or down.shape != g[key].shape:
             raise _Rejected(f"{key}: shape {list(up.shape)} != global {list(g[key].shape)}")
         values[key] = up - down
@@ -633,8 +639,8 @@ def _client_delta(
         pairs = [(b_key(path), 1)] if method == "ffa" else [(a_key(path), 0), (b_key(path), 1)]
         held = None
         for key, dim in pairs:
-            up = _tensor(upload, key, "upload").to(torch.float64)
-            down = _tensor(download, key, "download").to(torch.float64)
+            up = _f64(_tensor(upload, key, "upload"))
+            down = _f64(_tensor(download, key, "download"))
             if up.shape != down.shape or up.dim() != 2:
                 raise _Rejected(
                     f"{key}: upload shape {list(up.shape)} != download {list(down.shape)}"
@@ -732,22 +738,22 @@ def clip_update(
             rows = up_f if up_f.shape[0] == len(heads) else up_f[heads]
             new_rows = down_f[heads] + (rows - down_f[heads]) * factor
             if up_f.shape[0] == len(heads):
-                out[key] = new_rows.to(upload[key].dtype)
+                out[key] = new_rows.to(upload[key])
             else:
                 full = up_f.clone()
                 full[heads] = new_rows
-                out[key] = full.to(upload[key].dtype)
+                out[key] = full.to(upload[key])
             if path + S_SUFFIX in upload:
                 out[path + S_SUFFIX] = torch.ones_like(upload[path + S_SUFFIX])
         for key in _other_keys(method, g):
-            out[key] = (download[key].double() + clipped[key]).to(upload[key].dtype)
+            out[key] = (_f64(download[key]) + clipped[key]).to(upload[key])
         return out, meta, norm
     for key in upload:
         if key in clipped:
             d = delta.dims[key]
             r = upload[key].shape[d] if key.endswith((A_SUFFIX, B_SUFFIX)) else None
             part = clipped[key] if r is None else clipped[key].narrow(d, 0, r)
-            out[key] = (download[key].double() + part).to(upload[key].dtype)
+            out[key] = (_f64(download[key]) + part).to(upload[key])
     return out, meta, norm
 
 
@@ -871,7 +877,7 @@ def _reference(
     """The values the deltas are relative to, in the global's layout (float64): the global,
     with the prefixes the (accepted) clients downloaded written in (FlexLoRA hands out SVD
     factors, not the global's own); downloads must agree where they overlap."""
-    ref = {k: v.detach().to(torch.float64).clone() for k, v in g.items()}
+    ref = {k: _f64(v).clone() for k, v in g.items()}
     if method == "ravan":
         for path in _ravan_paths(g):
             ref[path + H_SUFFIX] = _folded(g, path)
@@ -882,7 +888,7 @@ def _reference(
     for k in sorted(used, key=lambda k: -downloads[k][a_key(lora_paths(g)[0])].shape[0]):
         for path in lora_paths(g):
             for key, dim in ((a_key(path), 0), (b_key(path), 1)):
-                d = downloads[k][key].to(torch.float64)
+                d = _f64(downloads[k][key])
                 r = d.shape[dim]
                 done = seen.get(key, 0)
                 if done and not torch.equal(
@@ -1076,6 +1082,10 @@ def private_aggregate(
             key: (d.reshape(-1).tolist() if d.dim() else [float(d)]) for key, d in den.items()
         },
     }
+    if population is not None or accountant is not None:
+        metrics["dp_sample_rate"] = (
+            population.sample_rate if population is not None else accountant.sample_rate  # type: ignore[union-attr]
+        )
     if accountant is not None:
         accountant.step()
         metrics["epsilon"] = accountant.epsilon
