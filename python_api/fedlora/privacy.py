@@ -64,6 +64,7 @@ from fedlora.methods._common import ClientRejected
 
 __all__ = [
     "DP_SEMANTICS",
+    "ClientDelta",
     "DPConfig",
     "MethodDP",
     "Population",
@@ -711,8 +712,8 @@ def clip_update(
     FFA-LoRA without ``A``) and dtype: ``download + δ·min(1, C/‖δ‖)`` where ``δ`` is the update of
     what ``method`` aggregates, jointly clipped over every key. ``meta`` is the upload's meta
     with what DP must not send removed (HAFL's data-dependent ``scores``). ``global_state``
-    (default: ``download``, right for every method whose download is the whole global) gives
-    the full layout. A non-finite update is returned unchanged with a NaN/inf norm: the server
+    only sets the layout the norm is taken in (default ``download``; the norm is the same in
+    any layout, since what a client does not hold is zero). A non-finite update is returned unchanged with a NaN/inf norm: the server
     rejects it.
     """
     entry = DP_SEMANTICS.get(get_method(method).name)
