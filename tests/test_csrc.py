@@ -15,6 +15,7 @@ import ctypes
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -624,6 +625,122 @@ def test_forward_bad_arguments_write_nothing():
         assert word in last_error(), (kwargs, last_error())
         assert torch.isnan(y).all(), kwargs
     assert call() == OK and torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# sizes that overflow, flags that are not 0/1 (issue 20)
+# ------------------------------------------------------------------------------------------------
+
+BIG = 2**40
+
+
+def _forward_call(**over):
+    x, A, B, y = torch.randn(4, 8), torch.randn(2, 3, 8), torch.randn(2, 5, 3), poisoned((4, 5))
+    a = dict(n=4, d_in=8, slots=2, rank=3, d_out=5)
+    a.update(over)
+    status = LIB.fedlora_masked_lora_forward(
+        ptr(x), a["n"], a["d_in"], ptr(A), ptr(B), a["slots"], a["rank"], a["d_out"], 1.0, None,
+        ptr(torch.tensor([0, 2, 4])), ptr(torch.tensor([0, 1])), 2, ptr(y), 0,
+    )  # fmt: skip
+    return status, y
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(n=BIG, d_in=2**22),  # x: 2^62 floats, 2^64 bytes
+        dict(n=BIG, d_out=2**22),  # y
+        dict(rank=BIG, d_in=2**21),  # A: 2 * 2^61 floats
+        dict(slots=2**61, rank=2),  # A's element count itself
+    ],
+)
+def test_forward_sizes_that_overflow_are_too_big(over):
+    """Sizes whose byte counts overflow int64 are refused as "too big" before anything else is
+    computed from them (before: a misleading "y overlaps" / seg_offsets / out-of-memory)."""
+    status, y = _forward_call(**over)
+    assert status == SIZE, (status, last_error())
+    assert "too big" in last_error()
+    assert torch.isnan(y).all()
+    H, s = torch.randn(2, 2, 3, 3), torch.ones(2, 2)
+    x, A, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 5, 3)
+    y = poisoned((4, 5))
+    status = LIB.fedlora_multihead_forward(
+        ptr(x), BIG, 2**22, ptr(A), ptr(B), ptr(H), ptr(s), 2, 2, 3, 5, 1.0, None, None, 1,
+        ptr(y), 0,
+    )  # fmt: skip
+    assert status == SIZE and "too big" in last_error(), (status, last_error())
+    assert torch.isnan(y).all()
+
+
+def test_mean_and_adamw_sizes_that_overflow_are_too_big():
+    x = [torch.randn(4, 6), torch.randn(2, 6)]
+    ptrs = (ctypes.c_void_p * 2)(*[t.data_ptr() for t in x])
+    ranks = (ctypes.c_int64 * 2)(4, 2)
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    out = poisoned((4, 6))
+    for outer, inner in ((2**61, 1), (2**59, 2), (1, 2**61)):
+        status = LIB.fedlora_masked_weighted_mean(
+            2, ptrs, ranks, F32, outer, 4, inner, ptr(w), None, None, ptr(out), F32, 0
+        )
+        assert status == SIZE and "too big" in last_error(), (outer, inner, last_error())
+    assert torch.isnan(out).all()
+    p = torch.randn(2, 4, 6)
+    conf = _clib._AdamWConfig(1e-3, 0.9, 0.999, 1e-8, 0.0, 0.85, 0.85, 0)
+    steps = (ctypes.c_double * 2)(1.0, 2.0)
+    mask = torch.ones(2, 4, dtype=torch.uint8)
+    before = p.clone()
+    for rows, cols in ((2**30, 2**31), (2**31, 2**31)):
+        status = LIB.fedlora_masked_adamw(
+            ptr(p), ptr(p.clone()), F32, ptr(p.clone()), ptr(p.clone()), None, None, ptr(mask),
+            2, rows, cols, 0, steps, ctypes.byref(conf), 0,
+        )  # fmt: skip
+        assert status == SIZE and "too big" in last_error(), (rows, cols, last_error())
+    assert same_bits(p, before)
+
+
+def test_array_spans_that_wrap_memory_are_too_big():
+    """An array whose claimed end lies past the top of the address space is refused as "too big"
+    instead of confusing the overlap checks (run in a child: before the check it read memory)."""
+    code = f"""
+import ctypes, sys
+sys.path[:0] = {[str(ROOT)]!r}
+from fedlora_kernels import _clib
+lib = _clib.library()
+y = (ctypes.c_float * 20)()
+A = (ctypes.c_float * 48)()
+B = (ctypes.c_float * 30)()
+top = 2**64 - 64
+st = lib.fedlora_masked_lora_forward(top, 4, 8, A, B, 2, 3, 5, 1.0, None, None, None, 1, y, 0)
+print(st, lib.fedlora_last_error().decode())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, _, message = proc.stdout.strip().partition(" ")
+    assert int(status) == SIZE and "too big" in message, proc.stdout
+
+
+def test_flag_arrays_other_than_0_or_1_are_refused():
+    """``has`` (masked_combine) and ``mask`` (masked_adamw) are 0/1 flags: any other byte is
+    refused with FEDLORA_ERR_INVALID_VALUE, naming the entry, and nothing is written."""
+    x = [torch.randn(3, 5)]
+    coef = torch.tensor([[0.5, 1.0, 1.0]])
+    for bad in (2, 255):
+        out = poisoned((3, 5))
+        has = torch.tensor([1, bad, 1], dtype=torch.uint8)
+        with pytest.raises(_clib.CLibError, match=r"has\[1\] must be 0 or 1"):
+            _clib.masked_combine(x, [3], coef, has, out, outer=1, rank=3, inner=5)
+        assert torch.isnan(out).all()
+        p = torch.randn(1, 3, 4)
+        q = p.clone()
+        mask = torch.tensor([[1, 0, bad]], dtype=torch.uint8)
+        conf = _clib._AdamWConfig(1e-3, 0.9, 0.999, 1e-8, 0.0, 0.85, 0.85, 0)
+        status = LIB.fedlora_masked_adamw(
+            ptr(q), ptr(torch.randn(1, 3, 4)), F32, ptr(torch.zeros(1, 3, 4)),
+            ptr(torch.zeros(1, 3, 4)), None, None, ptr(mask), 1, 3, 4, 0,
+            (ctypes.c_double * 1)(1.0), ctypes.byref(conf), 0,
+        )  # fmt: skip
+        assert status == VALUE and "mask[0, 2]" in last_error()
+        assert same_bits(q, p)
 
 
 # ------------------------------------------------------------------------------------------------
