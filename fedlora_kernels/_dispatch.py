@@ -194,10 +194,21 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int | None]) -> N
         raise ValueError(f"{name} must have shape {want}, got {list(t.shape)}")
 
 
+#: device types the ops run on: CPU and CUDA compute; 'meta' propagates shapes only (values are
+#: never read there, see :func:`values_unavailable`)
+OP_DEVICES = ("cpu", "cuda", "meta")
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> torch.device:
-    """Check that all given tensors live on one device; return it."""
+    """Check that all given tensors live on one device of :data:`OP_DEVICES`; return it."""
     devices = {n: t.device for n, t in tensors.items() if t is not None}
     first = next(iter(devices.values()))
+    if first.type not in OP_DEVICES:
+        name = next(iter(devices))
+        raise ValueError(
+            f"{name} is on the {first.type!r} device: the ops run on the CPU or CUDA (and "
+            "propagate shapes on 'meta')"
+        )
     for n, d in devices.items():
         if d != first:
             listing = ", ".join(f"{k}={v}" for k, v in devices.items())

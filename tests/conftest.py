@@ -1,5 +1,11 @@
 """Shared test set-up.
 
+Thread policy: the tests run with ONE torch thread (and OMP/MKL/libfedlora limited to one thread
+in the processes they launch), unless a test says otherwise (e.g. a thread-count determinism test
+passes its own count). On a CPU shared with other jobs two spinning OpenMP threads can make a
+0.8 s run take 38 s; one thread makes the suite's wall time depend on the CPU time it needs,
+not on how idle the machine is. ``FEDLORA_TEST_THREADS=N`` overrides the count.
+
 Without a CUDA device the Triton kernels are checked in the Triton interpreter: the variable must be
 set before any kernel module is imported, so it is set here, at the top of the first file pytest
 loads.
@@ -9,8 +15,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+_THREADS = os.environ.get("FEDLORA_TEST_THREADS", "1")
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "FEDLORA_NUM_THREADS"):
+    os.environ[_var] = _THREADS  # inherited by every subprocess a test launches
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(_THREADS))
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:

@@ -15,6 +15,7 @@ import ctypes
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -424,6 +425,71 @@ def test_masked_adamw_matches_reference(rank_dim, step_kind, importance, mask_ki
     assert torch.all((b[0] - a[0]).abs().double() <= bound)
 
 
+def _correctly_rounded_sqrt(self: torch.Tensor) -> torch.Tensor:
+    """float32 sqrt correctly rounded: through float64 (53 >= 2·24 + 2 bits, so rounding twice is
+    innocuous for sqrt), whatever torch's own float32 sqrt does."""
+    return torch.sqrt(self.double()).to(self.dtype)
+
+
+def test_masked_adamw_is_the_reference_with_a_correctly_rounded_sqrt(monkeypatch):
+    """Where the C masked AdamW and the torch backend differ, and by how much (issue 20).
+
+    torch's float32 ``sqrt`` on an MKL build goes through MKL VML (``vsSqrt``, high-accuracy mode:
+    within 1 ulp, not correctly rounded; about 0.7 % of random inputs are 1 ulp off), while the C
+    library's ``std::sqrt`` is IEEE's correctly rounded one. So on many random layouts (3-D
+    slots, both rank dims, number and per-slot steps, with and without importance, random masks):
+    the C result equals, bitwise and in every element, the reference run with a correctly rounded
+    sqrt; and against the plain reference the moments are bitwise equal and ``p`` equal wherever
+    torch's sqrt of the new ``v`` is correctly rounded, within ``_param_bound`` elsewhere."""
+    gen = torch.Generator().manual_seed(2020)
+    hp = {k: HP[k] for k in ("lr", "beta1", "beta2", "eps", "weight_decay")}
+    differing = 0
+    for _ in range(60):
+        C, rows, cols = (int(torch.randint(1, n, (1,), generator=gen)) for n in (5, 40, 70))
+        rank_dim = int(torch.randint(0, 2, (1,), generator=gen))
+        tensor_step = bool(torch.randint(0, 2, (1,), generator=gen))
+        importance = bool(torch.randint(0, 2, (1,), generator=gen))
+        R = rows if rank_dim == 0 else cols
+        state = _adamw_state((C, rows, cols), gen)
+        mask = torch.rand(C, R, generator=gen) > float(torch.rand(1, generator=gen))
+        steps = [float(torch.randint(1, 60, (1,), generator=gen)) for _ in range(C)]
+        if not tensor_step:
+            steps = [steps[0]] * C
+        step = torch.tensor(steps) if tensor_step else int(steps[0])
+        g = state[1]
+        runs = {}
+        for kind in ("torch", "exact", "c"):
+            p, m, v, ema, unc = (t.clone() for t in (state[0], *state[2:]))
+            imp = (ema, unc, 0.85, 0.7) if importance else None
+            if kind == "c":
+                _clib.masked_adamw(
+                    p, g, m, v, mask, steps, **HP, rank_dim=rank_dim, tensor_step=tensor_step,
+                    importance=imp,
+                )  # fmt: skip
+            else:
+                with monkeypatch.context() as mp:
+                    if kind == "exact":
+                        mp.setattr(torch.Tensor, "sqrt", _correctly_rounded_sqrt)
+                    reference.masked_adamw_(
+                        p, g, m, v, mask, **hp, step=step, rank_dim=rank_dim, importance=imp
+                    )
+            runs[kind] = (p, m, v, ema, unc)
+        layout = (C, rows, cols, rank_dim, tensor_step, importance)
+        for got, exp in zip(runs["c"], runs["exact"], strict=True):
+            assert same_bits(got, exp), layout
+        for got, exp in zip(runs["c"][1:], runs["torch"][1:], strict=True):
+            assert same_bits(got, exp), layout
+        p_c, p_t, v_new = runs["c"][0], runs["torch"][0], runs["torch"][2]
+        sqrt_exact = v_new.sqrt() == _correctly_rounded_sqrt(v_new)
+        assert same_bits(p_c[sqrt_exact], p_t[sqrt_exact]), layout
+        differing += int((p_c != p_t).sum())
+        ss = torch.tensor([hp["lr"] / (1 - hp["beta1"] ** s) for s in steps], dtype=torch.float64)
+        bc = torch.tensor([(1 - hp["beta2"] ** s) ** 0.5 for s in steps], dtype=torch.float64)
+        bound = _param_bound(p_t, runs["torch"][1], v_new, ss.view(C, 1, 1), bc.view(C, 1, 1))
+        assert torch.all((p_c - p_t).abs().double() <= bound), layout
+    print(f"p differs in {differing} elements (torch's sqrt not correctly rounded there)")
+
+
 def test_masked_adamw_masked_nan_gradient_is_not_read():
     gen = torch.Generator().manual_seed(12)
     p, g, m, v, _, _ = _adamw_state((1, 8, 16), gen)
@@ -624,6 +690,122 @@ def test_forward_bad_arguments_write_nothing():
         assert word in last_error(), (kwargs, last_error())
         assert torch.isnan(y).all(), kwargs
     assert call() == OK and torch.isfinite(y).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# sizes that overflow, flags that are not 0/1 (issue 20)
+# ------------------------------------------------------------------------------------------------
+
+BIG = 2**40
+
+
+def _forward_call(**over):
+    x, A, B, y = torch.randn(4, 8), torch.randn(2, 3, 8), torch.randn(2, 5, 3), poisoned((4, 5))
+    a = dict(n=4, d_in=8, slots=2, rank=3, d_out=5)
+    a.update(over)
+    status = LIB.fedlora_masked_lora_forward(
+        ptr(x), a["n"], a["d_in"], ptr(A), ptr(B), a["slots"], a["rank"], a["d_out"], 1.0, None,
+        ptr(torch.tensor([0, 2, 4])), ptr(torch.tensor([0, 1])), 2, ptr(y), 0,
+    )  # fmt: skip
+    return status, y
+
+
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(n=BIG, d_in=2**22),  # x: 2^62 floats, 2^64 bytes
+        dict(n=BIG, d_out=2**22),  # y
+        dict(rank=BIG, d_in=2**21),  # A: 2 * 2^61 floats
+        dict(slots=2**61, rank=2),  # A's element count itself
+    ],
+)
+def test_forward_sizes_that_overflow_are_too_big(over):
+    """Sizes whose byte counts overflow int64 are refused as "too big" before anything else is
+    computed from them (before: a misleading "y overlaps" / seg_offsets / out-of-memory)."""
+    status, y = _forward_call(**over)
+    assert status == SIZE, (status, last_error())
+    assert "too big" in last_error()
+    assert torch.isnan(y).all()
+    H, s = torch.randn(2, 2, 3, 3), torch.ones(2, 2)
+    x, A, B = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 5, 3)
+    y = poisoned((4, 5))
+    status = LIB.fedlora_multihead_forward(
+        ptr(x), BIG, 2**22, ptr(A), ptr(B), ptr(H), ptr(s), 2, 2, 3, 5, 1.0, None, None, 1,
+        ptr(y), 0,
+    )  # fmt: skip
+    assert status == SIZE and "too big" in last_error(), (status, last_error())
+    assert torch.isnan(y).all()
+
+
+def test_mean_and_adamw_sizes_that_overflow_are_too_big():
+    x = [torch.randn(4, 6), torch.randn(2, 6)]
+    ptrs = (ctypes.c_void_p * 2)(*[t.data_ptr() for t in x])
+    ranks = (ctypes.c_int64 * 2)(4, 2)
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    out = poisoned((4, 6))
+    for outer, inner in ((2**61, 1), (2**59, 2), (1, 2**61)):
+        status = LIB.fedlora_masked_weighted_mean(
+            2, ptrs, ranks, F32, outer, 4, inner, ptr(w), None, None, ptr(out), F32, 0
+        )
+        assert status == SIZE and "too big" in last_error(), (outer, inner, last_error())
+    assert torch.isnan(out).all()
+    p = torch.randn(2, 4, 6)
+    conf = _clib._AdamWConfig(1e-3, 0.9, 0.999, 1e-8, 0.0, 0.85, 0.85, 0)
+    steps = (ctypes.c_double * 2)(1.0, 2.0)
+    mask = torch.ones(2, 4, dtype=torch.uint8)
+    before = p.clone()
+    for rows, cols in ((2**30, 2**31), (2**31, 2**31)):
+        status = LIB.fedlora_masked_adamw(
+            ptr(p), ptr(p.clone()), F32, ptr(p.clone()), ptr(p.clone()), None, None, ptr(mask),
+            2, rows, cols, 0, steps, ctypes.byref(conf), 0,
+        )  # fmt: skip
+        assert status == SIZE and "too big" in last_error(), (rows, cols, last_error())
+    assert same_bits(p, before)
+
+
+def test_array_spans_that_wrap_memory_are_too_big():
+    """An array whose claimed end lies past the top of the address space is refused as "too big"
+    instead of confusing the overlap checks (run in a child: before the check it read memory)."""
+    code = f"""
+import ctypes, sys
+sys.path[:0] = {[str(ROOT)]!r}
+from fedlora_kernels import _clib
+lib = _clib.library()
+y = (ctypes.c_float * 20)()
+A = (ctypes.c_float * 48)()
+B = (ctypes.c_float * 30)()
+top = 2**64 - 64
+st = lib.fedlora_masked_lora_forward(top, 4, 8, A, B, 2, 3, 5, 1.0, None, None, None, 1, y, 0)
+print(st, lib.fedlora_last_error().decode())
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status, _, message = proc.stdout.strip().partition(" ")
+    assert int(status) == SIZE and "too big" in message, proc.stdout
+
+
+def test_flag_arrays_other_than_0_or_1_are_refused():
+    """``has`` (masked_combine) and ``mask`` (masked_adamw) are 0/1 flags: any other byte is
+    refused with FEDLORA_ERR_INVALID_VALUE, naming the entry, and nothing is written."""
+    x = [torch.randn(3, 5)]
+    coef = torch.tensor([[0.5, 1.0, 1.0]])
+    for bad in (2, 255):
+        out = poisoned((3, 5))
+        has = torch.tensor([1, bad, 1], dtype=torch.uint8)
+        with pytest.raises(_clib.CLibError, match=r"has\[1\] must be 0 or 1"):
+            _clib.masked_combine(x, [3], coef, has, out, outer=1, rank=3, inner=5)
+        assert torch.isnan(out).all()
+        p = torch.randn(1, 3, 4)
+        q = p.clone()
+        mask = torch.tensor([[1, 0, bad]], dtype=torch.uint8)
+        conf = _clib._AdamWConfig(1e-3, 0.9, 0.999, 1e-8, 0.0, 0.85, 0.85, 0)
+        status = LIB.fedlora_masked_adamw(
+            ptr(q), ptr(torch.randn(1, 3, 4)), F32, ptr(torch.zeros(1, 3, 4)),
+            ptr(torch.zeros(1, 3, 4)), None, None, ptr(mask), 1, 3, 4, 0,
+            (ctypes.c_double * 1)(1.0), ctypes.byref(conf), 0,
+        )  # fmt: skip
+        assert status == VALUE and "mask[0, 2]" in last_error()
+        assert same_bits(q, p)
 
 
 # ------------------------------------------------------------------------------------------------

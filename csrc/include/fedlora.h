@@ -12,6 +12,11 @@
  *     is required, a NaN or negative weight, a mask entry other than 0/1, or arrays that overlap
  *     where they must not: the function returns an error code, fedlora_last_error() says what
  *     was wrong, and NOTHING has been written to any output.
+ *   - Sizes are checked for overflow before any other arithmetic on them: an array whose size in
+ *     bytes overflows int64, or whose span would run past the end of the address space, is
+ *     refused with FEDLORA_ERR_INVALID_SIZE and a message saying it is "too big".
+ *   - 0/1 flag arrays (the uint8 mask of fedlora_masked_adamw, has of fedlora_masked_combine)
+ *     hold exactly 0 or 1: any other byte is refused with FEDLORA_ERR_INVALID_VALUE.
  *   - No C++ exception crosses this interface: every function returns an int status
  *     (FEDLORA_OK = 0 on success).
  *   - num_threads: 0 picks a default (the environment variable FEDLORA_NUM_THREADS if set, else

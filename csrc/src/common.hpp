@@ -57,11 +57,42 @@ inline void require_positive(int64_t v, const char* name) {
     fail(FEDLORA_ERR_INVALID_SIZE, std::string(name) + " must be > 0, got " + std::to_string(v));
 }
 
-// a * b, failing instead of overflowing (sizes are validated positive first)
+// a * b, failing with "too big" instead of overflowing (sizes are validated >= 0 first). Every
+// exported function forms its sizes in bytes with this before any other arithmetic on them.
 inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
   if (a != 0 && b > INT64_MAX / a)
-    fail(FEDLORA_ERR_INVALID_SIZE, std::string(what) + " overflows int64");
+    fail(FEDLORA_ERR_INVALID_SIZE, std::string(what) + " is too big (overflows int64)");
   return a * b;
+}
+
+// The size in bytes of an array of `count` elements of `elem` bytes at `p`, failing with "too
+// big" when it overflows int64 or the span [p, p + bytes) would wrap around the address space
+// (no such array can exist, and the overlap checks must not see a wrapped end).
+inline int64_t array_bytes(const void* p, int64_t count, int64_t elem, const char* name) {
+  const int64_t bytes = checked_mul(count, elem, name);
+  if (p != nullptr &&
+      static_cast<uint64_t>(bytes) > UINTPTR_MAX - reinterpret_cast<uintptr_t>(p))
+    fail(FEDLORA_ERR_INVALID_SIZE, std::string(name) + " is too big (" + std::to_string(bytes) +
+                                       " bytes past its address wrap around memory)");
+  return bytes;
+}
+
+// a * b saturated at INT64_MAX (a work estimate, never a size): a, b >= 0
+inline int64_t sat_mul(int64_t a, int64_t b) {
+  return (a != 0 && b > INT64_MAX / a) ? INT64_MAX : a * b;
+}
+
+inline int64_t sat_add(int64_t a, int64_t b) { return b > INT64_MAX - a ? INT64_MAX : a + b; }
+
+// a 0/1 flag array: any other byte is refused (a flag is never "any non-zero")
+inline void require_flags(const uint8_t* flags, int64_t n, int64_t row, const char* name) {
+  for (int64_t i = 0; i < n; ++i)
+    if (flags[i] > 1)
+      fail(FEDLORA_ERR_INVALID_VALUE,
+           std::string(name) + "[" + (row > 0 ? std::to_string(i / row) + ", " +
+                                                    std::to_string(i % row)
+                                              : std::to_string(i)) +
+               "] must be 0 or 1, got " + std::to_string(flags[i]));
 }
 
 inline std::string num(double v) {

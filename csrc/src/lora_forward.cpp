@@ -54,6 +54,17 @@ std::vector<int64_t> row_slots(int64_t n, const int64_t* seg_offsets, const int6
   return slot;
 }
 
+struct Sized {
+  const void* p;
+  int64_t count;
+  const char* name;
+};
+
+// every float32 array's size in bytes fits (see array_bytes): before any other arithmetic
+void check_sizes(std::initializer_list<Sized> arrays) {
+  for (const Sized& a : arrays) array_bytes(a.p, a.count, 4, a.name);
+}
+
 void check_out(const float* y, int64_t y_len, std::initializer_list<std::pair<const float*, int64_t>> ins) {
   for (auto& in : ins)
     if (overlaps(y, y_len * 4, in.first, in.second * 4))
@@ -81,9 +92,12 @@ int fedlora_masked_lora_forward(const float* x, int64_t n, int64_t d_in, const f
     require_positive(rank, "rank");
     require_positive(d_out, "d_out");
     if (!std::isfinite(scale)) fail(FEDLORA_ERR_INVALID_VALUE, "scale must be finite, got " + num(scale));
-    const int64_t nx = checked_mul(n, d_in, "n * d_in"), ny = checked_mul(n, d_out, "n * d_out");
+    const int64_t nx = checked_mul(n, d_in, "x (n * d_in)"), ny = checked_mul(n, d_out, "y (n * d_out)");
     const int64_t na = checked_mul(checked_mul(slots, rank, "A size"), d_in, "A size");
     const int64_t nb = checked_mul(checked_mul(slots, rank, "B size"), d_out, "B size");
+    check_sizes({{x, nx, "x"}, {A, na, "A"}, {B, nb, "B"}, {y, ny, "y"}});
+    if (rank_mask != nullptr)
+      array_bytes(rank_mask, checked_mul(seg_offsets == nullptr ? 1 : num_segments, rank, "rank_mask size"), 4, "rank_mask");
     std::vector<int64_t> seg;
     const std::vector<int64_t> slot = row_slots(n, seg_offsets, seg_adapter, num_segments, slots, &seg);
     if (rank_mask != nullptr) {
@@ -96,7 +110,8 @@ int fedlora_masked_lora_forward(const float* x, int64_t n, int64_t d_in, const f
     }
     check_out(y, ny, {{x, nx}, {A, na}, {B, nb}});
     const float sc = static_cast<float>(scale);
-    const int threads = resolve_threads(num_threads, n * (d_in + d_out) * rank, int64_t(1) << 17);
+    const int threads =
+        resolve_threads(num_threads, sat_mul(sat_mul(n, sat_add(d_in, d_out)), rank), int64_t(1) << 17);
     parallel_for(n, threads, [&](int64_t r0, int64_t r1) {
       std::vector<float> t(static_cast<size_t>(rank));
       for (int64_t row = r0; row < r1; ++row) {
@@ -134,18 +149,21 @@ int fedlora_multihead_forward(const float* x, int64_t n, int64_t d_in, const flo
     require_positive(d_out, "d_out");
     if (!std::isfinite(scale)) fail(FEDLORA_ERR_INVALID_VALUE, "scale must be finite, got " + num(scale));
     const int64_t hr = checked_mul(heads, r, "heads * r");
-    const int64_t nx = checked_mul(n, d_in, "n * d_in"), ny = checked_mul(n, d_out, "n * d_out");
+    const int64_t nx = checked_mul(n, d_in, "x (n * d_in)"), ny = checked_mul(n, d_out, "y (n * d_out)");
     const int64_t na = checked_mul(hr, d_in, "A size"), nb = checked_mul(hr, d_out, "B size");
     const int64_t nh = checked_mul(checked_mul(slots, hr, "H size"), r, "H size");
+    const int64_t ns = checked_mul(slots, heads, "s size");
+    check_sizes({{x, nx, "x"}, {A, na, "A"}, {B, nb, "B"}, {H, nh, "H"}, {s, ns, "s"}, {y, ny, "y"}});
     const std::vector<int64_t> slot = row_slots(n, seg_offsets, seg_adapter, num_segments, slots, nullptr);
-    check_out(y, ny, {{x, nx}, {A, na}, {B, nb}, {H, nh}, {s, slots * heads}});
+    check_out(y, ny, {{x, nx}, {A, na}, {B, nb}, {H, nh}, {s, ns}});
     const float sc = static_cast<float>(scale);
     // B regrouped once as [d_out, heads * r] (b_cat), so each output is one dot product
     std::vector<float> b_cat(static_cast<size_t>(nb));
     for (int64_t i = 0; i < heads; ++i)
       for (int64_t o = 0; o < d_out; ++o)
         for (int64_t j = 0; j < r; ++j) b_cat[o * hr + i * r + j] = B[(i * d_out + o) * r + j];
-    const int threads = resolve_threads(num_threads, n * (d_in + d_out) * hr, int64_t(1) << 17);
+    const int threads =
+        resolve_threads(num_threads, sat_mul(sat_mul(n, sat_add(d_in, d_out)), hr), int64_t(1) << 17);
     parallel_for(n, threads, [&](int64_t r0, int64_t r1) {
       std::vector<float> S(static_cast<size_t>(hr)), T(static_cast<size_t>(hr));
       for (int64_t row = r0; row < r1; ++row) {

@@ -258,7 +258,13 @@ extern "C" int fedlora_masked_adamw(float* param, const void* grad, int grad_dty
                                           std::to_string(rank_dim));
     const int64_t total = checked_mul(checked_mul(slots, rows, "slots * rows * cols"), cols,
                                       "slots * rows * cols");
-    checked_mul(total, 4, "the parameter's size in bytes");
+    const int64_t bytes = array_bytes(param, total, 4, "param");
+    for (auto [a, name] : {std::pair<const void*, const char*>{exp_avg, "exp_avg"},
+                           {exp_avg_sq, "exp_avg_sq"}, {ema, "ema"}, {unc, "unc"}})
+      array_bytes(a, total, 4, name);
+    const int64_t grad_bytes = array_bytes(grad, total, dtype_size(grad_dtype), "grad");
+    array_bytes(steps, slots, 8, "steps");
+    array_bytes(mask, checked_mul(slots, rank_dim == 0 ? rows : cols, "mask size"), 1, "mask");
     const fedlora_adamw_config& cfg = *config;
     if (cfg.flags & ~FEDLORA_ADAMW_TENSOR_STEP)
       fail(FEDLORA_ERR_UNSUPPORTED, "config.flags has unknown bits: " + std::to_string(cfg.flags));
@@ -272,23 +278,18 @@ extern "C" int fedlora_masked_adamw(float* param, const void* grad, int grad_dty
       check_beta(cfg.importance_beta2, "config.importance_beta2");
     }
     const int64_t rank = rank_dim == 0 ? rows : cols;
-    for (int64_t i = 0; i < slots * rank; ++i)
-      if (mask[i] > 1)
-        fail(FEDLORA_ERR_INVALID_VALUE, "mask[" + std::to_string(i / rank) + ", " +
-                                            std::to_string(i % rank) + "] must be 0 or 1, got " +
-                                            std::to_string(mask[i]));
+    require_flags(mask, slots * rank, rank, "mask");
     for (int64_t s = 0; s < slots; ++s)
       if (!(steps[s] >= 1.0) || !std::isfinite(steps[s]) || steps[s] != std::floor(steps[s]))
         fail(FEDLORA_ERR_INVALID_VALUE, "steps[" + std::to_string(s) +
                                             "] must be a whole number >= 1, got " + num(steps[s]));
-    const int64_t bytes = total * 4;
     const struct {
       const void* p;
       const char* name;
       int64_t bytes;
     } arrays[] = {{param, "param", bytes},     {exp_avg, "exp_avg", bytes},
                   {exp_avg_sq, "exp_avg_sq", bytes}, {ema, "ema", bytes},
-                  {unc, "unc", bytes},         {grad, "grad", total * dtype_size(grad_dtype)}};
+                  {unc, "unc", bytes},         {grad, "grad", grad_bytes}};
     for (int a = 0; a < 5; ++a)
       for (int b = a + 1; b < 6; ++b)
         if (overlaps(arrays[a].p, arrays[a].bytes, arrays[b].p, arrays[b].bytes))
@@ -323,7 +324,7 @@ extern "C" int fedlora_masked_adamw(float* param, const void* grad, int grad_dty
     const std::vector<Run> runs = trained_runs(mask, slots, rows, cols, rank_dim, words);
     if (runs.empty()) return;
     int64_t work = 0;
-    for (const Run& r : runs) work += r.col_mask != nullptr ? r.len * cols : r.len;
+    for (const Run& r : runs) work = sat_add(work, r.col_mask != nullptr ? r.len * cols : r.len);
     Job job{param,       grad, exp_avg,
             exp_avg_sq,  ema,  unc,
             runs.data(), cols, pattern_period(cols),

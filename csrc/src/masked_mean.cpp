@@ -94,8 +94,10 @@ void check_layout(int64_t num_clients, int64_t outer, int64_t rank, int64_t inne
   require_positive(outer, "outer");
   require_positive(rank, "rank");
   require_positive(inner, "inner");
-  checked_mul(checked_mul(outer, rank, "outer * rank * inner"), inner, "outer * rank * inner");
-  checked_mul(num_clients, rank, "num_clients * rank");
+  const int64_t total =
+      checked_mul(checked_mul(outer, rank, "outer * rank * inner"), inner, "outer * rank * inner");
+  checked_mul(total, 4, "the output's size in bytes");
+  checked_mul(checked_mul(num_clients, rank, "num_clients * rank"), 8, "mask's size in bytes");
 }
 
 void check_ranks(int64_t num_clients, int64_t rank, const int64_t* ranks) {
@@ -148,8 +150,8 @@ void combine(int64_t num_clients, const void* const* tensors, const int64_t* ran
   const int64_t total = outer * L.row;
   const int64_t tiles = (total + kTile - 1) / kTile;
   int64_t work = 0;
-  for (int64_t k = 0; k < num_clients; ++k) work += ranks[k] * inner * outer;
-  const int threads = resolve_threads(num_threads, work + total, int64_t(1) << 16);
+  for (int64_t k = 0; k < num_clients; ++k) work = sat_add(work, ranks[k] * inner * outer);
+  const int threads = resolve_threads(num_threads, sat_add(work, total), int64_t(1) << 16);
   auto run = [&](auto in_tag, auto out_tag) {
     using In = decltype(in_tag);
     using Out = decltype(out_tag);
@@ -170,7 +172,8 @@ void check_combine_arrays(int64_t num_clients, const void* const* tensors, const
   require_dtype(out_dtype, "out_dtype");
   require_ptr(out, "out");
   if (num_clients > 0) require_ptr(tensors, "tensors");
-  const int64_t out_bytes = outer * rank * inner * dtype_size(out_dtype);
+  const int64_t out_bytes = array_bytes(out, outer * rank * inner, dtype_size(out_dtype), "out");
+  array_bytes(fallback, outer * rank * inner, dtype_size(out_dtype), "fallback");
   if (fallback != nullptr && fallback != out && overlaps(fallback, out_bytes, out, out_bytes))
     fail(FEDLORA_ERR_OVERLAP, "out overlaps fallback (out may be fallback itself, not part of it)");
   for (int64_t k = 0; k < num_clients; ++k) {
@@ -178,7 +181,9 @@ void check_combine_arrays(int64_t num_clients, const void* const* tensors, const
     if (tensors[k] == nullptr)
       fail(FEDLORA_ERR_NULL_POINTER, "tensors[" + std::to_string(k) + "] is NULL (its rank is " +
                                          std::to_string(ranks[k]) + ")");
-    if (overlaps(tensors[k], outer * ranks[k] * inner * dtype_size(in_dtype), out, out_bytes))
+    const int64_t bytes = array_bytes(tensors[k], outer * ranks[k] * inner, dtype_size(in_dtype),
+                                      "tensors[k]");
+    if (overlaps(tensors[k], bytes, out, out_bytes))
       fail(FEDLORA_ERR_OVERLAP, "out overlaps tensors[" + std::to_string(k) + "]");
   }
 }
@@ -186,6 +191,7 @@ void check_combine_arrays(int64_t num_clients, const void* const* tensors, const
 void check_coef(int64_t num_clients, int64_t rank, const float* coef, const uint8_t* has) {
   require_ptr(has, "has");
   if (num_clients > 0) require_ptr(coef, "coef");
+  require_flags(has, rank, 0, "has");
   for (int64_t i = 0; i < num_clients * rank; ++i)
     if (!(coef[i] >= 0.0f) || !std::isfinite(coef[i]))
       fail(FEDLORA_ERR_INVALID_VALUE, "coef[" + std::to_string(i / rank) + ", " +

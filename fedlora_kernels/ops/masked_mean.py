@@ -26,6 +26,7 @@ import torch
 from fedlora_kernels import reference
 from fedlora_kernels._dispatch import (
     FLOAT_DTYPES,
+    check_same_device,
     check_tensor,
     resolve_backend,
     values_unavailable,
@@ -152,7 +153,7 @@ def _prepare_masked_weighted_mean(
     """Validate the arguments of :func:`masked_weighted_mean` (``ValueError``/``TypeError``
     naming the argument) and normalise them."""
     tensors, ref, rank_dim, ranks = _check_clients(tensors, fallback, rank_dim)
-    device = ref.device
+    device = check_same_device(**{"tensors[0]" if tensors else "fallback": ref})
     if fallback is not None:
         _check_fallback(fallback, ref, rank_dim, device)
         full_rank = int(fallback.shape[rank_dim])

@@ -115,6 +115,33 @@ def _nonfinite_key(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> st
     return None  # finite values whose norm overflowed (|x| >= ~2e19): nothing is wrong
 
 
+#: device types whose tensors hold values the server can read
+VALUE_DEVICES = ("cpu", "cuda")
+
+
+def _check_global_layout(g: Mapping[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    """The adapter tensors of the global state have their layout's rank: ``lora_A``/``lora_B``
+    2-D (``[R, d_in]`` / ``[d_out, R]``), Ravan's ``lora_H`` 3-D ``[h, r, r]`` (square cores)
+    and ``lora_s`` ``[h]``. A malformed global is the server's own error: a ``ValueError``
+    naming ``global_state``, not every client rejected against it."""
+    if key.endswith((A_SUFFIX, B_SUFFIX)) and value.dim() != 2:
+        want = "[R, d_in]" if key.endswith(A_SUFFIX) else "[d_out, R]"
+        raise ValueError(f"global_state[{key!r}] must be 2-D {want}, got shape {list(value.shape)}")
+    if key.endswith(".lora_H") and (value.dim() != 3 or value.shape[1] != value.shape[2]):
+        raise ValueError(
+            f"global_state[{key!r}] must be [heads, r, r] (square cores), got shape "
+            f"{list(value.shape)}"
+        )
+    if key.endswith(".lora_s"):
+        H = g.get(key[: -len(".lora_s")] + ".lora_H")
+        if value.dim() != 1 or (H is not None and H.dim() >= 1 and value.shape[0] != H.shape[0]):
+            heads = H.shape[0] if H is not None and H.dim() >= 1 else "heads"
+            raise ValueError(
+                f"global_state[{key!r}] must be [{heads}] (one scale per head of its lora_H), "
+                f"got shape {list(value.shape)}"
+            )
+
+
 def _check_global(global_state: Any) -> dict[str, torch.Tensor]:
     """Validated shallow copy of the global state without client-instruction keys."""
     if not isinstance(global_state, Mapping):
@@ -130,6 +157,12 @@ def _check_global(global_state: Any) -> dict[str, torch.Tensor]:
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
             raise TypeError(f"global_state[{key!r}] must be a floating-point tensor, got {what}")
+        if value.device.type not in VALUE_DEVICES:
+            raise TypeError(
+                f"global_state[{key!r}] is on the {value.device.type!r} device: aggregation "
+                "reads values, so tensors must be on the CPU or a CUDA device (a 'meta' tensor "
+                "has none)"
+            )
         g[key] = value
     if not g:
         raise ValueError("global_state has no tensors")
@@ -143,6 +176,8 @@ def _check_global(global_state: Any) -> dict[str, torch.Tensor]:
             raise ValueError(f"global_state has {key!r} without its lora_B ({B_SUFFIX})")
         if key.endswith(B_SUFFIX) and key[: -len(B_SUFFIX)] + A_SUFFIX not in g:
             raise ValueError(f"global_state has {key!r} without its lora_A ({A_SUFFIX})")
+    for key, value in g.items():
+        _check_global_layout(g, key, value)
     for path in lora_paths(g):
         A, B = g[a_key(path)], g[b_key(path)]
         if A.dim() == 2 and (B.dim() != 2 or B.shape[1] != A.shape[0]):
@@ -238,6 +273,10 @@ def _check_client(
             if not isinstance(value, torch.Tensor) or not value.is_floating_point():
                 what = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
                 raise ClientRejected(key, f"must be a floating-point tensor, got {what}")
+            if value.device.type not in VALUE_DEVICES:
+                raise ClientRejected(
+                    key, f"on the {value.device.type!r} device (no readable values)"
+                )
             ref = g[key]
             if (
                 value.shape != ref.shape

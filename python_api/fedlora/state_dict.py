@@ -94,6 +94,12 @@ def set_adapter_state_dict(
     """
     if not isinstance(state, Mapping):
         raise TypeError(f"state must be a dict of tensors, got {type(state).__name__}")
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.device.type not in ("cpu", "cuda"):
+            raise TypeError(
+                f"state[{key!r}] is on the {value.device.type!r} device: loading reads values, "
+                "so it must be on the CPU or a CUDA device (a 'meta' tensor has none)"
+            )
     used: set[str] = set()
     for path, layer in slotted_modules(model):
         prefix = f"{path}."

@@ -252,6 +252,13 @@ class AdapterLayer(SegmentRouting, nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"input x must be a floating-point tensor, got dtype {x.dtype}")
+        a = getattr(self, "lora_A", None)  # the adapter's device (the base may be offloaded)
+        if isinstance(a, torch.Tensor) and a.device != x.device:
+            raise ValueError(
+                f"input x is on {x.device} but the adapter's weights are on {a.device} (a "
+                "'meta' layer holds no values: materialise it with .to_empty(device=...) and "
+                "load its weights)"
+            )
         w = self.base_layer.weight
         if (
             w.is_floating_point()

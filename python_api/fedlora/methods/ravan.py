@@ -214,21 +214,60 @@ def check_client(
             )
 
 
-def _folded(state: Mapping[str, torch.Tensor], path: str) -> torch.Tensor:
-    """``s_i H_i`` of the uploaded heads of one layer as ``[K, r·r]`` float32."""
-    H = state[f"{path}.lora_H"].float()
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _folded(state: Mapping[str, torch.Tensor], path: str, dtype=torch.float32) -> torch.Tensor:
+    """``s_i H_i`` of the uploaded heads of one layer as ``[K, r·r]`` (float32, or ``dtype``:
+    float64 holds the product of any two finite float32 numbers)."""
+    H = state[f"{path}.lora_H"].to(dtype)
     s = state.get(f"{path}.lora_s")
     if s is not None:
-        H = H * s.float()[:, None, None]
+        H = H * s.to(dtype)[:, None, None]
     return H.reshape(H.shape[0], -1)
 
 
+def _head_scales(
+    global_state: Mapping[str, torch.Tensor],
+    client_states: Sequence[Mapping[str, torch.Tensor]],
+    path: str,
+    heads_of: Sequence[Mapping[str, list[int]]],
+) -> torch.Tensor | None:
+    """Per head, the divisor ``t_i`` that keeps ``s·H`` finite in float32, or None when every
+    folded core (the global's and each upload's) already is (the common case, computed as
+    before). ``t_i = sqrt(c_i)`` for the heads whose largest ``|s·H|`` (float64) ``c_i``
+    exceeds the float32 maximum, 1 for the others: ``|s·H| / t_i <= sqrt(c_i) <= 3e38``, and the
+    new global stores ``H = mean / t`` with ``s = t`` (the layer computes ``s·H``)."""
+    g = _folded(global_state, path, torch.float64)
+    top = g.abs().amax(dim=1)
+    for cs, trained in zip(client_states, heads_of, strict=True):
+        rows = _folded(cs, path, torch.float64).abs().amax(dim=1)
+        heads = trained.get(path)
+        if rows.shape[0] == top.shape[0]:
+            top = torch.maximum(top, rows)
+        else:
+            top[heads] = torch.maximum(top[heads], rows)
+    if not bool((top > _F32_MAX).any()):
+        return None
+    return torch.where(top > _F32_MAX, top.sqrt(), torch.ones_like(top))
+
+
 def _placed(
-    g: torch.Tensor, state: Mapping[str, torch.Tensor], path: str, heads: list[int] | None
+    g: torch.Tensor,
+    state: Mapping[str, torch.Tensor],
+    path: str,
+    heads: list[int] | None,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(cores [h, r·r], mask [h])`` of one client and layer: every head's ``s·H`` (a compact
-    upload written into zeros at its heads' indices) and which heads it trained."""
-    rows = _folded(state, path)
+    upload written into zeros at its heads' indices; divided by ``scales`` per head, in float64,
+    when given) and which heads it trained."""
+    if scales is None:
+        rows = _folded(state, path)
+    else:
+        rows = _folded(state, path, torch.float64)
+        t = scales if rows.shape[0] == scales.shape[0] else scales[heads]
+        rows = (rows / t[:, None]).float()
     h = g.shape[0]
     mask = torch.ones(h)
     if heads is not None:
@@ -263,9 +302,18 @@ def aggregate(
     err_num, err_den = 0.0, 0.0
     heads_trained: dict[str, list[int]] = {}
     for path in paths:
-        g = _folded(global_state, path)
+        s_key = f"{path}.lora_s"
+        # huge finite uploads (s and H up to 3e38): s·H overflows float32, so such heads are
+        # averaged divided by t and stored as H = mean / t, s = t (without lora_s in the state,
+        # s·H is H itself and never overflows)
+        scales = _head_scales(global_state, client_states, path, heads_of)
+        if scales is None or s_key not in global_state:
+            scales = None
+            g = _folded(global_state, path)
+        else:
+            g = (_folded(global_state, path, torch.float64) / scales[:, None]).float()
         placed = [
-            _placed(g, cs, path, trained.get(path))
+            _placed(g, cs, path, trained.get(path), scales)
             for cs, trained in zip(client_states, heads_of, strict=True)
         ]
         clients = [c for c, _ in placed]
@@ -274,9 +322,11 @@ def aggregate(
         H_shape = global_state[f"{path}.lora_H"].shape
         dtype = global_state[f"{path}.lora_H"].dtype
         new_state[f"{path}.lora_H"] = new.reshape(H_shape).to(dtype)
-        s_key = f"{path}.lora_s"
         if s_key in global_state:
-            new_state[s_key] = torch.ones_like(global_state[s_key])
+            s_new = torch.ones_like(global_state[s_key])
+            if scales is not None:
+                s_new = scales.to(s_new.dtype).to(s_new.device)
+            new_state[s_key] = s_new
         heads_trained[path] = mask.sum(0).int().tolist()
         # ideal: Σ_k p_k ΔW_k with each client's own core (untrained heads hold the global's)
         client_full = torch.stack(

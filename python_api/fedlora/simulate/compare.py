@@ -63,6 +63,7 @@ from fedlora.simulate.engine import (
     probe_writable,
     run,
 )
+from fedlora.simulate.outputs import lock_out_dir
 from fedlora.simulate.tasks import get_task
 
 MATCH_AXES = ("none", "comm")
@@ -348,9 +349,22 @@ def compare(
     if not str(out).strip():
         raise ConfigError("--out must name a directory, got ''")
     out = Path(out).expanduser()
+    with lock_out_dir(out):  # one comparison per --out at a time
+        return _compare(configs, out, spec, metric, progress, command)
+
+
+def _compare(
+    configs: list[SimConfig],
+    out: Path,
+    spec: CompareSpec,
+    metric: Ranking,
+    progress: bool,
+    command: str | None,
+) -> list[dict]:
     configs = [matched(cfg, spec.match).validate() for cfg in configs]
     task = get_task(configs[0].task)
     full = spec.lr_grid is None and len(spec.seeds) == 1  # one run per method, as before
+    _check_report(out, configs, spec)
     plan = _plan(configs, spec)
     for cfg, path in plan:
         check_out_dir(
@@ -403,6 +417,48 @@ def compare(
     report = _Report(configs, rows, runs, prefixes, spec, chosen, lr_scores, metric, task)
     _write(out, report, command, plot)
     return rows
+
+
+REPORT_NAMES = ("results.md", "results.csv", "results.json")
+
+
+def _normal(value: Any) -> Any:
+    """``value`` as results.json holds it (tuples as lists, odd values as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_report(out: Path, configs: list[SimConfig], spec: CompareSpec) -> None:
+    """A comparison never overwrites another comparison's report: when ``out`` already holds a
+    report, it must be this comparison's (the same methods, configs and spec: then the runs
+    resume and the report is rewritten with the same content), else a one-line
+    :class:`ConfigError`."""
+    present = [n for n in REPORT_NAMES if (out / n).exists()]
+    if not present:
+        return
+    try:
+        stored = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        why = "no results.json" if isinstance(err, FileNotFoundError) else "an unreadable one"
+        raise ConfigError(
+            f"--out {str(out)!r} holds {present[0]} of another comparison ({why}); choose "
+            "another directory"
+        ) from None
+    want_configs = _normal({c.method: c.to_json() for c in configs})
+    have_configs = stored.get("configs")
+    if have_configs == want_configs and stored.get("spec") == _normal(dataclasses.asdict(spec)):
+        return
+    methods = ",".join(have_configs) if isinstance(have_configs, dict) else "?"
+    what = (
+        f"of other methods ({methods})"
+        if isinstance(have_configs, dict) and set(have_configs) != set(want_configs)
+        else "with other settings"
+    )
+    raise ConfigError(
+        f"--out {str(out)!r} holds the report of another comparison {what}; choose another "
+        "directory (a comparison resumes only in its own --out)"
+    )
 
 
 def _plan(configs: list[SimConfig], spec: CompareSpec) -> list[tuple[SimConfig, str]]:

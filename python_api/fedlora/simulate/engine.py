@@ -39,6 +39,7 @@ from fedlora.simulate.outputs import (  # noqa: F401  (re-exported: compare, tes
     check_out_dir,
     check_plotting,
     clean_stale_temps,
+    locks_out_dir,
     matplotlib_missing,
     plot_curves,
     probe_writable,
@@ -211,6 +212,7 @@ def _setup(cfg: SimConfig, shared: dict | None, log: Callable[[str], None]) -> _
     return _Setup(task, method, rule, budgets, model, train, test, parts, weights, data)
 
 
+@locks_out_dir  # one run per --out at a time (an advisory lock, dropped when the process ends)
 def run(
     cfg: SimConfig,
     out_dir: str | Path | None = None,

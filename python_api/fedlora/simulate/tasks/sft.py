@@ -227,6 +227,11 @@ def build_model(
     limit = getattr(lm.config, "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.max_length > limit:
         raise ConfigError(f"--max-length {cfg.max_length} exceeds the model's {limit} positions")
+    if isinstance(limit, int) and cfg.max_generate > 0 and cfg.max_new_tokens >= limit:
+        raise ConfigError(
+            f"--max-new-tokens {cfg.max_new_tokens} exceeds the model's {limit} positions (a "
+            "prompt of at least one token and its answer must fit in them)"
+        )
     if lm.get_output_embeddings() is None:
         raise ConfigError(f"--model: {type(lm).__name__} has no LM head")
     for p in lm.parameters():
