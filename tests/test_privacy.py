@@ -637,3 +637,22 @@ def test_a_dp_run_still_learns_on_a_synthetic_federated_task():
     assert plain["relative_mse"] < 0.5  # the task is learnable in 8 rounds (0.38 here)
     assert private["relative_mse"] < 0.7  # and learned under DP (0.42 here; seeds 1, 2: 0.40, 0.50)
     assert 0 < private["epsilon"] < math.inf and private["rejected"] == 0
+
+
+def test_bad_arguments_to_the_server_name_the_argument():
+    gen = torch.Generator().manual_seed(14)
+    g, downs, ups, metas, budgets = _prelort_round(gen)
+    dp = dp_config()
+    with pytest.raises(TypeError, match=r"dp must be a fedlora\.privacy\.DPConfig"):
+        privacy.private_aggregate("prelort", g, downs, ups, metas, budgets, {"clip": 1}, gen)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        privacy.private_aggregate("prelort", g, downs, ups, metas, budgets, dp, 3)
+    with pytest.raises(TypeError, match=r"budgets must be fedlora\.methods\.Budget"):
+        privacy.private_aggregate("prelort", g, downs, ups, metas, [2, 4, 4, 6], dp, gen)
+    with pytest.raises(ValueError, match="one entry per sampled client"):
+        privacy.private_aggregate("prelort", g, downs[:2], ups, metas, budgets, dp, gen)
+    with pytest.raises(ValueError, match="noise_multiplier is not set"):
+        unresolved = privacy.DPConfig(clip=1.0, target_epsilon=4.0)
+        privacy.private_aggregate("prelort", g, downs, ups, metas, budgets, unresolved, gen)
+    with pytest.raises(ValueError, match="method must be one of"):
+        privacy.check_dp_compatible("nope")

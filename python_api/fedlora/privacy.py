@@ -944,12 +944,25 @@ def private_aggregate(
         and ``dp_rejected_clients`` (``[{"client": k, "reason": ...}]``), ``dp_clip_fraction``
         (accepted clients whose norm exceeded ``C``), ``dp_noise_std`` (``z·C``),
         ``dp_noise_multiplier``, ``dp_clip``, ``dp_delta``, ``dp_denominators`` (``{key: [per
-        index]}``), and ``epsilon`` with ``dp_rounds`` when an accountant is given. The clip
-        fraction is NOT privatised: keep it out of published results.
+        index]}``), ``dp_sample_rate`` (with a population or an accountant), and ``epsilon``
+        with ``dp_rounds`` when an accountant is given. The clip fraction is the share the
+        SERVER had to clip (about 0 when clients ran :func:`clip_update`; tune ``C`` from the
+        norms ``clip_update`` returns), and it is NOT privatised: keep it out of published
+        results.
     """
     impl = get_method(method)
     name = impl.name
     check_dp_compatible(name, options)
+    if not isinstance(dp, DPConfig):
+        raise TypeError(f"dp must be a fedlora.privacy.DPConfig, got {type(dp).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if not all(isinstance(b, Budget) for b in budgets):
+        raise TypeError("budgets must be fedlora.methods.Budget objects, one per sampled client")
+    if population is not None and not isinstance(population, Population):
+        raise TypeError(f"population must be a Population, got {type(population).__name__}")
     if dp.noise_multiplier is None:
         raise ValueError("dp.noise_multiplier is not set: use dp.resolved(rounds, sample_rate)")
     n = len(uploads)
