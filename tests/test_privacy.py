@@ -656,3 +656,33 @@ def test_bad_arguments_to_the_server_name_the_argument():
         privacy.private_aggregate("prelort", g, downs, ups, metas, budgets, unresolved, gen)
     with pytest.raises(ValueError, match="method must be one of"):
         privacy.check_dp_compatible("nope")
+
+
+def test_ravan_weight_head_choice_follows_the_public_probabilities():
+    """The claim behind allowing ``head_score='weight'``: the choice depends only on the
+    downloaded global and the seed. Prepared through RavanClient over many seeds, each head is
+    chosen with the probability the server computes (ties share places uniformly); 400 seeds put
+    5 binomial standard errors at 0.125."""
+    import fedlora
+    from fedlora.methods import ClientOptions, get
+    from fedlora.methods.ravan import ravan_layers
+
+    impl = get("ravan")
+    b = Budget(rank=2, heads=2, components=2, steps=1)
+    side = impl.client(ClientOptions(rank=2, heads=4, head_score="weight"), [b])
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    fedlora.inject(model, "ravan", target_modules=["0"], **side.layer_options())
+    side.setup(model)
+    g = fedlora.get_adapter_state_dict(model)
+    H = torch.zeros_like(g["0.lora_H"])
+    for i, size in enumerate([3.0, 1.0, 1.0, 0.5]):  # heads 1 and 2 tie for the second place
+        H[i, 0, 0] = size
+    g["0.lora_H"] = H
+    want = privacy.ravan_head_probabilities(g, "0", 2, "weight")
+    assert want.tolist() == [1.0, 0.5, 0.5, 0.0]
+    counts = torch.zeros(4)
+    seeds = 400
+    for seed in range(seeds):
+        side.prepare(model, 0, g, b, seed=seed)
+        counts[ravan_layers(model)[0][1].trainable_heads(0)] += 1
+    assert torch.all((counts / seeds - want.float()).abs() <= 5 * math.sqrt(0.25 / seeds))

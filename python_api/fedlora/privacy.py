@@ -76,6 +76,7 @@ __all__ = [
     "epsilon",
     "noise_for_epsilon",
     "private_aggregate",
+    "ravan_head_probabilities",
 ]
 
 State = Mapping[str, torch.Tensor]
@@ -798,7 +799,7 @@ def _weights(dp: DPConfig, num_examples: Sequence[int] | None, n: int, what: str
     return out
 
 
-def _head_probabilities(g: State, path: str, heads: int, score: str) -> torch.Tensor:
+def ravan_head_probabilities(g: State, path: str, heads: int, score: str) -> torch.Tensor:
     """P(a client with budget ``heads`` trains head i) under a public head choice: ``random``:
     ``heads / h``; ``weight``: 1 above the ``heads``-th largest ``‖s_i H_i‖`` of the global, the
     tied heads share the remaining places uniformly (select_heads breaks ties by a seeded random
@@ -851,7 +852,7 @@ def _public_cover(
                 m[idx] = 1.0
                 cover[path + H_SUFFIX] = m
             else:
-                cover[path + H_SUFFIX] = _head_probabilities(g, path, budget.heads, head_score)
+                cover[path + H_SUFFIX] = ravan_head_probabilities(g, path, budget.heads, head_score)
         return cover
     for path in lora_paths(g):
         R = g[a_key(path)].shape[0]
