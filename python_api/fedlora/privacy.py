@@ -803,9 +803,15 @@ def ravan_head_probabilities(g: State, path: str, heads: int, score: str) -> tor
     """P(a client with budget ``heads`` trains head i) under a public head choice: ``random``:
     ``heads / h``; ``weight``: 1 above the ``heads``-th largest ``‖s_i H_i‖`` of the global, the
     tied heads share the remaining places uniformly (select_heads breaks ties by a seeded random
-    order), 0 below."""
+    order), 0 below. ``g`` is the global state, ``path`` a Ravan layer's module path."""
+    if score not in ("random", "weight"):
+        raise ValueError(f"score must be 'random' or 'weight' (public choices), got {score!r}")
+    if path + H_SUFFIX not in g:
+        raise ValueError(f"path {path!r} is not a Ravan layer of the global state")
     H = g[path + H_SUFFIX]
     h = H.shape[0]
+    if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= h:
+        raise ValueError(f"heads must be an int in [1, {h}], got {heads!r}")
     if score == "random":
         return torch.full((h,), heads / h, dtype=torch.float64)
     s = g.get(path + S_SUFFIX)
