@@ -40,8 +40,17 @@ counted in ``metrics["dp_rejected"]``, and it STILL counts in the denominators a
 (dropping it would make a denominator depend on its data). The per-method semantics are data in
 :data:`DP_SEMANTICS` and enforced by :func:`check_dp_compatible`.
 
-Integration into ``fedlora simulate``, ``fedlora.local`` / ``fedlora.rounds`` and Flower (SecAgg+)
-is pending; :func:`private_aggregate` is the entry point a round loop calls.
+Accounting assumes Poisson sampling (each client joins a round independently with probability
+``q``); a loop that samples exactly ``m`` clients uses it as the usual approximation at
+``q = m / N``.
+
+A round loop (integration into ``fedlora simulate``, ``fedlora.local`` / ``fedlora.rounds`` and
+Flower is pending) does, before training: ``check_dp_compatible(method, options)`` (refuse with
+exit 2), ``dp = DPConfig(...).resolved(rounds, q)``, ``acc = PrivacyAccountant.for_config(dp, q)``,
+``pop = Population(all_budgets, q)``; each round: every client ``clip_update`` after its upload;
+the server ``private_aggregate(method, global, downloads, uploads, metas, budgets, dp, gen,
+population=pop, options=options, accountant=acc)`` instead of :func:`fedlora.aggregate`, then the
+method's ``after_aggregate`` with the returned metrics (``metrics["epsilon"]``: ε so far).
 """
 
 from __future__ import annotations
