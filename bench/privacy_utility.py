@@ -40,7 +40,7 @@ from fedlora.methods import Budget, ClientOptions, get
 
 D, RANK, HEADS, HEAD_RANK, STEPS = 16, 4, 4, 2, 5
 METHODS = ("fedit", "ffa", "hetlora", "prelort", "flexlora", "ravan", "hafl")
-OPTIONS = {"hetlora": {"weighting": "data"}, "ravan": {"head_score": "random"}}
+OPTIONS = {"hetlora": {"weighting": "data"}}  # aggregate options (both runs)
 CLIENT_OPTIONS = {"ravan": {"head_score": "random"}, "hafl": {"hafl_mode": "truncate"}}
 
 

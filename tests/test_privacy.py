@@ -568,10 +568,11 @@ def test_readme_privacy_table_matches_the_semantics():
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| method | under DP |", 1)[1].split("\n\n", 1)[0]
     rows = {
         line.split("|")[1].strip(): line.split("|")[2].strip()
-        for line in readme.splitlines()
-        if line.startswith("| ") and line.count("|") == 6
+        for line in table.splitlines()
+        if line.startswith("| ")
     }
     for name in names():
         assert name in rows, f"README's privacy table has no row for {name}"
@@ -636,3 +637,52 @@ def test_a_dp_run_still_learns_on_a_synthetic_federated_task():
     assert plain["relative_mse"] < 0.5  # the task is learnable in 8 rounds (0.38 here)
     assert private["relative_mse"] < 0.7  # and learned under DP (0.42 here; seeds 1, 2: 0.40, 0.50)
     assert 0 < private["epsilon"] < math.inf and private["rejected"] == 0
+
+
+def test_bad_arguments_to_the_server_name_the_argument():
+    gen = torch.Generator().manual_seed(14)
+    g, downs, ups, metas, budgets = _prelort_round(gen)
+    dp = dp_config()
+    with pytest.raises(TypeError, match=r"dp must be a fedlora\.privacy\.DPConfig"):
+        privacy.private_aggregate("prelort", g, downs, ups, metas, budgets, {"clip": 1}, gen)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        privacy.private_aggregate("prelort", g, downs, ups, metas, budgets, dp, 3)
+    with pytest.raises(TypeError, match=r"budgets must be fedlora\.methods\.Budget"):
+        privacy.private_aggregate("prelort", g, downs, ups, metas, [2, 4, 4, 6], dp, gen)
+    with pytest.raises(ValueError, match="one entry per sampled client"):
+        privacy.private_aggregate("prelort", g, downs[:2], ups, metas, budgets, dp, gen)
+    with pytest.raises(ValueError, match="noise_multiplier is not set"):
+        unresolved = privacy.DPConfig(clip=1.0, target_epsilon=4.0)
+        privacy.private_aggregate("prelort", g, downs, ups, metas, budgets, unresolved, gen)
+    with pytest.raises(ValueError, match="method must be one of"):
+        privacy.check_dp_compatible("nope")
+
+
+def test_ravan_weight_head_choice_follows_the_public_probabilities():
+    """The claim behind allowing ``head_score='weight'``: the choice depends only on the
+    downloaded global and the seed. Prepared through RavanClient over many seeds, each head is
+    chosen with the probability the server computes (ties share places uniformly); 400 seeds put
+    5 binomial standard errors at 0.125."""
+    import fedlora
+    from fedlora.methods import ClientOptions, get
+    from fedlora.methods.ravan import ravan_layers
+
+    impl = get("ravan")
+    b = Budget(rank=2, heads=2, components=2, steps=1)
+    side = impl.client(ClientOptions(rank=2, heads=4, head_score="weight"), [b])
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6))
+    fedlora.inject(model, "ravan", target_modules=["0"], **side.layer_options())
+    side.setup(model)
+    g = fedlora.get_adapter_state_dict(model)
+    H = torch.zeros_like(g["0.lora_H"])
+    for i, size in enumerate([3.0, 1.0, 1.0, 0.5]):  # heads 1 and 2 tie for the second place
+        H[i, 0, 0] = size
+    g["0.lora_H"] = H
+    want = privacy.ravan_head_probabilities(g, "0", 2, "weight")
+    assert want.tolist() == [1.0, 0.5, 0.5, 0.0]
+    counts = torch.zeros(4)
+    seeds = 400
+    for seed in range(seeds):
+        side.prepare(model, 0, g, b, seed=seed)
+        counts[ravan_layers(model)[0][1].trainable_heads(0)] += 1
+    assert torch.all((counts / seeds - want.float()).abs() <= 5 * math.sqrt(0.25 / seeds))

@@ -40,8 +40,17 @@ counted in ``metrics["dp_rejected"]``, and it STILL counts in the denominators a
 (dropping it would make a denominator depend on its data). The per-method semantics are data in
 :data:`DP_SEMANTICS` and enforced by :func:`check_dp_compatible`.
 
-Integration into ``fedlora simulate``, ``fedlora.local`` / ``fedlora.rounds`` and Flower (SecAgg+)
-is pending; :func:`private_aggregate` is the entry point a round loop calls.
+Accounting assumes Poisson sampling (each client joins a round independently with probability
+``q``); a loop that samples exactly ``m`` clients uses it as the usual approximation at
+``q = m / N``.
+
+A round loop (integration into ``fedlora simulate``, ``fedlora.local`` / ``fedlora.rounds`` and
+Flower is pending) does, before training: ``check_dp_compatible(method, options)`` (refuse with
+exit 2), ``dp = DPConfig(...).resolved(rounds, q)``, ``acc = PrivacyAccountant.for_config(dp, q)``,
+``pop = Population(all_budgets, q)``; each round: every client ``clip_update`` after its upload;
+the server ``private_aggregate(method, global, downloads, uploads, metas, budgets, dp, gen,
+population=pop, options=options, accountant=acc)`` instead of :func:`fedlora.aggregate`, then the
+method's ``after_aggregate`` with the returned metrics (``metrics["epsilon"]``: ε so far).
 """
 
 from __future__ import annotations
@@ -76,6 +85,7 @@ __all__ = [
     "epsilon",
     "noise_for_epsilon",
     "private_aggregate",
+    "ravan_head_probabilities",
 ]
 
 State = Mapping[str, torch.Tensor]
@@ -798,13 +808,19 @@ def _weights(dp: DPConfig, num_examples: Sequence[int] | None, n: int, what: str
     return out
 
 
-def _head_probabilities(g: State, path: str, heads: int, score: str) -> torch.Tensor:
+def ravan_head_probabilities(g: State, path: str, heads: int, score: str) -> torch.Tensor:
     """P(a client with budget ``heads`` trains head i) under a public head choice: ``random``:
     ``heads / h``; ``weight``: 1 above the ``heads``-th largest ``‖s_i H_i‖`` of the global, the
     tied heads share the remaining places uniformly (select_heads breaks ties by a seeded random
-    order), 0 below."""
+    order), 0 below. ``g`` is the global state, ``path`` a Ravan layer's module path."""
+    if score not in ("random", "weight"):
+        raise ValueError(f"score must be 'random' or 'weight' (public choices), got {score!r}")
+    if path + H_SUFFIX not in g:
+        raise ValueError(f"path {path!r} is not a Ravan layer of the global state")
     H = g[path + H_SUFFIX]
     h = H.shape[0]
+    if isinstance(heads, bool) or not isinstance(heads, int) or not 1 <= heads <= h:
+        raise ValueError(f"heads must be an int in [1, {h}], got {heads!r}")
     if score == "random":
         return torch.full((h,), heads / h, dtype=torch.float64)
     s = g.get(path + S_SUFFIX)
@@ -851,7 +867,7 @@ def _public_cover(
                 m[idx] = 1.0
                 cover[path + H_SUFFIX] = m
             else:
-                cover[path + H_SUFFIX] = _head_probabilities(g, path, budget.heads, head_score)
+                cover[path + H_SUFFIX] = ravan_head_probabilities(g, path, budget.heads, head_score)
         return cover
     for path in lora_paths(g):
         R = g[a_key(path)].shape[0]
@@ -944,12 +960,25 @@ def private_aggregate(
         and ``dp_rejected_clients`` (``[{"client": k, "reason": ...}]``), ``dp_clip_fraction``
         (accepted clients whose norm exceeded ``C``), ``dp_noise_std`` (``z·C``),
         ``dp_noise_multiplier``, ``dp_clip``, ``dp_delta``, ``dp_denominators`` (``{key: [per
-        index]}``), and ``epsilon`` with ``dp_rounds`` when an accountant is given. The clip
-        fraction is NOT privatised: keep it out of published results.
+        index]}``), ``dp_sample_rate`` (with a population or an accountant), and ``epsilon``
+        with ``dp_rounds`` when an accountant is given. The clip fraction is the share the
+        SERVER had to clip (about 0 when clients ran :func:`clip_update`; tune ``C`` from the
+        norms ``clip_update`` returns), and it is NOT privatised: keep it out of published
+        results.
     """
     impl = get_method(method)
     name = impl.name
     check_dp_compatible(name, options)
+    if not isinstance(dp, DPConfig):
+        raise TypeError(f"dp must be a fedlora.privacy.DPConfig, got {type(dp).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if not all(isinstance(b, Budget) for b in budgets):
+        raise TypeError("budgets must be fedlora.methods.Budget objects, one per sampled client")
+    if population is not None and not isinstance(population, Population):
+        raise TypeError(f"population must be a Population, got {type(population).__name__}")
     if dp.noise_multiplier is None:
         raise ValueError("dp.noise_multiplier is not set: use dp.resolved(rounds, sample_rate)")
     n = len(uploads)
