@@ -1,8 +1,9 @@
 """The ``fedlora`` command: ``fedlora simulate``, ``fedlora compare`` and ``fedlora export``.
 
 Every option's default is shown in ``--help``; ``fedlora --version`` prints the version. While
-a run starts, one line on stderr says what it loads (and the one-time cache builds say how long
-they take: the ``fedlora`` logger is shown at INFO level on stderr).
+a run starts, one line on stdout says what it loads, and the one-time cache builds say how long
+they take (the ``fedlora`` logger's INFO lines are shown on stdout while a command runs; stderr
+keeps the progress bar, warnings and the one-line errors).
 
 Errors in the configuration print one line on stderr and exit with code 2 before anything is
 written or trained: an unknown option or a value argparse cannot convert, a number out of its
@@ -212,12 +213,17 @@ def _task_defaults(name: str) -> str:
     return ", ".join(f"{task} {TASK_DEFAULTS[task][name]}" for task in TASKS)
 
 
-class _StderrHandler(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stderr`` is when a record is emitted."""
+class _StreamHandler(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` (or ``sys.stderr``) is when a record is
+    emitted, so redirections made after it was created are honoured."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
 
     @property  # type: ignore[override]
     def stream(self):
-        return sys.stderr
+        return getattr(sys, self._name)
 
     @stream.setter
     def stream(self, value) -> None:
@@ -226,19 +232,25 @@ class _StderrHandler(logging.StreamHandler):
 
 @contextlib.contextmanager
 def _progress_logs() -> Iterator[None]:
-    """The ``fedlora`` logger's INFO lines (model and data cache builds, what is loaded) on
-    stderr while a command runs; the logger is left as it was afterwards."""
+    """While a command runs: the ``fedlora`` logger's INFO lines (what is loaded, the one-time
+    model and data cache builds) on stdout, its warnings on stderr as before (stderr keeps the
+    progress bar, warnings and the one-line errors). The logger is left as it was afterwards."""
     root = logging.getLogger("fedlora")
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("fedlora: %(message)s"))
+    info = _StreamHandler("stdout")
+    info.setFormatter(logging.Formatter("fedlora: %(message)s"))
+    info.addFilter(lambda record: record.levelno < logging.WARNING)
+    warn = _StreamHandler("stderr")
+    warn.setLevel(logging.WARNING)
     level = root.level
-    root.addHandler(handler)
+    root.addHandler(info)
+    root.addHandler(warn)
     if level == logging.NOTSET or level > logging.INFO:
         root.setLevel(logging.INFO)
     try:
         yield
     finally:
-        root.removeHandler(handler)
+        root.removeHandler(info)
+        root.removeHandler(warn)
         root.setLevel(level)
 
 
@@ -260,7 +272,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedlora.simulate.engine import run
 
     cfg = _config(args, args.method)
-    print(_start_line(cfg, args.out), file=sys.stderr, flush=True)
+    print(_start_line(cfg, args.out), flush=True)
     result = run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     last = result.rounds[-1] if result.rounds else result.initial or {}
     metric, label = (
