@@ -428,7 +428,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedlora`` console script."""
+    """Entry point of the ``fedlora`` console script.
+
+    Called without ``argv`` (the console script, ``python -m fedlora.cli``) it ends the process
+    itself once a command has run: see :func:`_exit_now`. With ``argv`` (tests, other Python
+    code) it returns the exit code."""
+    code = _run(argv)
+    if argv is None:
+        _exit_now(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -444,6 +455,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedlora: interrupted; continue the run with --resume", file=sys.stderr)
         return 130
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's finalization.
+
+    What kept ``fedlora simulate`` alive after ``done``: CPython's shutdown runs a full garbage
+    collection over every object torch, transformers and the model left (about half a million
+    for a tiny model) and then tears every module down, object by object, only for the OS to
+    reclaim the memory anyway. Measured on this project's 2-core machine under load (load
+    average 11): 4.3 s between ``done`` and the exit of a tiny-model run, 0.1 s with this exit;
+    it grows with the heap and the load (1.5-2 min reported for the README SFT command). No
+    thread or child process was left (only tqdm's daemon monitor). The ``atexit`` handlers
+    (logging's flush, temp-file finalizers, ...) still run; then the standard streams are
+    flushed and the process exits with ``code``."""
+    import atexit
+    import os
+
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 def _one_line(text: str) -> str:
