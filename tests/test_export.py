@@ -470,3 +470,36 @@ def test_export_into_an_empty_folder_and_of_a_resumable_run(tiny_lm, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     with pytest.raises(ConfigError, match="--format must be one of"):
         export_run(tmp_path / "run", tmp_path / "o2", "gguf")
+
+
+@pytest.mark.slow
+def test_smollm2_run_exports_to_a_peft_folder_plain_peft_loads(tmp_path):
+    """The embedded SmolLM2: a 1-round run's PEFT export, loaded by plain PEFT on the cached base
+    the adapter config names, answers as fedlora's model does."""
+    from fedlora import models
+
+    try:
+        models.embedded_llm_gguf()
+        models._require_gguf_loading()
+    except ImportError as err:
+        pytest.skip(f"embedded SmolLM2 unavailable: {err}")
+    cfg = SimConfig(task="sft", clients=2, rounds=1, local_steps=1, batch_size=2, max_length=64,
+                    max_test=2, max_generate=0, device="cpu", dtype="float32", lr=1e-2)  # fmt: skip
+    quiet_run(cfg, tmp_path / "run")
+    export_run(tmp_path / "run", tmp_path / "peft", log=lambda line: None)
+    config = json.loads((tmp_path / "peft" / ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(models.llm_cache_path())
+    ids = torch.randint(100, 5000, (1, 12), generator=torch.Generator().manual_seed(0))
+    spec = tmp_path / "jobs.json"
+    job = {"format": "peft", "dir": str(tmp_path / "peft"), "logits": str(tmp_path / "l.pt")}
+    spec.write_text(json.dumps({"ids": ids.tolist(), "exports": [job]}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", LOADER, str(spec)], capture_output=True,
+                          text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model, _ = build_run_model(tmp_path / "run")
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    oracle, base_only = _oracle_and_base(model, ids)
+    assert_as_accurate(torch.load(tmp_path / "l.pt"), plain, oracle, what="SmolLM2 PEFT logits")
+    assert float((oracle - base_only).abs().max()) > 1e-3
