@@ -198,6 +198,8 @@ def _model_config(run: RunCheckpoint) -> SimConfig:
     cfg.device, cfg.dtype = "cpu", "float32"
     record = run.record or {}
     path = record.get("model_path")
+    if path is not None and not Path(path).is_dir() and record.get("model") == "smollm2":
+        path = None  # the embedded model's cache was removed: load_causal_lm builds it again
     if path is not None:
         if not Path(path).is_dir():
             raise _run_error(run.folder, f"the run's base model folder {path!r} no longer exists")
@@ -651,7 +653,7 @@ def peft_adapter_state(
             state.update(_ravan_from_lora(layer, path, A, B, sigma, bad))
         else:  # pragma: no cover - every layer kind is one of the two
             raise bad(f"module {path!r}: cannot load into {type(layer).__name__}")
-    return state
+    return {k: v.to(initial[k].device) if k in initial else v for k, v in state.items()}
 
 
 def _ravan_from_lora(

@@ -52,6 +52,8 @@ class RunProgress:
         log: Callable[[str], None] = print,
     ) -> None:
         global _ACTIVE
+        if _ACTIVE is not None:  # a run that ended by an exception left its bar
+            _ACTIVE.close()
         self.steps, self.log, self.bar = list(steps), log, None
         self.rounds = len(self.steps)
         if enabled:
