@@ -27,7 +27,9 @@ How each method's global adapter becomes a PEFT LoRA (float32):
   NOT the trained model.
 
 Layers whose rank or alpha differ from the most common one go to ``rank_pattern`` /
-``alpha_pattern`` (full module paths).
+``alpha_pattern`` (full module paths). Everything is written in float32, rebuilt on the CPU from
+the run's base model folder: a run whose frozen base ran in bfloat16 (``--dtype``, GPUs) answers
+the same within bfloat16 rounding.
 
 :func:`peft_adapter_state` is the way back (``fedlora simulate --init-adapter DIR``): a PEFT LoRA
 folder as the initial global state of a run (see its docstring for what is converted and what is
