@@ -35,7 +35,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 #: fields added after checkpoints were first written: left out of the fingerprint at these
 #: values, so runs checkpointed before they existed still resume
 _LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
-                 "max_generate": 16, "max_new_tokens": 32}  # fmt: skip
+                 "max_generate": 16, "max_new_tokens": 32, "init_adapter": None}  # fmt: skip
 HEAD_SCORES = ("weight", "gradient", "random")
 HAFL_MODES = ("freeze", "truncate")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
@@ -60,7 +60,9 @@ class SimConfig:
     ``clients_per_round`` samples that many clients each round (None: all). ``device`` and
     ``dtype`` are where the run trains and the frozen base's precision
     (:mod:`fedlora.simulate.devices`); ``max_generate`` / ``max_new_tokens``: the SFT test
-    prompts answered greedily each round and the answers' length limit.
+    prompts answered greedily each round and the answers' length limit. ``init_adapter``: a PEFT
+    LoRA folder the run starts from (:func:`fedlora.export.peft_adapter_state`; None: the
+    method's own initialisation).
     """
 
     task: str = "classify"
@@ -92,6 +94,7 @@ class SimConfig:
     dtype: str = "auto"
     max_generate: int = 16
     max_new_tokens: int = 32
+    init_adapter: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in TASK_DEFAULTS.get(self.task, {}).items():
@@ -183,6 +186,7 @@ class SimConfig:
         from fedlora.data import BUILTIN_SETS
 
         _check_path("data", self.data, want_dir=False, names=BUILTIN_SETS * (self.task == "sft"))
+        _check_path("init_adapter", self.init_adapter, want_dir=True)
         parse_budgets(self)
         return self
 

@@ -44,10 +44,12 @@ from fedlora.simulate.outputs import (  # noqa: F401  (re-exported: compare, tes
     plot_curves,
     probe_writable,
     read_checkpoint,
+    run_record,
     write_checkpoint,
     write_outputs,
     write_reports,
 )
+from fedlora.simulate.progress import RunProgress, round_steps, tick
 from fedlora.simulate.tasks import Batch, Task, get_task, model_device
 from fedlora.simulate.tasks.classify import (  # noqa: F401  (re-exported: the classify pieces)
     EVAL_BATCH,
@@ -129,6 +131,7 @@ def train_group(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         round_idx=round_idx,
+        on_step=lambda done, total: tick(),
     )
     return [(r.state, r.meta) for r in results], [r.metrics["train_loss"] for r in results]
 
@@ -250,6 +253,11 @@ def run(
     result.data = s.data
     model, device = s.model, model_device(s.model)
     global_state = get_adapter_state_dict(model, slot=0)
+    record = run_record(cfg, model)
+    if cfg.init_adapter is not None and ckpt is None:  # a PEFT LoRA as the initial global
+        from fedlora.export import peft_adapter_state
+
+        global_state = peft_adapter_state(cfg.init_adapter, model, cfg, global_state, record)
     start_round = 0
     if ckpt is not None:
         global_state, result.rounds, result.initial = ckpt
@@ -287,18 +295,16 @@ def run(
         side=s.rule,
     )
     server.restore(global_state, result.rounds[-1] if result.rounds else None)
-    bar = _progress(cfg.rounds, start_round, progress)
+    bar = RunProgress(round_steps(cfg, s.rule, s.budgets), start_round, enabled=progress, log=log)
     for r in range(start_round, cfg.rounds):
+        bar.round_start(r)
         global_state, row = _federated_round(r, cfg, s, server)
         result.rounds.append(row)
-        bar_write = bar.write if bar is not None else log
-        bar_write(
+        bar.write(
             f"round {r + 1:3d}/{cfg.rounds}  {s.task.round_line(row)}  "
             f"agg-err {row['aggregation_error']:.2e}  up {row['bytes_up'] / 2**20:.2f} MiB  "
             f"down {row['bytes_down'] / 2**20:.2f} MiB  {row['seconds']:.1f}s"
         )
-        if bar is not None:
-            bar.update(1)
         if out is not None:
             write_outputs(
                 out,
@@ -308,9 +314,9 @@ def run(
                 plot=plot,
                 initial=result.initial,
                 data=result.data,
+                resolved=record,
             )
-    if bar is not None:
-        bar.close()
+    bar.close()
     result.global_state = global_state
     return result
 
@@ -394,14 +400,6 @@ def _restore_bases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
         else:
             rest[key] = value
     return rest
-
-
-def _progress(total: int, start: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="rounds", unit="round", dynamic_ncols=True)
 
 
 def _check_resumable(model: nn.Module, cfg: SimConfig, state: dict[str, torch.Tensor]) -> None:

@@ -34,7 +34,8 @@ from fedlora.simulate.config import ConfigError, SimConfig
 
 #: The checkpoint: ONE safetensors file (the global adapter state, plus the frozen base weights
 #: FLoRA / FedEx-LoRA changed) whose header metadata holds, under ``CKPT_META_KEY``, the JSON of
-#: ``{"format", "config", "config_fingerprint", "rounds"}`` and, under ``CKPT_DIGEST_KEY``, a
+#: ``{"format", "config", "config_fingerprint", "rounds", "initial", "resolved"}`` (``resolved``:
+#: :func:`run_record`, what ``fedlora export`` needs) and, under ``CKPT_DIGEST_KEY``, a
 #: SHA-256 over every tensor (name, dtype, shape, bytes) and that JSON text. It is written to a
 #: temp file in the same directory, fsync'd and renamed over the old one, so a kill at any instant
 #: leaves either the previous round's checkpoint or this round's, never a mix.
@@ -305,15 +306,80 @@ def _tensor_digest(tensors: dict[str, torch.Tensor], meta_text: str) -> str:
     return h.hexdigest()
 
 
+#: Version of the ``resolved`` record (:func:`run_record`) in the checkpoint header.
+RECORD_VERSION = 1
+#: What ``--model`` None / ``smollm2`` is, for ``base_model_name_or_path`` comparisons.
+EMBEDDED_LLM_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def run_record(cfg: SimConfig, model: torch.nn.Module) -> dict[str, Any]:
+    """What a checkpoint must say for its model to be rebuilt without the config's defaults
+    (``fedlora export``): the resolved model (``model``: the spec to load it again, ``model_path``:
+    the local transformers folder it was read from, or None when the embedded model could not be
+    cached), the resolved ``target_modules`` (the config's, or the module names the model family's
+    default adapted), the adapter layer kind, rank, heads, alpha and per-layer scale, the frozen
+    base's dtype, and the fedlora version that wrote it."""
+    import fedlora
+    from fedlora.methods import get as get_method
+    from fedlora.state_dict import adapter_layers
+
+    layers = list(adapter_layers(model))
+    names: list[str] = []
+    for path, _ in layers:
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf not in names:
+            names.append(leaf)
+    spec: str | None = cfg.model
+    path: str | None = None
+    alias: str | None = None
+    if cfg.task == "sft" and spec in (None, "smollm2"):
+        spec, alias = "smollm2", EMBEDDED_LLM_NAME
+        with contextlib.suppress(ImportError, OSError):
+            from fedlora.models import llm_cache_path
+
+            cached = llm_cache_path()
+            path = str(cached) if cached.is_dir() else None
+    elif cfg.task == "classify" and spec is None:
+        with contextlib.suppress(ImportError, OSError):
+            from fedlora.models import default_model_path
+
+            path = str(Path(default_model_path()).resolve())
+        spec = path
+    else:
+        path = str(Path(os.path.expanduser(str(spec))).resolve())
+    first = layers[0][1] if layers else None
+    base = getattr(first, "base_layer", None)
+    return {
+        "version": RECORD_VERSION,
+        "fedlora": fedlora.__version__,
+        "task": cfg.task,
+        "method": cfg.method,
+        "layer": get_method(cfg.method).layer,
+        "changes_base": bool(get_method(cfg.method).changes_base),
+        "model": spec,
+        "model_path": path,
+        "model_alias": alias,
+        "target_modules": list(cfg.target_modules) if cfg.target_modules else names,
+        "adapted_modules": len(layers),
+        "rank": cfg.rank,
+        "heads": cfg.heads,
+        "alpha": cfg.alpha,
+        "scale": float(first.scale) if first is not None else None,
+        "dtype": str(base.weight.dtype).removeprefix("torch.") if base is not None else None,
+        "seed": cfg.seed,
+    }
+
+
 def write_checkpoint(
     out: Path,
     cfg: SimConfig,
     rounds: list[dict],
     state: dict[str, torch.Tensor],
     initial: dict[str, Any] | None = None,
+    resolved: dict[str, Any] | None = None,
 ) -> None:
     """Write the whole checkpoint (tensors and metadata, with ``initial``, the evaluation before
-    round 1) as one atomically replaced file."""
+    round 1, and ``resolved``, :func:`run_record`) as one atomically replaced file."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
@@ -324,6 +390,7 @@ def write_checkpoint(
             "config_fingerprint": cfg.fingerprint(),
             "rounds": rounds,
             "initial": initial,
+            "resolved": resolved,
         }
     )
     header = {CKPT_META_KEY: meta_text, CKPT_DIGEST_KEY: _tensor_digest(tensors, meta_text)}
@@ -614,11 +681,12 @@ def write_outputs(
     plot: bool = True,
     initial: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
+    resolved: dict[str, Any] | None = None,
 ) -> None:
-    """The checkpoint first (the source of truth a resume reads), then the reports derived from
-    it; every file is written atomically."""
+    """The checkpoint first (the source of truth a resume reads; ``resolved``: its
+    :func:`run_record`), then the reports derived from it; every file is written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(out, cfg, rounds, global_state, initial)
+    write_checkpoint(out, cfg, rounds, global_state, initial, resolved)
     write_reports(out, cfg, rounds, plot=plot, initial=initial, data=data)
 
 
