@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(text: str) -> str:
     """``text`` on one line: a message of several lines joined with spaces; any other control
-    character (a ``\r`` in an argument, say) written as its escape."""
+    character (a carriage return in an argument, say) written as its escape."""
     if "\n" in text:
         text = " ".join(text.split())
     if text.isprintable():
