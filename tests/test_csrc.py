@@ -767,10 +767,13 @@ def test_array_spans_that_wrap_memory_are_too_big():
     """An array whose claimed end lies past the top of the address space is refused as "too big"
     instead of confusing the overlap checks (run in a child: before the check it read memory)."""
     code = f"""
-import ctypes, sys
-sys.path[:0] = {[str(ROOT)]!r}
-from fedlora_kernels import _clib
-lib = _clib.library()
+import ctypes
+lib = ctypes.CDLL({str(_clib.library_path())!r})
+lib.fedlora_last_error.restype = ctypes.c_char_p
+lib.fedlora_masked_lora_forward.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+    ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+    ctypes.c_void_p, ctypes.c_int]
 y = (ctypes.c_float * 20)()
 A = (ctypes.c_float * 48)()
 B = (ctypes.c_float * 30)()

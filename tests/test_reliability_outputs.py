@@ -361,6 +361,47 @@ def test_tests_run_with_one_thread_unless_they_say_otherwise():
     the processes tests launch (FEDLORA_TEST_THREADS overrides the count)."""
     want = int(os.environ.get("FEDLORA_TEST_THREADS", "1"))
     assert torch.get_num_threads() == want
-    code = "import os, torch; print(torch.get_num_threads(), os.environ['FEDLORA_NUM_THREADS'])"
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "FEDLORA_NUM_THREADS")
+    code = f"import os; print(*(os.environ.get(n) for n in {names!r}))"  # torch reads OMP's
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert child.stdout.split() == [str(want), str(want)], child.stderr[-500:]
+    assert child.stdout.split() == [str(want)] * 3, child.stderr[-500:]
+
+
+# ----------------------------------------------------------------------- model configs
+def _broken_copy(src: str, dst: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "task,changes,words",
+    [
+        ("classify", {"num_hidden_layers": -2}, "its config.json has num_hidden_layers = -2"),
+        ("sft", {"num_hidden_layers": -2}, "its config.json has num_hidden_layers = -2"),
+        ("sft", {"vocab_size": 0}, "its config.json has vocab_size = 0"),
+        ("classify", {"hidden_size": "wide"}, "expected int, got str (value: 'wide')"),
+        (
+            "classify",
+            {"model_type": "no-such-architecture"},
+            "cannot read its config (The checkpoint you are trying to load has model type",
+        ),
+    ],
+)
+def test_model_config_transformers_rejects_is_one_line(tiny_bert_dir, tiny_llm_dir, tmp_path,
+                                                       capsys, task, changes, words):  # fmt: skip
+    """A config transformers rejects, or accepts but cannot build a model from (a negative layer
+    count builds a model without layers), is one line naming the folder and the complaint,
+    with no transformers output (before: 15 lines of a load report, then a wrong-cause error
+    about --target-modules)."""
+    src = tiny_bert_dir if task == "classify" else tiny_llm_dir
+    model = _broken_copy(src, tmp_path / "model", **changes)
+    out = tmp_path / "out"
+    code = main(["simulate", "--task", task, "--model", str(model), "--out", str(out), *TINY])
+    captured = capsys.readouterr()
+    _one_line(code, captured.err.strip(), "--model", str(model), words)
+    assert captured.out == "" and not out.exists()

@@ -46,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (no usage block), exit code 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -482,7 +482,13 @@ def _exit_now(code: int) -> NoReturn:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split()) if "\n" in text else text
+    """``text`` on one line: a message of several lines joined with spaces; any other control
+    character (a carriage return in an argument, say) written as its escape."""
+    if "\n" in text:
+        text = " ".join(text.split())
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def load_encoder(
     transformers = _require_transformers()
     kwargs: dict[str, Any] = {"local_files_only": True, **_dtype_kwargs(transformers, dtype)}
     transformers.utils.logging.disable_progress_bar()  # keep stderr for our one-line errors
+    _check_config(transformers, folder)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except ImportError:
@@ -147,6 +148,56 @@ def load_encoder(
         raise ValueError(f"model path {str(folder)!r}: no usable tokenizer")
     model.eval()
     return model, tokenizer
+
+
+#: config fields that must be positive integers when present (the sizes of every architecture
+#: this project loads: BERT-style encoders, LLaMA/Qwen2/GPT-2 decoders); transformers accepts
+#: some nonsense values (``num_hidden_layers: -2`` builds a model without layers) and others it
+#: rejects with a paragraph of text
+_POSITIVE_CONFIG_FIELDS = (
+    "num_hidden_layers", "n_layer", "num_layers", "hidden_size", "n_embd", "d_model",
+    "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "intermediate_size",
+    "n_inner", "vocab_size", "max_position_embeddings", "n_positions",
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any):
+    """transformers' own logging at error level only, for the duration (restored after)."""
+    logging_ = transformers.utils.logging
+    before = logging_.get_verbosity()
+    logging_.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging_.set_verbosity(before)
+
+
+def _check_config(transformers: Any, folder: Path) -> Any:
+    """``folder``'s config, read quietly and checked: transformers' rejection of it, or a size
+    field that is not a positive integer, is a one-line ValueError naming the folder."""
+    try:
+        with _quiet_transformers(transformers):
+            config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except ImportError:
+        raise
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()][:3]
+        why = " ".join(lines)[:300] or type(e).__name__  # "Validation error for field 'x': ..."
+        raise ValueError(f"model path {str(folder)!r}: cannot read its config ({why})") from e
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for name in _POSITIVE_CONFIG_FIELDS:
+            value = getattr(cfg, name, None)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"model path {str(folder)!r}: its config.json has {name} = {value!r}; it "
+                    "must be a positive integer"
+                )
+    return config
 
 
 def _first_line(err: BaseException) -> str:
@@ -464,12 +515,7 @@ def _discard_cache(target: Path) -> None:
 
 def _check_causal_lm_config(transformers: Any, folder: Path) -> None:
     """One-line ValueError unless ``folder``'s config is a decoder with a causal-LM head."""
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:
-        raise ValueError(
-            f"model path {str(folder)!r}: cannot read its config ({_first_line(e)})"
-        ) from e
+    config = _check_config(transformers, folder)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
 
     model_type = getattr(config, "model_type", None)
