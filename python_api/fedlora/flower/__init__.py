@@ -64,8 +64,11 @@ from fedlora.flower.budget import (
 from fedlora.flower.codec import (
     BUDGET_KEY,
     BUDGET_KEYS,
+    HANDBACK_KEY,
     META_KEY,
+    decode_handback,
     decode_meta,
+    encode_handback,
     encode_meta,
     from_arrayrecord,
     meta_record,
@@ -75,6 +78,7 @@ from fedlora.flower.codec import (
     to_float32,
     train_reply,
 )
+from fedlora.rounds import accumulate_base_merges
 
 #: The Flower-derived classes and the module defining each (imported on first access).
 _LAZY = {
@@ -86,6 +90,7 @@ _LAZY = {
 __all__ = [
     "BUDGET_KEY",
     "BUDGET_KEYS",
+    "HANDBACK_KEY",
     "META_KEY",
     "NODE_CONFIG_KEYS",
     "RANKS_KEY",
@@ -93,10 +98,13 @@ __all__ = [
     "FedLoRAStrategy",
     "LocalGrid",
     "RoundResult",
+    "accumulate_base_merges",
     "aggregate_round",
     "check_budget",
     "client_budget",
+    "decode_handback",
     "decode_meta",
+    "encode_handback",
     "encode_meta",
     "from_arrayrecord",
     "meta_record",
