@@ -300,6 +300,7 @@ class RoundCore:
         last_metrics: the full metrics of the last ``fedlora.aggregate`` call.
         last_rejections: ``[(client id, reason)]`` of the last round.
         last_error: why the last round changed nothing (one line), or None.
+        round_errors: ``{server_round: that line}`` for every round that changed nothing.
     """
 
     def _init_core(
@@ -322,6 +323,7 @@ class RoundCore:
         self.last_metrics: dict[str, Any] = {}
         self.last_rejections: list[tuple[Any, str]] = []
         self.last_error: str | None = None
+        self.round_errors: dict[int, str] = {}
 
     def _make_server(self) -> Server:
         """The :class:`fedlora.rounds.Server` of this run (strategies override it to give
@@ -372,6 +374,8 @@ class RoundCore:
         self.last_metrics = result.metrics
         self.last_rejections = result.rejected
         self.last_error = result.error
+        if result.error is not None:
+            self.round_errors[server_round] = result.error
         if result.state is not None:
             self.global_state = to_float32(result.state)
         return result

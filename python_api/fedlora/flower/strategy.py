@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fedlora.flower._rounds import ClientReply, RoundCore, _method_of, decode_messages, options_of
+from fedlora.flower._rounds import RoundCore, _method_of, decode_messages, options_of
 from fedlora.flower.budget import RANKS_KEY
 from fedlora.flower.codec import (
     HANDBACK_KEY,
@@ -23,7 +23,7 @@ from fedlora.flower.codec import (
     from_arrayrecord,
     to_arrayrecord,
 )
-from fedlora.rounds import Server, accumulate_base_merges, full_budget, upload_over_budget
+from fedlora.rounds import Server, accumulate_base_merges, full_budget
 
 try:
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -74,6 +74,8 @@ class FedLoRAStrategy(RoundCore, FedAvg):
             be a name the registry does not know, and downloads are the whole state).
         aggregate_options: keyword options for the method's rule (e.g. ``shared=True``).
         meta_key: name of the reply ConfigRecord holding the client meta.
+        seed: the run seed of the per-round rule options (FLoRA's restart seed), as
+            ``fedlora simulate --seed`` (:meth:`fedlora.rounds.Server.round_options`).
         **kwargs: ``FedAvg`` arguments (``fraction_train``, ``min_train_nodes``,
             ``weighted_by_key``, ...).
 
@@ -97,10 +99,13 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         aggregate_fn: Callable[..., tuple[dict, dict]] | None = None,
         aggregate_options: Mapping[str, Any] | None = None,
         meta_key: str = META_KEY,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         from fedlora import methods
 
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if aggregate_fn is None or method in methods.names():
             methods.get(method)  # ValueError listing the known names
         if budgets is not None and not (
@@ -123,6 +128,7 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         self.payload_fn = payload_fn
         self.declared_budgets: dict[int, dict[str, int]] = {}
         self._node_ids: list[int] = []
+        self.seed = seed
 
     def summary(self) -> None:
         """Log the configuration (FedAvg's, plus the fedlora method)."""
@@ -173,6 +179,7 @@ class FedLoRAStrategy(RoundCore, FedAvg):
                 aggregate_fn=self.aggregate_fn,
                 aggregate_options=self.aggregate_options,
                 side=cls(options, budgets),
+                seed=self.seed,
             )
         return self.round_server()
 
@@ -252,18 +259,18 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         Refused, and named in the MetricRecord (``rejected``: node ids, ``num_rejected``; the
         reasons are logged and kept in :attr:`last_rejections`): error and malformed replies, a
         reply from a node not sent a train message this round, a second reply of a node, an
-        upload above the node's budget (the one the server assigned, or the one the node
-        declares in the reply), and uploads ``fedlora.aggregate`` rejects. A round that changes
+        upload above the budget the server holds for the node this round (assigned by
+        ``budgets``, or declared by the node in an earlier reply), and uploads
+        ``fedlora.aggregate`` rejects. A round that changes
         nothing says why in one log line (:attr:`last_error`). Budgets the replies declare are
         kept in :attr:`declared_budgets` for the nodes' next downloads."""
-        replies = list(replies)
+        replies = sorted(replies, key=_sender_order)  # arrival order must not change sums
         clients, declared = decode_messages(
             replies,
             weighted_by_key=self.weighted_by_key,
             arrayrecord_key=self.arrayrecord_key,
             meta_key=self.meta_key,
         )
-        clients = self._check_declared(clients, declared)
         self.declared_budgets.update(declared)
         previous = self.global_state
         result = self.finish_round(server_round, clients)
@@ -291,19 +298,12 @@ class FedLoRAStrategy(RoundCore, FedAvg):
             return None, metrics
         return to_arrayrecord(self.global_state), metrics
 
-    def _check_declared(
-        self, clients: list[ClientReply], declared: Mapping[int, Mapping[str, int]]
-    ) -> list[ClientReply]:
-        """Replies whose upload exceeds the budget their node declares in them, refused."""
-        if not declared or self.registered is None:
-            return clients
-        options = self.client_options or options_of(self.global_state)
-        out = []
-        for c in clients:
-            if c.reason is None and c.cid in declared:
-                budget = full_budget(options, declared[c.cid])
-                why = upload_over_budget(self.registered, c.state or {}, c.meta, budget)
-                if why is not None:
-                    c = c._replace(reason=f"over its declared budget: {why}")
-            out.append(c)
-        return out
+
+def _sender_order(msg: Any) -> tuple[int, int]:
+    """Replies in ascending sender node id (replies without one last), so that the weighted
+    sums of a round do not depend on the order the replies arrived in."""
+    try:
+        nid = msg.metadata.src_node_id
+    except AttributeError:
+        return (1, 0)
+    return (0, nid) if isinstance(nid, int) and not isinstance(nid, bool) else (1, 0)
