@@ -113,8 +113,9 @@ def test_aggregate_train_equals_fedlora_aggregate(method):
     uploads = {k: (clients[k], weights[k], metas[k]) for k in range(n)}
     st = strategy(method, n, aggregate_options={"error": True})  # the error only when asked
     got, metrics, replies = run_round(st, g, uploads)
-    # the expected result on the same dicts, in the order the replies arrived
-    order = [int(m.metadata.src_node_id) - 1 for m in replies]
+    # the expected result on the same dicts, in ascending node id (the strategy sums the
+    # replies in that order, whatever order they arrived in)
+    order = sorted(int(m.metadata.src_node_id) - 1 for m in replies)
     want, want_metrics = fedlora.aggregate(
         method,
         g,
@@ -444,7 +445,7 @@ SMALL = {
     "local-steps": 2,
     "batch-size": 8,
     "max-length": 32,
-    "max-per-class": 12,
+    "max-train-per-client": 12,
     "max-test": 24,
     "lr": 0.01,
 }
@@ -485,7 +486,7 @@ def test_example_on_the_embedded_default_model(capsys):
         "batch-size": 2,
         "max-length": 16,
         "max-test": 4,
-        "max-per-class": 6,
+        "max-train-per-client": 6,
     }
     context = local.run(2, overrides)
     assert len(context.state["result"]["test_accuracy"]) == 3
@@ -598,7 +599,7 @@ def test_every_method_trains_two_rounds_over_flower(tiny_bert_dir, method, tmp_p
     ClientApp (the method's own client side): every update used, and the adapters train
     (FlexLoRA's round-1 download used to be A = 0, B = 0 for every client)."""
     local = _example()
-    from fedlora_flower.task import Settings, initial_state
+    from fedlora_flower.task import initial_state, sim_config
 
     overrides = {
         **SMALL,
@@ -619,7 +620,7 @@ def test_every_method_trains_two_rounds_over_flower(tiny_bert_dir, method, tmp_p
         assert math.isfinite(metrics["train_loss"])
     final = saved["global_state"]
     assert all(torch.isfinite(v).all() for v in final.values())
-    initial = initial_state(Settings.from_run_config(local.run_config(overrides)))
+    initial = initial_state(sim_config(local.run_config(overrides), 2))
     assert _adapter_changed(method, initial, final), f"{method}: no adapter trained"
     assert saved["declared_budgets"] == {1: {"rank": 2, "components": 2}, 2: {"rank": 4}}
 

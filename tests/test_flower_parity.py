@@ -32,10 +32,10 @@ import torch
 pytest.importorskip("flwr")
 pytest.importorskip("transformers")
 
-import fedlora  # noqa: E402
-from fedlora import rounds  # noqa: E402
-from fedlora.local import LocalClient, client_seed, sample_batches  # noqa: E402
-from fedlora.simulate import setup_run  # noqa: E402
+import fedlora
+from fedlora import rounds
+from fedlora.local import LocalClient, client_seed, sample_batches
+from fedlora.simulate import setup_run
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flower"
@@ -228,7 +228,7 @@ def test_hafl_truncation_round2_download_follows_the_server_scores(
 
     def configure(self, round_idx, clients):
         out = real_configure(self, round_idx, clients)
-        for order, (c, d) in enumerate(sorted(out.items())):
+        for order, (_c, d) in enumerate(sorted(out.items())):
             downloads[where["now"]][(round_idx, order)] = d.state
         return out
 
