@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from functools import lru_cache
 from typing import Any
 
@@ -104,15 +105,13 @@ def node_budget(cfg: SimConfig, entries: dict[str, int]) -> Budget:
 # ------------------------------------------------------------------------------------- the run
 @lru_cache(maxsize=2)
 def _setup(cfg_json: str) -> Any:
-    cfg = SimConfig.from_json(__import__("json").loads(cfg_json))
+    cfg = SimConfig.from_json(json.loads(cfg_json))
     return setup_run(cfg, log=lambda line: None, num_slots=1)
 
 
 def run_setup(cfg: SimConfig) -> Any:
     """:func:`fedlora.simulate.setup_run` for ``cfg`` (one slot), built once per process. Its
     ``model`` is never trained: take :func:`fresh_model` copies."""
-    import json
-
     return _setup(json.dumps(cfg.to_json(), sort_keys=True))
 
 

@@ -163,6 +163,11 @@ class FedLoRAStrategy(RoundCore, FedAvg):
     def _server(self, node_ids: Sequence[int] = ()) -> Server:
         """The run's :class:`fedlora.rounds.Server` (made on first use: budgets from
         :meth:`budget_of`, the method's client side for the downloads)."""
+        if self.global_state is None:
+            raise ValueError(
+                "FedLoRAStrategy has no global state yet: pass initial_state= or let "
+                "configure_train receive the arrays"
+            )
         if node_ids:
             self._node_ids = list(node_ids)
         if self.server is None:
