@@ -245,14 +245,23 @@ def test_superlink_two_supernodes_flwr_run_two_rounds(deployment, tiny_llm_dir, 
 SIM_DEFAULT = "hafl"
 
 
+def _sim_methods() -> list:
+    """Every method; all but :data:`SIM_DEFAULT` skipped (before any process starts) unless
+    ``FEDLORA_FLOWER_SIM_ALL=1``."""
+    every = os.environ.get("FEDLORA_FLOWER_SIM_ALL") == "1"
+    why = "one Ray run per method: set FEDLORA_FLOWER_SIM_ALL=1 to run every method"
+    return [
+        pytest.param(m, marks=pytest.mark.skipif(m != SIM_DEFAULT and not every, reason=why))
+        for m in fedlora_methods()
+    ]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", fedlora_methods())
+@pytest.mark.parametrize("method", _sim_methods())
 def test_simulation_engine_flwr_run_two_rounds(simulation, tiny_llm_dir, tmp_path, method):
     """The LLM app on the simulation engine (Ray), 2 rounds of 2 simulated SuperNodes with
     ranks 2 and 4 (HAFL in truncation mode: round 2's downloads follow the server's averaged
     scores handed back in the train config)."""
-    if method != SIM_DEFAULT and os.environ.get("FEDLORA_FLOWER_SIM_ALL") != "1":
-        pytest.skip(f"one Ray run per method: set FEDLORA_FLOWER_SIM_ALL=1 to run {method!r}")
     env, connection, logs = simulation
     result_file = tmp_path / "result.pt"
     rank = 2 if method == "ravan" else 4  # Ravan: the per-head rank
