@@ -113,8 +113,9 @@ def test_aggregate_train_equals_fedlora_aggregate(method):
     uploads = {k: (clients[k], weights[k], metas[k]) for k in range(n)}
     st = strategy(method, n, aggregate_options={"error": True})  # the error only when asked
     got, metrics, replies = run_round(st, g, uploads)
-    # the expected result on the same dicts, in the order the replies arrived
-    order = [int(m.metadata.src_node_id) - 1 for m in replies]
+    # the expected result on the same dicts, in ascending node id (the strategy sums the
+    # replies in that order, whatever order they arrived in)
+    order = sorted(int(m.metadata.src_node_id) - 1 for m in replies)
     want, want_metrics = fedlora.aggregate(
         method,
         g,
@@ -444,7 +445,7 @@ SMALL = {
     "local-steps": 2,
     "batch-size": 8,
     "max-length": 32,
-    "max-per-class": 12,
+    "max-train-per-client": 12,
     "max-test": 24,
     "lr": 0.01,
 }
@@ -485,7 +486,7 @@ def test_example_on_the_embedded_default_model(capsys):
         "batch-size": 2,
         "max-length": 16,
         "max-test": 4,
-        "max-per-class": 6,
+        "max-train-per-client": 6,
     }
     context = local.run(2, overrides)
     assert len(context.state["result"]["test_accuracy"]) == 3
@@ -598,7 +599,7 @@ def test_every_method_trains_two_rounds_over_flower(tiny_bert_dir, method, tmp_p
     ClientApp (the method's own client side): every update used, and the adapters train
     (FlexLoRA's round-1 download used to be A = 0, B = 0 for every client)."""
     local = _example()
-    from fedlora_flower.task import Settings, initial_state
+    from fedlora_flower.task import initial_state, sim_config
 
     overrides = {
         **SMALL,
@@ -619,7 +620,7 @@ def test_every_method_trains_two_rounds_over_flower(tiny_bert_dir, method, tmp_p
         assert math.isfinite(metrics["train_loss"])
     final = saved["global_state"]
     assert all(torch.isfinite(v).all() for v in final.values())
-    initial = initial_state(Settings.from_run_config(local.run_config(overrides)))
+    initial = initial_state(sim_config(local.run_config(overrides), 2))
     assert _adapter_changed(method, initial, final), f"{method}: no adapter trained"
     assert saved["declared_budgets"] == {1: {"rank": 2, "components": 2}, 2: {"rank": 4}}
 
@@ -647,3 +648,181 @@ def test_from_arrayrecord_reads_every_npy_layout_like_flower():
         want = want.float() if want.is_floating_point() else want
         assert got[k].dtype == want.dtype and torch.equal(got[k], want), k
         got[k].add_(1)  # writable, owns its memory
+
+
+# ------------------------------------------------------------------------------------- refusals
+def _configured(st, g, uploads, num_nodes=None, server_round=1):
+    """configure_train on a grid of ``num_nodes`` (default: every upload's node), then the
+    replies of the nodes of ``uploads`` (asked or not); returns ``(grid, messages, replies)``."""
+    n = num_nodes or len(uploads)
+    grid = ff.LocalGrid(scripted_app(uploads), n)
+    messages = list(st.configure_train(server_round, ff.to_arrayrecord(g), ConfigRecord(), grid))
+    return grid, messages, grid.send_and_receive(messages)
+
+
+def test_reply_from_a_node_not_asked_this_round_is_refused():
+    g = lora_state()
+    clients = {k: (lora_state(seed=k + 1), 10, {}) for k in range(3)}
+    st = strategy("fedit", 2)
+    _, _, replies = _configured(st, g, {0: clients[0], 1: clients[1]})
+    # node 3 was never sent a train message this round: its reply is someone else's grid's
+    other = strategy("fedit", 3)
+    _, _, extra = _configured(other, g, clients)
+    intruder = [m for m in extra if m.metadata.src_node_id == node_of(2)]
+    arrays, metrics = st.aggregate_train(1, replies + intruder)
+    want, _ = fedlora.aggregate("fedit", g, [clients[0][0], clients[1][0]], [10, 10])
+    assert_state_close(ff.from_arrayrecord(arrays), want)
+    assert metrics["rejected"] == [node_of(2)] and metrics["clients_used"] == 2
+    assert "not asked" in dict(st.last_rejections)[node_of(2)]
+
+
+def test_second_reply_of_a_node_is_refused():
+    g = lora_state()
+    uploads = {k: (lora_state(seed=k + 1), 10, {}) for k in range(2)}
+    st = strategy("fedit", 2)
+    _, _, replies = _configured(st, g, uploads)
+    twice = [m for m in replies if m.metadata.src_node_id == node_of(1)]
+    arrays, metrics = st.aggregate_train(1, replies + twice)
+    want, _ = fedlora.aggregate("fedit", g, [uploads[0][0], uploads[1][0]], [10, 10])
+    assert_state_close(ff.from_arrayrecord(arrays), want)  # counted once
+    assert metrics["rejected"] == [node_of(1)] and metrics["clients_used"] == 2
+    assert "second reply" in dict(st.last_rejections)[node_of(1)]
+
+
+def test_upload_above_the_assigned_budget_is_refused():
+    g = lora_state()
+    # node 0 is assigned rank 2 but uploads rank 4; node 1 (rank 4) uploads rank 4
+    uploads = {0: (lora_state(seed=1), 10, {"rank": R}), 1: (lora_state(seed=2), 10, {"rank": R})}
+    st = strategy("hetlora", 2, budgets={node_of(0): {"rank": 2}})
+    _, _, replies = _configured(st, g, uploads)
+    arrays, metrics = st.aggregate_train(1, replies)
+    want, _ = fedlora.aggregate("hetlora", g, [uploads[1][0]], [10], [{"rank": R}])
+    assert_state_close(ff.from_arrayrecord(arrays), want)
+    assert metrics["rejected"] == [node_of(0)]
+    why = dict(st.last_rejections)[node_of(0)]
+    assert "over budget" in why and "rank 4" in why and "budget 2" in why
+
+
+def test_upload_above_the_declared_budget_is_refused():
+    """A node that declared rank 1 is held to it from the next round on."""
+    g = lora_state()
+    seen: dict = {}
+    st = strategy("hetlora", 2)
+    grid = ff.LocalGrid(declaring_app(seen), 2, node_configs=[{"budget-rank": 1}, {}])
+    # round 1: node 1 downloads (and uploads) the full rank, declaring rank 1 for later
+    messages = st.configure_train(1, ff.to_arrayrecord(g), ConfigRecord(), grid)
+    _, metrics = st.aggregate_train(1, grid.send_and_receive(messages))
+    assert metrics["num_rejected"] == 0 and st.declared_budgets[node_of(0)] == {"rank": 1}
+    # round 2: it is sent rank 1; a reply with rank R is refused, its rank-1 download is not
+    messages = list(st.configure_train(2, ff.to_arrayrecord(st.global_state), ConfigRecord(), grid))
+    replies = grid.send_and_receive(messages)
+    assert seen[(2, node_of(0))] == 1
+    big = ff.train_reply(
+        next(m for m in messages if m.metadata.dst_node_id == node_of(0)),
+        g,
+        1,
+        meta={"rank": R},
+        budget={"rank": 1},
+    )
+    honest = [m for m in replies if m.metadata.src_node_id != node_of(0)]
+    _, metrics = st.aggregate_train(2, [*honest, big])
+    assert metrics["rejected"] == [node_of(0)]
+    assert "budget 1" in dict(st.last_rejections)[node_of(0)]
+
+
+def test_hafl_truncation_hands_back_the_scores_in_the_train_config():
+    """Round 2's train config carries the server's averaged scores (JSON) and the download
+    is the top components by them, not the rank prefix [0, 1]."""
+    g = lora_state()
+    meta = {
+        "indices": {p: [0, 1, 2, 3] for p in PATHS},
+        "scores": {p: [0.0, 1.0, 5.0, 9.0] for p in PATHS},
+    }
+    options = fedlora.methods.ClientOptions(rank=R, hafl_mode="truncate")
+    st = strategy("hafl", 1, client_options=options)
+    got, metrics, _ = run_round(st, g, {0: (g, 1, meta)})  # round 1: full rank
+    assert metrics["num_rejected"] == 0 and got is not None
+    first = _configured(st, got, {0: (g, 1, meta)}, server_round=1)[1]
+    assert ff.HANDBACK_KEY in first[0].content["config"]  # from now on: the scores
+    st.budgets = {node_of(0): {"rank": 2}}  # node 0 holds 2 components from round 2 on
+    grid = ff.LocalGrid(scripted_app({0: (g, 1, meta)}), 1)
+    messages = list(st.configure_train(2, ff.to_arrayrecord(got), ConfigRecord(), grid))
+    config = messages[0].content["config"]
+    assert ff.decode_handback(config)["scores"]["enc.0.q"] == [0.0, 1.0, 5.0, 9.0]
+    state = ff.from_arrayrecord(messages[0].content["arrays"])
+    for p in PATHS:
+        want = got[f"{p}.lora_A.weight"][[2, 3]]
+        torch.testing.assert_close(state[f"{p}.lora_A.weight"], want)
+        assert not torch.equal(state[f"{p}.lora_A.weight"], got[f"{p}.lora_A.weight"][[0, 1]])
+    with pytest.raises(ValueError, match="fedlora-handback"):
+        ff.decode_handback({ff.HANDBACK_KEY: "{oops"})
+    assert ff.decode_handback({}) is None
+
+
+def test_every_client_failing_is_one_line_not_nan(tiny_llm_dir, capsys):
+    """The LLM app, every ClientApp failing (a node config budget of 0): each round is
+    reported in one line naming why, the global adapter is unchanged, no ``nan``."""
+    local = _example()
+    overrides = {
+        "task": "sft",
+        "model-path": tiny_llm_dir,
+        "num-server-rounds": 1,
+        "local-steps": 1,
+        "batch-size": 2,
+        "max-length": 48,
+        "max-train-per-client": 4,
+        "max-test": 2,
+        "max-generate": 1,
+        "max-new-tokens": 2,
+    }
+    local.run(2, overrides, node_configs=[{"budget-rank": 0}, {"budget-rank": 0}])
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("round 1")]
+    assert lines == ["round 1: no usable client reply (2 rejected); global adapter unchanged"]
+    assert "nan" not in out
+
+
+LLM_SMALL = {
+    "task": "sft",
+    "num-server-rounds": 2,
+    "rank": 4,
+    "local-steps": 2,
+    "batch-size": 4,
+    "max-length": 48,
+    "max-train-per-client": 12,
+    "max-test": 4,
+    "max-generate": 2,
+    "max-new-tokens": 4,
+}
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("ffa", {}),
+        ("hetlora", {"client-ranks": "2,4"}),
+        ("flexlora", {"client-ranks": "2,4"}),
+        ("florana", {}),
+        ("hafl", {"hafl-mode": "freeze"}),
+    ],
+)
+def test_llm_app_two_rounds(tiny_llm_dir, method, extra, tmp_path):
+    """The LLM app (task sft) with the methods the parity tests (test_flower_parity.py) do not
+    run: 2 rounds over Flower, every update used, ROUGE-L / exact match / perplexity on the
+    server, the final adapter saved as safetensors."""
+    local = _example()
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    overrides = {**LLM_SMALL, **extra, "method": method, "model-path": tiny_llm_dir}
+    overrides["result-dir"] = str(out)
+    nodes = [{"budget-rank": 2, "budget-components": 2}, {"budget-rank": 4}]
+    context = local.run(2, overrides, node_configs=nodes)
+    assert len(context.state["result"]["rouge_l"]) == 3
+    report = json.loads((out / "metrics.json").read_text())
+    for rnd in ("1", "2"):
+        assert report["train"][rnd]["clients_used"] == 2, report["train"][rnd]
+        assert report["train"][rnd]["num_rejected"] == 0
+    assert {"rouge_l", "exact_match", "test_perplexity"} <= set(report["evaluate"][-1])
+    adapter = load_file(str(out / "adapter.safetensors"))
+    assert adapter and all(torch.isfinite(v).all() for v in adapter.values())

@@ -1,11 +1,18 @@
-"""The ClientApp: load the server's download, train locally as ``fedlora simulate`` does, upload.
+"""The ClientApp: one node's local training with :class:`fedlora.local.LocalClient`.
 
-Each client is a Flower SuperNode. Its ``node_config`` holds ``partition-id`` and
-``num-partitions`` (set by the simulation runtime, by :class:`fedlora.flower.LocalGrid`, or by
-``flower-supernode --node-config``) and, optionally, its own budget: ``budget-rank``,
-``budget-heads``, ``budget-components``, ``budget-steps`` (see :mod:`fedlora.flower.budget`).
-The node trains under that budget (else the one the server sent, else the run's defaults) and
-declares it in its reply, so the server sends it the matching download from the next round on.
+Each node is a Flower SuperNode. Its ``node_config`` holds ``partition-id`` (the node's client
+id in the run's partition) and ``num-partitions`` (set by the simulation runtime, by
+:class:`fedlora.flower.LocalGrid`, or by ``flower-supernode --node-config``) and, optionally,
+its own budget: ``budget-rank``, ``budget-heads``, ``budget-components``, ``budget-steps``
+(:mod:`fedlora.flower.budget`). The node trains under that budget (else the one the server
+sent, else the run's defaults) and declares it in its reply, so the server sends it the
+matching download from the next round on.
+
+A round here is exactly a round of ``fedlora simulate --engine sequential`` for this client:
+the same model, the same batches (:func:`fedlora.local.sample_batches`), the same seed
+(:func:`fedlora.local.client_seed` of the run seed, ``server-round - 1`` and the partition id),
+the same method hooks; the server's hand-back (HAFL truncation's averaged scores) arrives in
+the train config.
 """
 
 from __future__ import annotations
@@ -13,18 +20,23 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedlora.flower import RANKS_KEY, client_budget, from_arrayrecord, node_budget, train_reply
+from fedlora.flower import (
+    RANKS_KEY,
+    client_budget,
+    decode_handback,
+    from_arrayrecord,
+    node_budget,
+    train_reply,
+)
+from fedlora.local import LocalClient, client_seed, sample_batches
 from fedlora_flower.task import (
-    Settings,
-    build_model,
-    client_data,
     client_side,
     fit_download,
-    full_budget,
-    load_data,
-    load_global,
-    train_local,
+    fresh_model,
+    run_setup,
+    sim_config,
 )
+from fedlora_flower.task import node_budget as full_node_budget
 
 app = ClientApp()
 
@@ -32,23 +44,46 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training on this node's partition."""
-    settings = Settings.from_run_config(dict(context.run_config))
     pid = int(context.node_config["partition-id"])
-    num_partitions = int(context.node_config["num-partitions"])
+    cfg = sim_config(dict(context.run_config), int(context.node_config["num-partitions"]))
     config = msg.content["config"]
-    server_round = int(config.get("server-round", 0))
-    budget = full_budget(settings, client_budget(context.node_config, config))
+    round_idx = int(config["server-round"]) - 1  # fedlora.rounds counts from 0
+    budget = full_node_budget(cfg, client_budget(context.node_config, config))
     ranks = config.get(RANKS_KEY)  # the distinct ranks of the run's nodes (PreLort)
+    handback = decode_handback(config)
 
-    side = client_side(settings, budget, list(ranks) if ranks else None)
-    model, tokenizer = build_model(settings, load_data(settings)["num_classes"], side)
-    state = load_global(model, from_arrayrecord(msg.content["arrays"]))
-    state, budget = fit_download(side, settings, state, budget)
-    data = client_data(settings, pid, num_partitions)
-    upload, meta, loss = train_local(
-        model, tokenizer, side, state, budget, data, settings, server_round, pid
+    setup = run_setup(cfg)
+    model = fresh_model(cfg)
+    side = client_side(cfg, list(ranks) if ranks else None)
+    side.setup(model)
+    download, budget = fit_download(side, cfg, from_arrayrecord(msg.content["arrays"]), budget)
+    client = LocalClient(
+        cfg.method,
+        model,
+        loss=setup.task,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        options=cfg.client_options(),
+        side=side,
+    )
+    steps = side.pre_steps(budget) + budget.steps
+    batches = sample_batches(setup.parts[pid], cfg.batch_size, steps, cfg.seed, round_idx, pid)
+    result = client.train(
+        download,
+        budget,
+        [setup.train.take(b) for b in batches],
+        seed=client_seed(cfg.seed, round_idx, pid),
+        round_idx=round_idx,
+        client=pid,
+        num_examples=int(setup.weights[pid]),
+        handback=handback,
     )
     declared = node_budget(context.node_config) or None  # what this node's operator set
     return train_reply(
-        msg, upload, len(data[1]), meta=meta, metrics={"train_loss": loss}, budget=declared
+        msg,
+        result.state,
+        result.num_examples,
+        meta=result.meta,
+        metrics={"train_loss": result.metrics["train_loss"]},
+        budget=declared,
     )

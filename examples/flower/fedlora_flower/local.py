@@ -1,7 +1,7 @@
 """Run the ServerApp against in-process ClientApps, without Ray or a SuperLink.
 
 ``python -m fedlora_flower.local --num-nodes 3 -c "num-server-rounds=2 method='hetlora'
-client-ranks='2,4,8'"`` runs the same ``server_app`` and ``client_app`` objects that ``flwr
+client-ranks='2,4,8'"`` (or ``-c "task='sft' method='hafl' hafl-mode='truncate'"``) runs the same ``server_app`` and ``client_app`` objects that ``flwr
 run`` would, through :class:`fedlora.flower.LocalGrid` (real Flower messages, one node after
 another). The run config is read from this example's pyproject.toml, then overridden by ``-c``.
 """
@@ -36,7 +36,7 @@ def run(
     node_configs: list[dict[str, Any]] | None = None,
 ) -> Context:
     """Run the example in process; returns the server Context (``state["result"]`` holds the
-    test accuracy after every round). ``node_configs[i]`` adds to node ``i``'s node config what
+    task's primary metric, accuracy or ROUGE-L, before training and after every round). ``node_configs[i]`` adds to node ``i``'s node config what
     ``flower-supernode --node-config`` would set (e.g. ``{"budget-rank": 2}``)."""
     from fedlora_flower.client_app import app as client_app
     from fedlora_flower.server_app import app as server_app

@@ -29,12 +29,23 @@ What travels where (DESIGN §2 state dicts, Flower records):
   Before a node has declared one, the strategy's ``budgets`` argument applies
   (:mod:`fedlora.flower.budget`).
 
-A reply that is an error, is malformed (no or several ArrayRecords, no weight, undecodable meta
-or budget) or that :func:`fedlora.aggregate` rejects (unexpected keys, wrong shapes, NaN/inf) is
-left out of the round and reported in the returned ``MetricRecord`` (``rejected``: node ids,
-``num_rejected``); the reasons are logged and kept in :attr:`FedLoRAStrategy.last_rejections`.
-Nothing a client sends can stop the server loop. The global state is kept on the strategy
-across rounds (``global_state``).
+The strategy is a thin adapter over :class:`fedlora.rounds.Server` (no flwr in it), the
+server bookkeeping ``fedlora simulate`` runs on: budgets, downloads, per-round rule options
+(FLoRA's restart seed; Flower's ``server_round`` 1 is the server's round 0) and the hand-back
+after aggregation (HAFL truncation's averaged scores), sent JSON-encoded in each node's train
+``ConfigRecord`` under :data:`HANDBACK_KEY` (:func:`decode_handback` on the client, which gives it
+to :meth:`fedlora.local.LocalClient.train`). A ClientApp trains with :mod:`fedlora.local`
+(``examples/flower``), so a method gives the same numbers over Flower as in the simulator.
+
+A reply the server did not ask for (from a node not sent a train message this round, a second
+reply of a node, an upload above the node's budget, assigned or declared), one that is an error,
+is malformed (no or several ArrayRecords, no weight, undecodable meta or budget) or that
+:func:`fedlora.aggregate` rejects (unexpected keys, wrong shapes, NaN/inf) is left out of the
+round and reported in the returned ``MetricRecord`` (``rejected``: node ids, ``num_rejected``);
+the reasons are logged and kept in :attr:`FedLoRAStrategy.last_rejections`, and a round that
+changed nothing says why in one line (:attr:`FedLoRAStrategy.round_errors`). Nothing a client
+sends can stop the server loop. The global state is kept on the strategy across rounds
+(``global_state``); replies are summed in node-id order, whatever order they arrived in.
 
 Modules: :mod:`~fedlora.flower.codec` (records and metas), :mod:`~fedlora.flower.budget`
 (per-node budgets), :mod:`~fedlora.flower._rounds` (the one reply-processing path of both
@@ -64,8 +75,11 @@ from fedlora.flower.budget import (
 from fedlora.flower.codec import (
     BUDGET_KEY,
     BUDGET_KEYS,
+    HANDBACK_KEY,
     META_KEY,
+    decode_handback,
     decode_meta,
+    encode_handback,
     encode_meta,
     from_arrayrecord,
     meta_record,
@@ -75,6 +89,7 @@ from fedlora.flower.codec import (
     to_float32,
     train_reply,
 )
+from fedlora.rounds import accumulate_base_merges
 
 #: The Flower-derived classes and the module defining each (imported on first access).
 _LAZY = {
@@ -86,6 +101,7 @@ _LAZY = {
 __all__ = [
     "BUDGET_KEY",
     "BUDGET_KEYS",
+    "HANDBACK_KEY",
     "META_KEY",
     "NODE_CONFIG_KEYS",
     "RANKS_KEY",
@@ -93,10 +109,13 @@ __all__ = [
     "FedLoRAStrategy",
     "LocalGrid",
     "RoundResult",
+    "accumulate_base_merges",
     "aggregate_round",
     "check_budget",
     "client_budget",
+    "decode_handback",
     "decode_meta",
+    "encode_handback",
     "encode_meta",
     "from_arrayrecord",
     "meta_record",

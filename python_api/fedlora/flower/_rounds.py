@@ -2,17 +2,18 @@
 
 A round is: decode every reply into a :class:`ClientReply` ``(client id, state, weight, meta,
 reason)`` (:func:`decode_messages` for Message-API replies, :func:`decode_fit_results` for the
-legacy ``FitRes``), then :meth:`RoundCore.finish_round`: :func:`aggregate_round` (which calls
-:func:`fedlora.aggregate` and maps its rejections back to client ids), the strategy's bookkeeping
-(``global_state``, ``last_metrics``, ``last_rejections``, one log line per rejection). The
-strategies only encode the result for their API. Nothing here imports flwr at module level.
+legacy ``FitRes``), then :meth:`RoundCore.finish_round`: the run's :class:`fedlora.rounds.Server`
+screens them (unasked, duplicate and over-budget replies are refused) and aggregates the rest with
+:func:`fedlora.aggregate`, mapping its rejections back to client ids; the strategy keeps the
+Flower-facing bookkeeping (``global_state``, ``last_metrics``, ``last_rejections``,
+``last_error``). The strategies only encode the result for their API. Nothing here imports flwr
+at module level.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -28,6 +29,8 @@ from fedlora.flower.codec import (
     ndarrays_to_state,
     to_float32,
 )
+from fedlora.methods import ClientOptions, Method
+from fedlora.rounds import Outcome, Reply, Server
 
 __all__ = [
     "ClientReply",
@@ -56,23 +59,35 @@ def _rejected(cid: Any, reason: str) -> ClientReply:
 
 
 class RoundResult:
-    """What :func:`aggregate_round` returns.
+    """What :func:`aggregate_round` and :meth:`RoundCore.finish_round` return (the Flower view of
+    a :class:`fedlora.rounds.Outcome`).
 
     Attributes:
         state: the new global state, or None when the round changed nothing (every client
             rejected, or the aggregation failed).
         metrics: ``fedlora.aggregate``'s metrics (empty when it was not called).
         rejected: ``[(client id, reason)]`` for every client left out, at any stage.
-        error: why the whole round failed, or None.
+        used: the ids of the clients whose uploads were aggregated.
+        error: why the whole round changed nothing (one line), or None.
     """
 
     def __init__(self) -> None:
         self.state: dict[str, torch.Tensor] | None = None
         self.metrics: dict[str, Any] = {}
         self.rejected: list[tuple[Any, str]] = []
+        self.used: list[Any] = []
         self.error: str | None = None
-        self.ids: list[Any] = []
         self.num_clients = 0
+
+    @classmethod
+    def from_outcome(cls, outcome: Outcome, num_clients: int) -> RoundResult:
+        """The result of one :meth:`fedlora.rounds.Server.aggregate` call on ``num_clients``
+        replies."""
+        result = cls()
+        result.state, result.metrics = outcome.state, dict(outcome.metrics)
+        result.rejected, result.used = list(outcome.rejected), list(outcome.used)
+        result.error, result.num_clients = outcome.error, num_clients
+        return result
 
     def scalar_metrics(self) -> dict[str, int | float | list[int] | list[float]]:
         """The numeric part of the metrics, as a Flower ``MetricRecord`` can hold it.
@@ -89,14 +104,13 @@ class RoundResult:
             elif isinstance(value, list) and value and _numbers(value):
                 floats = any(isinstance(v, float) for v in value)
                 out[key] = [float(v) for v in value] if floats else list(value)
-        used = [self.ids[k] for k in self.metrics.get("used", []) if 0 <= k < len(self.ids)]
         rejected = [c for c, _ in self.rejected]
-        for key, ids in (("used", used), ("rejected", rejected)):
+        for key, ids in (("used", self.used), ("rejected", rejected)):
             ids = [c for c in ids if c is not None]  # a reply with no sender is only counted
             if all(isinstance(c, int) and not isinstance(c, bool) for c in ids):
                 out[key] = ids
         out["clients_total"] = self.num_clients
-        out["clients_used"] = len(used)
+        out["clients_used"] = len(self.used)
         out["num_rejected"] = len(rejected)
         out["aggregation_failed"] = int(self.state is None)
         return out
@@ -104,6 +118,36 @@ class RoundResult:
 
 def _numbers(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def _method_of(name: str) -> Method:
+    """The registered method ``name``, or a stand-in for a name only a custom ``aggregate_fn``
+    knows (equal ranks, nothing to check against a budget, whole-state downloads)."""
+    from fedlora import methods
+
+    if name in methods.names():
+        return methods.get(name)
+
+    def unused(*args: Any, **kwargs: Any) -> Any:  # pragma: no cover - aggregate_fn replaces it
+        raise NotImplementedError(name)
+
+    return Method(name=name, layer="lora", ranks="equal", aggregate=unused)
+
+
+def options_of(global_state: Mapping[str, torch.Tensor] | None) -> ClientOptions:
+    """The run's :class:`fedlora.methods.ClientOptions` as far as a global state tells them
+    (LoRA rank; Ravan heads and per-head rank); the defaults for anything else."""
+    from fedlora import keys
+
+    state = dict(global_state or {})
+    lora = keys.lora_paths(state)
+    if lora:
+        return ClientOptions(rank=int(state[keys.a_key(lora[0])].shape[0]))
+    ravan = keys.ravan_paths(state)
+    if ravan:
+        H = state[keys.h_key(ravan[0])]
+        return ClientOptions(rank=int(H.shape[-1]), heads=int(H.shape[0]))
+    return ClientOptions()
 
 
 def aggregate_round(
@@ -117,50 +161,22 @@ def aggregate_round(
     """One server round on already-decoded client uploads; never raises for client input.
 
     ``clients``: ``(client id, state, weight, meta, reason)`` per reply; a non-None ``reason``
-    means the framework layer already rejected it (error reply, malformed record). The others go
-    to ``aggregate_fn`` (default :func:`fedlora.aggregate`), whose own rejections (keys, shapes,
-    NaN/inf, meta) are mapped back to client ids. An exception of ``aggregate_fn`` (e.g. a bad
-    global state) fails the round: ``state`` is None and ``error`` says why.
+    means the framework layer already rejected it (error reply, malformed record). The rest go
+    through :meth:`fedlora.rounds.Server.aggregate` (round 0 of a server with no budgets):
+    ``aggregate_fn`` (default :func:`fedlora.aggregate`) with ``options``, whose own rejections
+    (keys, shapes, NaN/inf, meta) are mapped back to client ids. An exception of
+    ``aggregate_fn`` (e.g. a bad global state) fails the round: ``state`` is None and ``error``
+    says why.
     """
-    if aggregate_fn is None:
-        from fedlora.aggregation import aggregate as aggregate_fn
-    result = RoundResult()
-    result.num_clients = len(clients)
-    ids, states, weights, metas = [], [], [], []
-    for cid, state, weight, meta, reason in clients:
-        if reason is not None:
-            result.rejected.append((cid, reason))
-            continue
-        ids.append(cid)
-        result.ids.append(cid)
-        states.append(state)
-        weights.append(weight)
-        metas.append(meta)
-    if not ids:
-        result.error = "no usable client reply"
-        return result
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "global state unchanged" is reported below
-            new_state, metrics = aggregate_fn(
-                method, global_state, states, weights, metas, **dict(options or {})
-            )
-    except Exception as e:  # a failed round must not stop the server loop
-        result.error = f"{type(e).__name__}: {e}"
-        logger.error("fedlora aggregation failed, global state unchanged: %s", result.error)
-        return result
-    result.metrics = dict(metrics)
-    for entry in metrics.get("rejected", []) or []:
-        k = entry.get("client") if isinstance(entry, Mapping) else entry
-        key = entry.get("key") if isinstance(entry, Mapping) else None
-        why = entry.get("reason", "rejected") if isinstance(entry, Mapping) else "rejected"
-        cid = ids[k] if isinstance(k, int) and 0 <= k < len(ids) else k
-        result.rejected.append((cid, f"{key}: {why}" if key else str(why)))
-    if metrics.get("clients_used", len(ids)) == 0:
-        result.error = "every client update was rejected"
-        return result
-    result.state = dict(new_state)
-    return result
+    server = Server(
+        _method_of(method),
+        global_state,
+        options=options_of(global_state),
+        aggregate_fn=aggregate_fn,
+        aggregate_options=options,
+    )
+    replies = [Reply(*c) for c in clients]
+    return RoundResult.from_outcome(server.aggregate(0, replies), len(replies))
 
 
 def _node_id(msg: Any) -> int | None:
@@ -272,15 +288,19 @@ def decode_fit_results(
 # ------------------------------------------------------------------------------------- the round
 class RoundCore:
     """The server state and the round tail both strategies share (a mixin in front of Flower's
-    ``FedAvg``; it holds no flwr code).
+    ``FedAvg``; it holds no flwr code): a :class:`fedlora.rounds.Server` does the bookkeeping,
+    this class keeps the Flower-facing attributes.
 
     Attributes:
         method: the :mod:`fedlora.methods` name the rounds aggregate with.
         registered: its :class:`fedlora.methods.Method`, or None for a name the registry does
             not know (possible with a custom ``aggregate_fn``).
         global_state: the current global state (``dict[str, Tensor]``, float32), or None.
+        server: the :class:`fedlora.rounds.Server` (made on first use, from the global state).
         last_metrics: the full metrics of the last ``fedlora.aggregate`` call.
         last_rejections: ``[(client id, reason)]`` of the last round.
+        last_error: why the last round changed nothing (one line), or None.
+        round_errors: ``{server_round: that line}`` for every round that changed nothing.
     """
 
     def _init_core(
@@ -299,35 +319,63 @@ class RoundCore:
         self.aggregate_fn = aggregate_fn
         self.aggregate_options = dict(aggregate_options or {})
         self.meta_key = meta_key
+        self.server: Server | None = None
         self.last_metrics: dict[str, Any] = {}
         self.last_rejections: list[tuple[Any, str]] = []
+        self.last_error: str | None = None
+        self.round_errors: dict[int, str] = {}
+
+    def _make_server(self) -> Server:
+        """The :class:`fedlora.rounds.Server` of this run (strategies override it to give
+        budgets and a client side)."""
+        return Server(
+            _method_of(self.method),
+            self.global_state,
+            options=options_of(self.global_state),
+            aggregate_fn=self.aggregate_fn,
+            aggregate_options=self.aggregate_options,
+        )
+
+    def round_server(self) -> Server:
+        """The run's server, its global state set to :attr:`global_state`."""
+        if self.server is None:
+            self.server = self._make_server()
+        self.server.global_state = dict(self.global_state)
+        return self.server
 
     def finish_round(self, server_round: int, clients: Sequence[ClientReply]) -> RoundResult:
-        """Aggregate the decoded replies into the global state; never raises for client input.
+        """Aggregate the decoded replies (Flower's ``server_round``, 1-based) into the global
+        state with :meth:`fedlora.rounds.Server.aggregate`; never raises for client input.
 
-        On success ``global_state`` becomes the new state (float32); otherwise it is unchanged
-        and ``result.state`` is None. Every rejection is logged and kept in ``last_rejections``.
+        The server refuses replies it did not ask for this round (see
+        :meth:`fedlora.rounds.Server.screen`). On success ``global_state`` becomes the new state
+        (float32); otherwise it is unchanged, ``result.state`` is None and ``result.error``
+        says why in one line. Every rejection is logged and kept in ``last_rejections``.
         """
         if self.global_state is None:
             result = RoundResult()
             result.num_clients = len(clients)
             result.rejected = [(c[0], c[4] or "not aggregated") for c in clients]
-            result.error = "no global state: pass initial_state= or call configure_train first"
-            logger.error("round %d: %s", server_round, result.error)
-        else:
-            round_options = getattr(self.registered, "round_options", None)
-            options = dict(round_options(server_round)) if round_options is not None else {}
-            result = aggregate_round(
-                self.method,
-                self.global_state,
-                clients,
-                aggregate_fn=self.aggregate_fn,
-                options={**options, **self.aggregate_options},  # e.g. FLoRA's per-round seed
+            result.error = (
+                f"round {server_round}: no global state: pass initial_state= or call "
+                "configure_train first"
             )
+            logger.error("%s", result.error)
+        else:
+            server = self.round_server()
+            replies = [Reply(*c) for c in clients]
+            outcome = server.aggregate(server_round - 1, replies)
+            result = RoundResult.from_outcome(outcome, len(replies))
+            if result.state is None:  # the server logs the rejections of a round that changed
+                for cid, why in result.rejected:  # the state; these are for one that did not
+                    logger.warning(
+                        "round %d: update of client %s rejected: %s", server_round, cid, why
+                    )
         self.last_metrics = result.metrics
         self.last_rejections = result.rejected
-        for cid, why in result.rejected:
-            logger.warning("round %d: update of client %s rejected: %s", server_round, cid, why)
+        self.last_error = result.error
+        if result.error is not None:
+            self.round_errors[server_round] = result.error
         if result.state is not None:
             self.global_state = to_float32(result.state)
         return result

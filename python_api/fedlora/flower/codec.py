@@ -30,8 +30,11 @@ from fedlora.flower.budget import BUDGET_KEYS, check_budget
 __all__ = [
     "BUDGET_KEY",
     "BUDGET_KEYS",
+    "HANDBACK_KEY",
     "META_KEY",
+    "decode_handback",
     "decode_meta",
+    "encode_handback",
     "encode_meta",
     "from_arrayrecord",
     "meta_record",
@@ -47,6 +50,10 @@ META_KEY = "fedlora-meta"
 #: Name of the ``ConfigRecord`` of a train reply holding the budget the client trained under
 #: (``rank``, ``heads``, ``components``, ``steps``; see :mod:`fedlora.flower.budget`).
 BUDGET_KEY = "fedlora-budget"
+#: Train-config entry holding the server's hand-back (:meth:`fedlora.rounds.Server.handback`:
+#: HAFL truncation's averaged scores), JSON-encoded; the ClientApp gives it to
+#: ``fedlora.local.LocalClient.train(handback=...)`` (:func:`decode_handback`).
+HANDBACK_KEY = "fedlora-handback"
 #: Entry of an encoded meta listing the keys whose values are JSON strings.
 _JSON_KEYS = "fedlora.json-keys"
 
@@ -141,6 +148,31 @@ def decode_meta(record: Mapping[str, Any] | None) -> dict[str, Any]:
         except json.JSONDecodeError as e:
             raise ValueError(f"meta entry {key!r} is not valid JSON: {e}") from None
     return out
+
+
+def encode_handback(handback: Mapping[str, Any] | None) -> str:
+    """The server's hand-back (a JSON-able dict, or None) as the JSON string a train
+    ``ConfigRecord`` carries under :data:`HANDBACK_KEY`. Inverse: :func:`decode_handback`."""
+    if handback is not None and not isinstance(handback, Mapping):
+        raise TypeError(f"handback must be a dict or None, got {type(handback).__name__}")
+    return json.dumps(_jsonable(handback), sort_keys=True)
+
+
+def decode_handback(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The hand-back of a train config (its :data:`HANDBACK_KEY` entry), or None when it has
+    none; ``ValueError`` naming the entry when it is not a JSON object."""
+    raw = (config or {}).get(HANDBACK_KEY)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except json.JSONDecodeError as e:
+        raise ValueError(f"train config {HANDBACK_KEY!r} is not valid JSON: {e}") from None
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(
+            f"train config {HANDBACK_KEY!r} must encode a JSON object, got {type(value).__name__}"
+        )
+    return value
 
 
 def state_to_ndarrays(

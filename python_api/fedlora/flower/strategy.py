@@ -12,15 +12,18 @@ from typing import Any
 
 import torch
 
-from fedlora.flower._rounds import RoundCore, decode_messages
+from fedlora.flower._rounds import RoundCore, _method_of, decode_messages, options_of
 from fedlora.flower.budget import RANKS_KEY
 from fedlora.flower.codec import (
+    HANDBACK_KEY,
     META_KEY,
     _config_value_ok,
     _flwr_error,
+    encode_handback,
     from_arrayrecord,
     to_arrayrecord,
 )
+from fedlora.rounds import Server, accumulate_base_merges, full_budget
 
 try:
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -28,7 +31,7 @@ try:
 except ImportError as e:  # pragma: no cover - fedlora.flower reports it on access
     raise _flwr_error() from e
 
-__all__ = ["RANKS_KEY", "FedLoRAStrategy", "accumulate_base_merges"]
+__all__ = ["HANDBACK_KEY", "RANKS_KEY", "FedLoRAStrategy", "accumulate_base_merges"]
 
 logger = logging.getLogger("fedlora.flower")
 
@@ -47,7 +50,12 @@ class FedLoRAStrategy(RoundCore, FedAvg):
     Each node downloads what the method's client side gives a client of its budget
     (``fedlora.methods.get(method).client(...).download``: the rank-``r`` prefix for HetLoRA and
     PreLort, FlexLoRA's best rank-``r`` factors with dead components refilled from the initial
-    adapter, the whole state for FedIT...), exactly as in ``fedlora simulate``.
+    adapter, the whole state for FedIT...), exactly as in ``fedlora simulate``: the strategy is a
+    thin adapter over :class:`fedlora.rounds.Server` (:attr:`server`), which keeps the budgets,
+    computes the downloads, the per-round rule options (FLoRA's restart seed; Flower's
+    ``server_round`` 1 is the server's round 0) and the hand-back (HAFL truncation's averaged
+    scores, sent in each train ``ConfigRecord`` under :data:`fedlora.flower.HANDBACK_KEY`), and
+    refuses the replies it did not ask for.
 
     Args:
         method: a :func:`fedlora.methods.names` name (``"fedit"``, ``"hetlora"``, ``"ravan"``...).
@@ -66,6 +74,8 @@ class FedLoRAStrategy(RoundCore, FedAvg):
             be a name the registry does not know, and downloads are the whole state).
         aggregate_options: keyword options for the method's rule (e.g. ``shared=True``).
         meta_key: name of the reply ConfigRecord holding the client meta.
+        seed: the run seed of the per-round rule options (FLoRA's restart seed), as
+            ``fedlora simulate --seed`` (:meth:`fedlora.rounds.Server.round_options`).
         **kwargs: ``FedAvg`` arguments (``fraction_train``, ``min_train_nodes``,
             ``weighted_by_key``, ...).
 
@@ -74,6 +84,8 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         declared_budgets: ``{node id: budget}`` the nodes declared in their replies.
         last_metrics: the full metrics of the last ``fedlora.aggregate`` call.
         last_rejections: ``[(node id, reason)]`` of the last round.
+        last_error: why the last round changed nothing (one line), or None.
+        server: the :class:`fedlora.rounds.Server` (made at the first ``configure_train``).
     """
 
     def __init__(
@@ -87,10 +99,13 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         aggregate_fn: Callable[..., tuple[dict, dict]] | None = None,
         aggregate_options: Mapping[str, Any] | None = None,
         meta_key: str = META_KEY,
+        seed: int = 0,
         **kwargs: Any,
     ) -> None:
         from fedlora import methods
 
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if aggregate_fn is None or method in methods.names():
             methods.get(method)  # ValueError listing the known names
         if budgets is not None and not (
@@ -112,7 +127,8 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         self.client_options = client_options
         self.payload_fn = payload_fn
         self.declared_budgets: dict[int, dict[str, int]] = {}
-        self._client_side: Any = None
+        self._node_ids: list[int] = []
+        self.seed = seed
 
     def summary(self) -> None:
         """Log the configuration (FedAvg's, plus the fedlora method)."""
@@ -140,52 +156,65 @@ class FedLoRAStrategy(RoundCore, FedAvg):
 
     def client_side(self, node_ids: Sequence[int] = ()) -> Any:
         """The method's client-side object the downloads come from (made on first use, then
-        kept: FlexLoRA's remembers the first global state it saw)."""
-        if self._client_side is None:
+        kept: FlexLoRA's remembers the first global state it saw; HAFL truncation's the
+        server's averaged scores)."""
+        return self._server(node_ids).side
+
+    def _server(self, node_ids: Sequence[int] = ()) -> Server:
+        """The run's :class:`fedlora.rounds.Server` (made on first use: budgets from
+        :meth:`budget_of`, the method's client side for the downloads)."""
+        if self.global_state is None:
+            raise ValueError(
+                "FedLoRAStrategy has no global state yet: pass initial_state= or let "
+                "configure_train receive the arrays"
+            )
+        if node_ids:
+            self._node_ids = list(node_ids)
+        if self.server is None:
             from fedlora import methods
 
             cls = self.registered.client if self.registered is not None else methods.Client
-            options = self.client_options or _options_of(self.global_state)
-            budgets = [self._full_budget(options, self.budget_of(n, node_ids)) for n in node_ids]
-            self._client_side = cls(options, budgets)
-        return self._client_side
+            options = self.client_options or options_of(self.global_state)
+            budgets = [full_budget(options, self.budget_of(n, self._node_ids)) for n in node_ids]
+            self.server = Server(
+                _method_of(self.method),
+                self.global_state,
+                options=options,
+                budgets=lambda nid: self.budget_of(nid, self._node_ids),
+                aggregate_fn=self.aggregate_fn,
+                aggregate_options=self.aggregate_options,
+                side=cls(options, budgets),
+                seed=self.seed,
+            )
+        return self.round_server()
 
-    @staticmethod
-    def _full_budget(options: Any, budget: Mapping[str, Any]) -> Any:
-        """A :class:`fedlora.methods.Budget` with the run's defaults for missing entries; a
-        declared entry above the global's is capped to it."""
-        from fedlora.methods import Budget
-
-        def get(key: str, default: int, cap: int | None = None) -> int:
-            value = budget.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise TypeError(f"budget entry {key!r} must be a positive int, got {value!r}")
-            return min(value, cap) if cap is not None else value
-
-        return Budget(
-            rank=get("rank", options.rank, options.rank),
-            heads=get("heads", options.heads, options.heads),
-            components=get("components", options.rank, options.rank),
-            steps=get("steps", 1),
-        )
+    def _make_server(self) -> Server:
+        return self._server()
 
     # -------------------------------------------------------------- train
     def configure_train(
         self, server_round: int, arrays: Any, config: Any, grid: Any
     ) -> Iterable[Any]:
-        """FedAvg's sampling; each node gets the download for its budget."""
+        """FedAvg's sampling; each node gets the download for its budget
+        (:meth:`fedlora.rounds.Server.configure`), its budget entries, the run's ranks and the
+        server's hand-back (:data:`HANDBACK_KEY`: HAFL truncation's averaged scores) in its
+        train ``ConfigRecord``. Only the nodes sent a message may reply this round."""
         if arrays is not None:
             self.global_state = from_arrayrecord(arrays)
         messages = list(super().configure_train(server_round, arrays, config, grid))
-        if not messages or self.global_state is None:
+        if self.global_state is None:
             return messages
         node_ids = list(grid.get_node_ids())
-        side = self.client_side(node_ids)
-        if self._same_for_all(side):
+        server = self._server(node_ids)
+        downloads = server.configure(
+            server_round - 1, [msg.metadata.dst_node_id for msg in messages]
+        )
+        handback = server.handback()
+        if not messages or (self._same_for_all(server.side) and handback is None):
             return messages
         budgets = {n: self.budget_of(n, node_ids) for n in node_ids}
-        ranks = sorted({self._full_budget(side.options, b).rank for b in budgets.values()})
-        downloads: dict[Any, Any] = {}  # one download per distinct budget
+        ranks = sorted({full_budget(server.options, b).rank for b in budgets.values()})
+        records: dict[Any, Any] = {}  # one ArrayRecord per distinct budget
         out = []
         for msg in messages:
             nid = msg.metadata.dst_node_id
@@ -199,13 +228,15 @@ class FedLoRAStrategy(RoundCore, FedAvg):
                     )
                 node_config[key] = value
             node_config[RANKS_KEY] = ranks
+            if handback is not None:
+                node_config[HANDBACK_KEY] = encode_handback(handback)
             if self.payload_fn is not None:
                 record = to_arrayrecord(self.payload_fn(nid, dict(self.global_state), budget))
             else:
-                full = self._full_budget(side.options, budget)
-                if full not in downloads:
-                    downloads[full] = to_arrayrecord(side.download(self.global_state, full))
-                record = downloads[full]
+                d = downloads[nid]
+                if d.budget not in records:
+                    records[d.budget] = to_arrayrecord(d.state)
+                record = records[d.budget]
             content = RecordDict({self.arrayrecord_key: record, self.configrecord_key: node_config})
             out.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=nid))
         return out
@@ -227,10 +258,18 @@ class FedLoRAStrategy(RoundCore, FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Any]
     ) -> tuple[Any | None, Any | None]:
-        """Aggregate the replies with ``fedlora.aggregate``; bad replies are reported in the
-        MetricRecord (``rejected``, ``num_rejected``), never raised. Budgets the replies
-        declare are kept in :attr:`declared_budgets` for the nodes' next downloads."""
-        replies = list(replies)
+        """Aggregate the replies with ``fedlora.aggregate`` through the run's
+        :class:`fedlora.rounds.Server`; never raises for client input.
+
+        Refused, and named in the MetricRecord (``rejected``: node ids, ``num_rejected``; the
+        reasons are logged and kept in :attr:`last_rejections`): error and malformed replies, a
+        reply from a node not sent a train message this round, a second reply of a node, an
+        upload above the budget the server holds for the node this round (assigned by
+        ``budgets``, or declared by the node in an earlier reply), and uploads
+        ``fedlora.aggregate`` rejects. A round that changes
+        nothing says why in one log line (:attr:`last_error`). Budgets the replies declare are
+        kept in :attr:`declared_budgets` for the nodes' next downloads."""
+        replies = sorted(replies, key=_sender_order)  # arrival order must not change sums
         clients, declared = decode_messages(
             replies,
             weighted_by_key=self.weighted_by_key,
@@ -242,12 +281,12 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         result = self.finish_round(server_round, clients)
         if result.state is not None and previous is not None and self._changes_base():
             self.global_state = accumulate_base_merges(previous, self.global_state)
-        rejected_ids = {cid for cid, _ in result.rejected}
-        used = [
-            msg
-            for msg, c in zip(replies, clients, strict=True)
-            if c.reason is None and c.cid not in rejected_ids
-        ]
+            self.server.global_state = dict(self.global_state)
+        used, seen = [], set()
+        for msg, c in zip(replies, clients, strict=True):
+            if c.reason is None and c.cid in result.used and c.cid not in seen:
+                used.append(msg)  # the first reply of a node (a second one is refused)
+                seen.add(c.cid)
         metrics = MetricRecord()
         if used:
             try:
@@ -265,47 +304,11 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         return to_arrayrecord(self.global_state), metrics
 
 
-def accumulate_base_merges(
-    previous: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``new`` with the base-merge instructions of ``previous`` prepended to its own.
-
-    FLoRA and FedEx-LoRA return instructions (``<path>.lora_merge_B/A``,
-    ``<path>.lora_residual_B/A``) that every client folds into its frozen base weight. In the
-    simulator the clients share one model, so each round's instruction is applied once; over
-    Flower a client builds its model from the pretrained base each round (a fresh process in a
-    deployment, possibly sampled for the first time), so the strategy sends the sum of every
-    round's merges so far, as one pair of factors: ``[B_1 B_2] [A_1; A_2] = B_1 A_1 + B_2 A_2``
-    exactly. Its rank grows by the round's stack rank every round.
-    """
-    from fedlora.state_dict import BASE_MERGE_SUFFIXES
-
-    out = dict(new)
-    for b_suffix, a_suffix in BASE_MERGE_SUFFIXES:
-        for key in [k for k in previous if k.endswith(b_suffix)]:
-            a_key = key[: -len(b_suffix)] + a_suffix
-            if a_key not in previous:
-                continue
-            B_old, A_old = previous[key], previous[a_key]
-            if key in new and a_key in new:
-                out[key] = torch.cat([B_old, new[key].to(B_old.dtype)], dim=1)
-                out[a_key] = torch.cat([A_old, new[a_key].to(A_old.dtype)], dim=0)
-            else:
-                out[key], out[a_key] = B_old, A_old
-    return out
-
-
-def _options_of(global_state: Mapping[str, torch.Tensor] | None) -> Any:
-    """The run's ClientOptions as far as a global state tells them (rank, heads)."""
-    from fedlora import keys
-    from fedlora.methods import ClientOptions
-
-    state = dict(global_state or {})
-    lora = keys.lora_paths(state)
-    if lora:
-        return ClientOptions(rank=int(state[keys.a_key(lora[0])].shape[0]))
-    ravan = keys.ravan_paths(state)
-    if ravan:
-        H = state[keys.h_key(ravan[0])]
-        return ClientOptions(rank=int(H.shape[-1]), heads=int(H.shape[0]))
-    return ClientOptions()
+def _sender_order(msg: Any) -> tuple[int, int]:
+    """Replies in ascending sender node id (replies without one last), so that the weighted
+    sums of a round do not depend on the order the replies arrived in."""
+    try:
+        nid = msg.metadata.src_node_id
+    except AttributeError:
+        return (1, 0)
+    return (0, nid) if isinstance(nid, int) and not isinstance(nid, bool) else (1, 0)

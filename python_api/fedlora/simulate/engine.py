@@ -26,7 +26,7 @@ from torch import nn
 from fedlora import local, rounds
 from fedlora.methods import Client
 from fedlora.methods import get as get_method
-from fedlora.simulate.config import Budget, ConfigError, SimConfig, parse_budgets
+from fedlora.simulate.config import Budget, ConfigError, SimConfig
 from fedlora.simulate.outputs import (  # noqa: F401  (re-exported: compare, tests, examples)
     CKPT,
     CKPT_DIGEST_KEY,
@@ -50,6 +50,7 @@ from fedlora.simulate.outputs import (  # noqa: F401  (re-exported: compare, tes
     write_reports,
 )
 from fedlora.simulate.progress import RunProgress, round_steps, tick
+from fedlora.simulate.setup import RunSetup, partition, setup_run
 from fedlora.simulate.tasks import Batch, Task, get_task, model_device
 from fedlora.simulate.tasks.classify import (  # noqa: F401  (re-exported: the classify pieces)
     EVAL_BATCH,
@@ -160,59 +161,10 @@ class RunResult:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Setup:
-    """Everything a run builds before its first round."""
-
-    task: Task
-    method: Any
-    rule: Client
-    budgets: list[Budget]
-    model: nn.Module
-    train: Batch
-    test: Any
-    parts: list[list[int]]
-    weights: list[float]
-    data: dict[str, Any] = field(default_factory=dict)
-
-
-def _partition(cfg: SimConfig, train: Batch) -> tuple[list[list[int]], list[float]]:
-    """Clients' example indices (non-IID over the examples' categories) and weights."""
-    from fedlora.data import dirichlet_partition
-
-    labels = train.categories.tolist()
-    try:
-        parts = dirichlet_partition(labels, cfg.clients, cfg.dirichlet_alpha, seed=cfg.seed)
-    except ValueError as err:
-        raise ConfigError(f"--clients {cfg.clients}: {err}") from None
-    if cfg.max_train_per_client:
-        parts = [p[: cfg.max_train_per_client] for p in parts]
-    return parts, [float(len(p)) for p in parts]
-
-
-def _setup(cfg: SimConfig, shared: dict | None, log: Callable[[str], None]) -> _Setup:
-    """The data, the model with its slots, the encoded splits and the partition."""
-    task = get_task(cfg.task)
-    budgets = parse_budgets(cfg)
-    torch.manual_seed(cfg.seed)
-    dataset = shared["dataset"] if shared and "dataset" in shared else task.load_data(cfg)
-    method = get_method(cfg.method)
-    rule = method.client(cfg.client_options(), budgets)
-    per_round = cfg.clients_per_round or cfg.clients
-    num_slots = per_round if cfg.engine == "batched" else 1
-    preloaded = shared.get("model") if shared else None
-    model, tokenizer = task.build_model(cfg, dataset, num_slots, rule, preloaded)
-    train = task.encode(tokenizer, dataset.train, cfg)
-    test = task.encode(tokenizer, dataset.test, cfg, test=True)
-    note = getattr(task, "data_note", lambda a, b: None)(train, test)
-    if note:
-        log(f"data: {note}")
-    parts, weights = _partition(cfg, train)
-    data = {"name": getattr(dataset, "name", None), "clients": [len(p) for p in parts]}
-    for split, enc in (("train", train), ("test", test)):
-        stats = getattr(enc, "stats", None)
-        data[split] = dict(stats) if stats else {"examples": len(enc)}
-    return _Setup(task, method, rule, budgets, model, train, test, parts, weights, data)
+# what a run builds before its first round (public: fedlora.simulate.setup_run)
+_Setup = RunSetup
+_partition = partition
+_setup = setup_run
 
 
 @locks_out_dir  # one run per --out at a time (an advisory lock, dropped when the process ends)
