@@ -416,7 +416,8 @@ def _federated_round(
     states = [u[0] for u in uploads]
     metas = [u[1] for u in uploads]
     options = s.method.round_options(_key(cfg.seed, r, 13)) if s.method.round_options else {}
-    options = {**(server_options or {}), **options}
+    # the method's server-side options (PreLort's / HAFL's aggregation), then the hand-back
+    options = {**rule.server_options(), **(server_options or {}), **options}
     weights = [s.weights[k] for k in sampled]
     new_state, agg = aggregate(
         cfg.method, global_state, states, weights, metas, error=True, **options
@@ -438,6 +439,9 @@ def _federated_round(
     }
     if cfg.clients_per_round is not None:
         row["sampled"] = sampled
+    for key in s.method.logged:  # per-round diagnostics the method asks to keep (segment norms)
+        if key in agg:
+            row[key] = agg[key]
     if isinstance(agg.get("scores"), dict):  # HAFL's averaged component scores (resume needs them)
         row["scores"] = {p: [float(x) for x in v.tolist()] for p, v in agg["scores"].items()}
     return global_state, row, dict(rule.after_aggregate(agg) or {})
