@@ -7,9 +7,10 @@ scored by ROUGE-L, with perplexity and exact match reported beside it):
 1. **Learning rate chosen on validation, never on test.** With ``lr_grid``, a validation split is
    carved from the training data (``val_fraction`` of the training examples, chosen by a stable
    hash of the text, or of the prompt for instruction data, held out of every client's
-   partition); each learning rate of the grid trains on the first seed and is scored by the
-   task's primary metric on validation after the last round; the best one is kept (ties: the
-   smaller rate).
+   partition); each learning rate of the grid trains with every seed and is scored by the
+   task's primary metric on validation after the last round, averaged over the seeds; the best
+   one is kept (ties: the smaller rate). Without a grid each method trains at ``--lr``, else at
+   its own default rate for the task (``Method.default_lr``), else the task's.
 2. **Several seeds** (each seed its own partition, batches and initialisation, the same for every
    method, so the runs are paired), evaluated on the **whole test split** when tuning (else on
    ``max_test`` examples).
@@ -19,6 +20,12 @@ scored by ROUGE-L, with perplexity and exact match reported beside it):
    hidden size (read from its config, never its weights; 576 for the embedded SmolLM2; a
    grouped-query ``v_proj`` is narrower, so Ravan is sized slightly generously there), and
    FFA-LoRA (which uploads only ``B``) doubles its rank; the table states what each method sent.
+   Both come from one definition of upload size, each method's ``upload_numel`` (the rank whose
+   upload is closest to FedIT's). ``match="compute"`` instead sets every client's local steps so
+   its forward/backward passes per round come closest to FedIT's (PreLort's nested training
+   runs ``|T_k|`` passes a step, HAFL's scoring steps count). Every row records the compute
+   used: ``passes_per_round`` (forward/backward passes of one batch, summed over a round's
+   clients).
 4. **Statistics** on the ranked metric (the task's ``primary``: test accuracy or ROUGE-L, higher
    is better): final mean ± std over seeds, best round, round 0 (before training); per-seed
    paired differences against ``baseline`` with a paired t statistic and a two-sided 5 % verdict
@@ -52,6 +59,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.methods import Budget
 from fedlora.methods import get as get_method
 from fedlora.simulate.config import ConfigError, SimConfig, parse_budgets
 from fedlora.simulate.engine import (
@@ -65,7 +73,7 @@ from fedlora.simulate.engine import (
 )
 from fedlora.simulate.tasks import get_task
 
-MATCH_AXES = ("none", "comm")
+MATCH_AXES = ("none", "comm", "compute")
 # two-sided 5 % critical values of Student's t by degrees of freedom (then the normal's)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 _T975.update({9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042})
@@ -224,17 +232,68 @@ def split_validation(dataset: Any, fraction: float) -> tuple[Any, Any]:
 
 
 def matched(cfg: SimConfig, match: str) -> SimConfig:
-    """``cfg`` with its budget sized to FedIT's communication at rank ``cfg.rank`` (``match``
-    ``"comm"``), else unchanged."""
+    """``cfg`` with its budget sized to FedIT's at rank ``cfg.rank``: ``match="comm"`` picks the
+    rank whose upload (the method's :attr:`~fedlora.methods.Method.upload_numel`, per layer of
+    width ``d``) is closest to FedIT's ``R · 2d`` numbers (ties: the smaller rank), with
+    ``alpha`` scaled by the same ratio so ``alpha / rank`` is unchanged; ``"compute"`` sets each
+    client's local steps so its forward/backward passes per round (:func:`passes`) come closest
+    to FedIT's ``steps`` (at least one step); ``"none"`` leaves ``cfg`` unchanged."""
     if match == "none":
         return cfg
-    if cfg.method == "ravan":
-        d = _hidden_size(cfg)
-        rank = max(1, round(math.sqrt(cfg.rank * 2 * d / cfg.heads)))
-        return dataclasses.replace(cfg, rank=rank, alpha=cfg.alpha * rank / cfg.rank)
-    if cfg.method == "ffa":  # uploads B only: twice the rank sends as much as FedIT
-        return dataclasses.replace(cfg, rank=2 * cfg.rank, alpha=2 * cfg.alpha)
-    return cfg
+    if match == "compute":
+        return _matched_compute(cfg)
+    d = _hidden_size(cfg)
+    method = get_method(cfg.method)
+    target = get_method("fedit").upload_numel(
+        _full_budget(cfg, cfg.rank), (d, d), cfg.client_options()
+    )
+
+    def numel(rank: int) -> int:
+        c = dataclasses.replace(cfg, rank=rank)
+        return method.upload_numel(_full_budget(c, rank), (d, d), c.client_options())
+
+    best = min(range(1, 4 * max(cfg.rank, d) + 1), key=lambda r: (abs(numel(r) - target), r))
+    if best == cfg.rank:
+        return cfg
+    return dataclasses.replace(cfg, rank=best, alpha=cfg.alpha * best / cfg.rank)
+
+
+def _full_budget(cfg: SimConfig, rank: int) -> Budget:
+    """The budget of a client holding everything: rank ``rank``, every head and component."""
+    return Budget(rank=rank, heads=cfg.heads, components=rank, steps=cfg.local_steps)
+
+
+def passes(cfg: SimConfig) -> list[int]:
+    """Per client: the forward/backward passes of one batch it takes in a round (its scoring
+    steps and training steps, times the copies it trains at once: PreLort's nested
+    truncations), from the method's client side (:meth:`fedlora.methods.Client.passes`)."""
+    budgets = parse_budgets(cfg)
+    rule = get_method(cfg.method).client(cfg.client_options(), budgets)
+    return [int(rule.passes(b)) for b in budgets]
+
+
+def passes_per_round(cfg: SimConfig) -> float:
+    """Forward/backward passes of one batch (``batch_size`` examples) per round, summed over
+    the clients of a round (the mean over clients times ``clients_per_round`` when sampled)."""
+    per = passes(cfg)
+    k = cfg.clients_per_round or cfg.clients
+    return sum(per) * k / len(per)
+
+
+def _matched_compute(cfg: SimConfig) -> SimConfig:
+    budgets = parse_budgets(cfg)
+    now = passes(cfg)
+    if all(p == b.steps for p, b in zip(now, budgets, strict=True)):
+        return cfg  # already one pass per local step (FedIT's compute)
+    steps = []
+    for b, p in zip(budgets, now, strict=True):
+        per_step = p / b.steps if b.steps else 1.0  # scoring steps folded into the rate
+        steps.append(max(1, round(b.steps / per_step)))
+    spec = ";".join(
+        f"{key}=" + ",".join(str(getattr(b, key)) for b in budgets)
+        for key in ("rank", "heads", "components")
+    )
+    return dataclasses.replace(cfg, budgets=f"{spec};steps=" + ",".join(map(str, steps)))
 
 
 def _hidden_size(cfg: SimConfig) -> int:
@@ -370,12 +429,13 @@ def compare(
             continue
         scores = {}
         for lr in spec.lr_grid:
-            tcfg = dataclasses.replace(cfg, lr=float(lr), seed=spec.seeds[0], max_test=0)
-            print(f"== {cfg.method}: lr {lr:g} on validation", flush=True)
-            res = _start(
-                tcfg, out / cfg.method / f"tune-lr{lr:g}", {"dataset": tune}, plot, progress
-            )
-            scores[float(lr)] = res.rounds[-1][metric.key]
+            values = []
+            for seed, tag in _tune_runs(lr, spec):
+                tcfg = dataclasses.replace(cfg, lr=float(lr), seed=seed, max_test=0)
+                print(f"== {cfg.method}: lr {lr:g} on validation, seed {seed}", flush=True)
+                res = _start(tcfg, out / cfg.method / tag, {"dataset": tune}, plot, progress)
+                values.append(res.rounds[-1][metric.key])
+            scores[float(lr)] = _mean_std(values)[0]  # NaN if any seed is NaN: ranks last
         chosen[cfg.method] = _choose(scores, metric)
         lr_scores[cfg.method] = scores
         print(
@@ -405,14 +465,22 @@ def compare(
     return rows
 
 
+def _tune_runs(lr: float, spec: CompareSpec) -> list[tuple[int, str]]:
+    """``(seed, run directory)`` of every validation run of ``lr``: one per seed (one seed:
+    ``tune-lr<lr>``, as before seeds were averaged; several: ``tune-lr<lr>-seed<s>``)."""
+    if len(spec.seeds) == 1:
+        return [(spec.seeds[0], f"tune-lr{lr:g}")]
+    return [(seed, f"tune-lr{lr:g}-seed{seed}") for seed in spec.seeds]
+
+
 def _plan(configs: list[SimConfig], spec: CompareSpec) -> list[tuple[SimConfig, str]]:
     """Every run directory (relative to ``out/<method>``) with its config, for the checks."""
     full = spec.lr_grid is None and len(spec.seeds) == 1
     plan = []
     for cfg in configs:
         for lr in spec.lr_grid or ():
-            tcfg = dataclasses.replace(cfg, lr=float(lr), seed=spec.seeds[0], max_test=0)
-            plan.append((tcfg, f"tune-lr{lr:g}"))
+            for seed, tag in _tune_runs(lr, spec):
+                plan.append((dataclasses.replace(cfg, lr=float(lr), seed=seed, max_test=0), tag))
         if spec.lr_grid is None:
             for seed in spec.seeds:
                 plan.append((dataclasses.replace(cfg, seed=seed), "" if full else f"seed{seed}"))
@@ -483,8 +551,11 @@ def _rows(
         row: dict[str, Any] = {
             "method": cfg.method,
             "lr": chosen[cfg.method],
+            "label": cfg.label(),
             "budget": f"rank {cfg.rank}"
-            + (f", {cfg.heads} heads" if cfg.method == "ravan" else ""),
+            + (f", {cfg.heads} heads" if "heads" in get_method(cfg.method).budget_fields else "")
+            + ("" if cfg.budgets == "uniform" else f", budgets {cfg.budgets}"),
+            "passes_per_round": passes_per_round(cfg),
             "seeds": len(results),
             f"final_{s}": mean,
             f"final_{s}_std": sd,
@@ -505,6 +576,11 @@ def _rows(
                 statistics.fmean(x["seconds"] for x in r.rounds) for r in results
             ),
         }
+        norms = [r.rounds[-1].get("segment_norms") for r in results]
+        if all(isinstance(n, dict) and n for n in norms):  # prefix methods: final segment norms
+            row["final_segment_norms"] = {
+                k: statistics.fmean(n.get(k, math.nan) for n in norms) for k in norms[0]
+            }
         if spec.target is not None:
             hit = [
                 next((x["round"] for x in _series(r) if x[key] >= spec.target), None)
@@ -607,12 +683,13 @@ def _markdown(rep: _Report, command: str | None) -> str:
             if spec.lr_grid
             else "as given"
         )
-        + f"; budgets matched on: {spec.match}.",
+        + f"; budgets matched on: {spec.match}; compute per method in fwd/bwd passes of one "
+        "batch per round, summed over the round's clients.",
         "",
     ]
     head = [f"final {m.label}", f"best {m.label}"] + [f"round 0 {m.label}"] * has_initial
     head += [f"final {labels[c]}" for c in others]
-    head += ["mean agg. error", "MiB up/round", "s/round", "lr", "budget"]
+    head += ["mean agg. error", "MiB up/round", "fwd/bwd passes/round", "s/round", "lr", "budget"]
     lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for r in rep.rows:
         cells = [
@@ -626,16 +703,18 @@ def _markdown(rep: _Report, command: str | None) -> str:
         cells += [
             f"{r['mean_aggregation_error']:.2e}",
             f"{r['MiB_up_per_round']:.2f}",
+            f"{r['passes_per_round']:g}",
             f"{r['seconds_per_round']:.1f}",
             f"{r['lr']:g}",
             r["budget"],
         ]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(r['label'])} | " + " | ".join(cells) + " |")
     if rep.lr_scores:
         lines += [
             "",
-            f"Validation {m.label.removeprefix('test ')} after the last round per learning rate (seed "
-            f"{spec.seeds[0]}, runs in `<method>/tune-lr*`; the test split is never used):",
+            f"Validation {m.label.removeprefix('test ')} after the last round per learning rate "
+            f"(mean over seeds {', '.join(map(str, spec.seeds))}, runs in `<method>/tune-lr*`; "
+            "the test split is never used):",
             "",
         ]
         for method, scores in rep.lr_scores.items():
@@ -685,6 +764,13 @@ def _markdown(rep: _Report, command: str | None) -> str:
                     cell += f" ({_fmt(_prefix_mean(per_seed, k, second), 'auto')})"
                 cells.append(cell)
             lines.append(f"- {method}: " + ", ".join(cells))
+    seg = [r for r in rep.rows if r.get("final_segment_norms")]
+    if seg:
+        lines += ["", "‖ΔW‖_F of each rank segment of the final global (components lo:hi; "
+                  "mean over seeds; every round's in results.json):", ""]  # fmt: skip
+        for r in seg:
+            cells = ", ".join(f"{k}: {v:.3g}" for k, v in r["final_segment_norms"].items())
+            lines.append(f"- {r['label']}: {cells}")
     if command:
         lines += ["", "Reproduce with:", "", "```bash", command, "```"]
     return "\n".join(lines) + "\n"
@@ -700,7 +786,8 @@ def _csv_fields(rep: _Report) -> list[str]:
     fields = ["method", "lr", "budget", "seeds", f"final_{s}", f"final_{s}_std", f"best_{s}",
               f"initial_{s}"]  # fmt: skip
     fields += [f"final_{_short(c)}" for c in rep.task.columns if c != rep.metric.key]
-    return [*fields, "mean_aggregation_error", "MiB_up_per_round", "seconds_per_round"]
+    fields += ["mean_aggregation_error", "MiB_up_per_round", "passes_per_round"]
+    return [*fields, "seconds_per_round", "label"]
 
 
 def _lean(row: dict[str, Any]) -> dict[str, Any]:
