@@ -366,3 +366,20 @@ def test_hetlora_tail_regulariser_gradient_is_the_norms_gradient():
         torch.testing.assert_close(layer.lora_A.grad[0], A_.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.lora_B.grad[0], B_.grad, rtol=1e-5, atol=1e-6)
         assert torch.count_nonzero(layer.lora_A.grad[0, :2]) == 0  # the kept prefix: untouched
+
+
+# ----------------------------------------------------------------------------- FLoRA-NA
+def test_florana_reports_flexloras_svd_error_on_the_same_uploads():
+    glob, cl = _factors([3, 3, 3], R=2, d_in=7, d_out=6, seed=4)
+    glob = {k: v[:2] if k.endswith(A) else v[:, :2] for k, v in glob.items()}
+    cl = [{k: v[:2] if k.endswith(A) else v[:, :2] for k, v in c.items()} for c in cl]
+    p = [0.2, 0.3, 0.5]
+    _, m = fedlora.aggregate("florana", glob, cl, p, svd_error=True)
+    ideal = sum(w * c["m" + B].double() @ c["m" + A].double() for w, c in zip(p, cl, strict=True))
+    U, S, Vh = torch.linalg.svd(ideal)
+    best = (U[:, :2] * S[:2]) @ Vh[:2]
+    assert m["svd_error"] == pytest.approx(float((ideal - best).norm() / ideal.norm()), rel=1e-9)
+    _, flex = fedlora.aggregate("flexlora", glob, cl, p, error=True)  # FlexLoRA's own rule
+    assert m["svd_error"] == pytest.approx(flex["aggregation_error"], rel=1e-5)
+    assert m["svd_error"] <= m["florana_fit_error"] <= m["fedit_error"]  # best rank-2 is optimal
+    assert "svd_error" not in fedlora.aggregate("florana", glob, cl, p)[1]  # off by default

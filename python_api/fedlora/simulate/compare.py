@@ -30,8 +30,9 @@ scored by ROUGE-L, with perplexity and exact match reported beside it):
    is better): final mean ± std over seeds, best round, round 0 (before training); per-seed
    paired differences against ``baseline`` with a paired t statistic and a two-sided 5 % verdict
    ("better", "worse", "within noise"); aggregation error per round; rounds to a ``target``
-   (round 0 counts); for prefix methods (HetLoRA, PreLort, FlexLoRA) the final global model
-   evaluated at every client rank prefix (does a low-rank client benefit?).
+   (round 0 counts); for the heterogeneous-rank methods (HetLoRA, PreLort, FlexLoRA, HAFL) the
+   model each client rank RECEIVES from the final global, evaluated (does a low-rank client
+   benefit?).
 
 **No ROUGE-L** (``sft`` with ``max_generate=0``: nothing is generated, so ROUGE-L and exact match
 are NaN): the comparison then ranks, tunes and pairs by the test loss (mean response NLL, the
@@ -338,30 +339,47 @@ def _start(cfg: SimConfig, path: Path, shared: dict, plot: bool, progress: bool)
     )
 
 
-def prefix_metrics(cfg: SimConfig, state: dict, dataset: Any) -> dict[int, dict] | None:
-    """The task's test metrics of the final global model truncated to every client rank (prefix
-    methods only; None for the others): the model built by the task with one slot, the test
-    split encoded by the task, each truncated state loaded into slot 0 and evaluated."""
+def prefix_metrics(
+    cfg: SimConfig, state: dict, dataset: Any, last_row: dict | None = None
+) -> dict[int, dict] | None:
+    """The task's test metrics of the model each client rank RECEIVES from the final global
+    (DESIGN §6.2), for the heterogeneous-rank methods (``ranks`` ``"prefix"`` or
+    ``"indexed"``; None for the others): per distinct budget rank ``r_k``, the method's own
+    client-side ``download`` of the global for that budget (HetLoRA / PreLort: the rank prefix;
+    FlexLoRA: the best rank-``r_k`` factors; HAFL truncation: the top-``r_k`` components by the
+    server's last scores, from ``last_row``; HAFL freezing: the whole rank ``R``), and the
+    global itself at rank ``R``. The model is built by the task with one slot, the test split
+    encoded by the task, each received state loaded into slot 0 and evaluated."""
     m = get_method(cfg.method)
-    if m.ranks != "prefix" or m.changes_base:
+    if m.ranks == "equal" or m.changes_base:
         return None
     import torch
 
-    from fedlora.methods import prefix
     from fedlora.simulate.engine import evaluate_global
 
     task = get_task(cfg.task)
     budgets = parse_budgets(cfg)
-    ranks = sorted({b.rank for b in budgets} | {cfg.rank})
     torch.manual_seed(cfg.seed)
     client = m.client(cfg.client_options(), budgets)
     model, tokenizer = task.build_model(cfg, dataset, 1, client)
+    client.setup(model)
+    if last_row:
+        client.after_aggregate(last_row)
     test = task.encode(tokenizer, dataset.test, cfg, test=True)
-    out = {}
-    for r in ranks:
-        metrics = evaluate_global(model, task, prefix.truncate(state, r), test, cfg)
+    received = {cfg.rank: dict(state)}
+    for b in budgets:
+        if b.rank not in received:
+            received[b.rank] = client.download(dict(state), b)
+    out: dict[int, dict] = {}
+    for r in sorted(received, reverse=True):  # the global first: a download equal to it
+        got = received[r]  # (HAFL freezing) reuses its numbers
+        if r != cfg.rank and got.keys() == state.keys():
+            if all(got[k].shape == state[k].shape and torch.equal(got[k], state[k]) for k in got):
+                out[r] = dict(out[cfg.rank])
+                continue
+        metrics = evaluate_global(model, task, got, test, cfg)
         out[r] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    return out
+    return {r: out[r] for r in sorted(out)}
 
 
 def _choose(scores: dict[float, float], metric: Ranking) -> float:
@@ -456,7 +474,8 @@ def compare(
             print(f"== {cfg.method}: seed {seed}", flush=True)
             res = _start(fcfg, out / cfg.method / tag, {"dataset": final}, plot, progress)
             runs[cfg.method].append(res)
-            pm = prefix_metrics(fcfg, res.global_state, final) if not full else None
+            last = res.rounds[-1] if res.rounds else None
+            pm = prefix_metrics(fcfg, res.global_state, final, last) if not full else None
             if pm is not None:
                 prefixes.setdefault(cfg.method, []).append(pm)
     rows = _rows(configs, runs, chosen, spec, metric, task)
@@ -753,7 +772,8 @@ def _markdown(rep: _Report, command: str | None) -> str:
         what = m.label + (f"; {labels[second]} in parentheses" if second else "")
         lines += [
             "",
-            f"Final global model at each client rank prefix ({what}; mean over seeds):",
+            f"The model each client rank receives from the final global ({what}; mean over "
+            "seeds; the largest rank is the global itself):",
             "",
         ]
         for method, per_seed in rep.prefixes.items():
