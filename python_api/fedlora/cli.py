@@ -271,7 +271,14 @@ def _compare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
     )
     command = "fedlora " + " ".join(shlex.quote(a) for a in (args.argv or []))
-    compare(configs, Path(args.out), spec=spec, progress=not args.no_progress, command=command)
+    compare(
+        configs,
+        Path(args.out),
+        spec=spec,
+        progress=not args.no_progress,
+        command=command,
+        dry_run=args.dry_run,
+    )
     return 0
 
 
@@ -325,9 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--val-fraction", type=float, default=0.1, help="validation share of train")
     cmp.add_argument("--baseline", default=None, help="method to pair every other against")
     cmp.add_argument(
-        "--match", default="none", help="budget matching axis: none | comm (numbers sent)"
+        "--match",
+        default="none",
+        help="budget matching axis: none | comm (numbers sent) | compute (fwd/bwd passes)",
     )
     cmp.add_argument("--target", type=float, default=None, help="accuracy for rounds-to-target")
+    cmp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the plan (budgets, rates, compute), train nothing",
+    )
     _add_run_options(cmp)
     cmp.set_defaults(func=_compare)
     return parser

@@ -394,13 +394,17 @@ def compare(
     spec: CompareSpec | None = None,
     progress: bool = True,
     command: str | None = None,
+    dry_run: bool = False,
 ) -> list[dict]:
     """Run every method of ``configs`` as ``spec`` says and write the tables and plot to
     ``out``. Returns the table rows (one per method).
 
     Everything is checked before the first run trains (the options, every config, that they
     share one task and ranking metric, every run directory, the data, ``out``'s writability);
-    any problem is one :class:`ConfigError`.
+    any problem is one :class:`ConfigError`. ``dry_run``: run those checks (all but the data
+    and the writability of ``out``), print the plan (each method's label, matched budget,
+    learning rate or grid, compute per round and run directories) and return ``[]`` without
+    writing or training anything.
     """
     spec = spec or CompareSpec(seeds=(configs[0].seed,) if configs else (0,))
     if not configs:
@@ -433,6 +437,17 @@ def compare(
         check_out_dir(
             _run_dir(out, cfg.method, path), cfg, resume=(out / cfg.method / path / CKPT).exists()
         )
+    if dry_run:
+        for cfg in configs:
+            lrs = ", ".join(f"{x:g}" for x in spec.lr_grid) if spec.lr_grid else f"{cfg.lr:g}"
+            runs = [p for c, p in plan if c.method == cfg.method] or ["(after tuning)"]
+            print(
+                f"plan: {cfg.label()}: rank {cfg.rank}, budgets {cfg.budgets}, lr {lrs}, "
+                f"seeds {list(spec.seeds)}, {passes_per_round(cfg):g} fwd/bwd passes per round, "
+                f"{cfg.rounds} rounds; runs {out / cfg.method}/{{{', '.join(runs)}}}",
+                flush=True,
+            )
+        return []
     dataset = task.load_data(configs[0])
     tune, final = split_validation(dataset, spec.val_fraction) if spec.lr_grid else (None, dataset)
     probe_writable(out)
