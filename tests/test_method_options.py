@@ -383,3 +383,53 @@ def test_florana_reports_flexloras_svd_error_on_the_same_uploads():
     assert m["svd_error"] == pytest.approx(flex["aggregation_error"], rel=1e-5)
     assert m["svd_error"] <= m["florana_fit_error"] <= m["fedit_error"]  # best rank-2 is optimal
     assert "svd_error" not in fedlora.aggregate("florana", glob, cl, p)[1]  # off by default
+
+
+# ----------------------------------------------------------------------------- received models
+def test_compare_evaluates_what_each_client_rank_receives(tiny_bert_dir, monkeypatch):
+    """HAFL truncation's rank-2 clients receive the top-2 components by the server's last
+    scores (not the prefix); HetLoRA's the prefix; HAFL freezing's the whole global (its
+    numbers reused, not re-evaluated)."""
+    import fedlora.simulate.engine as engine
+    from fedlora.simulate.compare import prefix_metrics
+    from fedlora.simulate.tasks import get_task
+
+    seen = []
+
+    def fake_eval(model, task, state, test, cfg):
+        seen.append(state)
+        return {"test_accuracy": float(len(seen))}
+
+    monkeypatch.setattr(engine, "evaluate_global", fake_eval)
+    base = dict(clients=2, rank=4, budgets="rank=2,4;components=2,4", model=tiny_bert_dir,
+                target_modules=["query", "value"], max_length=16)  # fmt: skip
+    cfg = SimConfig(method="hafl", hafl_mode="truncate", **base).validate()
+    data = get_task("classify").load_data(cfg)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in _hafl_global(cfg, data).items()}
+    paths = [k[: -len(A)] for k in state if k.endswith(A)]
+    scores = {p: [0.0, 3.0, 1.0, 2.0] for p in paths}  # top 2: components 1 and 3
+    out = prefix_metrics(cfg, state, data, {"scores": scores})
+    assert sorted(out) == [2, 4] and len(seen) == 2
+    got = seen[1]  # the global (rank 4) is evaluated first, then what rank 2 receives
+    for p in paths:
+        torch.testing.assert_close(got[p + A], state[p + A][[1, 3]])
+        torch.testing.assert_close(got[p + B], state[p + B][:, [1, 3]])
+    seen.clear()
+    het = prefix_metrics(SimConfig(method="hetlora", **base).validate(), state, data)
+    assert sorted(het) == [2, 4]
+    torch.testing.assert_close(seen[1][paths[0] + A], state[paths[0] + A][:2])
+    seen.clear()
+    frz = prefix_metrics(SimConfig(method="hafl", **base).validate(), state, data)
+    assert len(seen) == 1 and frz[2] == frz[4]  # freezing: every class receives the global
+    assert prefix_metrics(SimConfig(method="fedit", **base).validate(), state, data) is None
+
+
+def _hafl_global(cfg: SimConfig, data) -> dict[str, torch.Tensor]:
+    from fedlora.methods import get
+    from fedlora.simulate.config import parse_budgets
+    from fedlora.simulate.tasks import get_task
+
+    rule = get(cfg.method).client(cfg.client_options(), parse_budgets(cfg))
+    model, _ = get_task(cfg.task).build_model(cfg, data, 1, rule)
+    return get_adapter_state_dict(model, slot=0)
