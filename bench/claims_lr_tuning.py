@@ -52,6 +52,34 @@ def one(method: str, lr: float | None, out: Path, extra: list[str]) -> dict:
     return row
 
 
+def markdown(data: dict) -> str:
+    """The tuning runs as a Markdown table (written beside the JSON)."""
+    lines = [
+        "# Learning-rate tuning on the SFT task (Ravan's default rate)",
+        "",
+        f"`fedlora simulate {data['settings']}` at each rate, one run at a time, each in its own "
+        "process, on this project's 2-core CPU shared with other jobs (wall times are therefore "
+        "upper bounds). Made by `python bench/claims_lr_tuning.py`; the numbers are in "
+        "`lr-tuning-sft.json`.",
+        "",
+        "| method | lr | test perplexity before → after | drop | ROUGE-L after | wall s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in data["runs"]:
+        if "error" in r:
+            lines.append(
+                f"| {r['method']} | {r['lr']} | failed: {r['error']} | | | {r['wall_s']} |"
+            )
+            continue
+        lr = f"{r['config_lr']:g}" + (" (default)" if r["lr"] is None else "")
+        lines.append(
+            f"| {r['method']} | {lr} | {r['initial_test_perplexity']:.2f} → "
+            f"{r['final_test_perplexity']:.2f} | {r.get('perplexity_drop', float('nan')):.2f} | "
+            f"{r['final_rouge_l']:.3f} | {r['wall_s']:.0f} |"
+        )
+    return "\n".join([*lines, "", *data.get("notes", [])]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="ravan")
@@ -59,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", default="fedit", help="run once at its default rate")
     p.add_argument("--out", default="runs/lr-tuning-sft")
     p.add_argument("--results", default="bench/results/lr-tuning-sft")
+    p.add_argument("--md-only", action="store_true", help="rewrite the .md from the .json")
     args, extra = p.parse_known_args(argv)
+    if args.md_only:
+        data = json.loads(Path(args.results + ".json").read_text())
+        Path(args.results + ".md").write_text(markdown(data))
+        return 0
     out = Path(args.out)
     lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
     rows = []
@@ -69,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"settings": " ".join(SMALL + extra), "threads": os.environ.get("OMP_NUM_THREADS"),
             "runs": rows}  # fmt: skip
     Path(args.results + ".json").write_text(json.dumps(data, indent=1) + "\n")
+    Path(args.results + ".md").write_text(markdown(data))
     return 0
 
 

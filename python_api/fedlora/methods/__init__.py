@@ -21,6 +21,7 @@ from fedlora.methods._protocol import (
     Method,
     Option,
     check_method,
+    lora_upload_numel,
 )
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Method",
     "Option",
     "get",
+    "lora_upload_numel",
     "names",
     "option_owners",
     "register",

@@ -60,7 +60,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedlora.methods import Budget
+from fedlora.methods import Budget, lora_upload_numel
 from fedlora.methods import get as get_method
 from fedlora.simulate.config import ConfigError, SimConfig, parse_budgets
 from fedlora.simulate.engine import (
@@ -245,9 +245,7 @@ def matched(cfg: SimConfig, match: str) -> SimConfig:
         return _matched_compute(cfg)
     d = _hidden_size(cfg)
     method = get_method(cfg.method)
-    target = get_method("fedit").upload_numel(
-        _full_budget(cfg, cfg.rank), (d, d), cfg.client_options()
-    )
+    target = lora_upload_numel(_full_budget(cfg, cfg.rank), (d, d), cfg.client_options())
 
     def numel(rank: int) -> int:
         c = dataclasses.replace(cfg, rank=rank)
