@@ -433,3 +433,12 @@ def _hafl_global(cfg: SimConfig, data) -> dict[str, torch.Tensor]:
     rule = get(cfg.method).client(cfg.client_options(), parse_budgets(cfg))
     model, _ = get_task(cfg.task).build_model(cfg, data, 1, rule)
     return get_adapter_state_dict(model, slot=0)
+
+
+def test_budgets_that_cannot_be_matched_are_refused():
+    pre = SimConfig(method="prelort", clients=3, budgets="rank=2,4,8", local_steps=1)
+    with pytest.raises(ConfigError, match="--match compute: prelort's client 1 takes 2 passes"):
+        matched(pre, "compute")
+    wide = SimConfig(method="ravan", task="sft", rank=1, heads=2000)  # 2000 cores of 1 > 1152
+    with pytest.raises(ConfigError, match="--match comm: ravan cannot send about FedIT's 1152"):
+        matched(wide, "comm")

@@ -75,6 +75,8 @@ from fedlora.simulate.engine import (
 from fedlora.simulate.tasks import get_task
 
 MATCH_AXES = ("none", "comm", "compute")
+#: a matched budget must land within this factor of FedIT's (else the claim run is refused)
+MATCH_SLACK = 1.5
 # two-sided 5 % critical values of Student's t by degrees of freedom (then the normal's)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 _T975.update({9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042})
@@ -252,6 +254,11 @@ def matched(cfg: SimConfig, match: str) -> SimConfig:
         return method.upload_numel(_full_budget(c, rank), (d, d), c.client_options())
 
     best = min(range(1, 4 * max(cfg.rank, d) + 1), key=lambda r: (abs(numel(r) - target), r))
+    if not 1 / MATCH_SLACK <= numel(best) / target <= MATCH_SLACK:
+        raise ConfigError(
+            f"--match comm: {cfg.method} cannot send about FedIT's {target} numbers per layer "
+            f"at any rank (closest: {numel(best)} at rank {best}); change --heads or --budgets"
+        )
     if best == cfg.rank:
         return cfg
     return dataclasses.replace(cfg, rank=best, alpha=cfg.alpha * best / cfg.rank)
@@ -288,6 +295,14 @@ def _matched_compute(cfg: SimConfig) -> SimConfig:
     for b, p in zip(budgets, now, strict=True):
         per_step = p / b.steps if b.steps else 1.0  # scoring steps folded into the rate
         steps.append(max(1, round(b.steps / per_step)))
+    for k, (b, n) in enumerate(zip(budgets, steps, strict=True)):
+        got = n * now[k] / b.steps
+        if not 1 / MATCH_SLACK <= got / b.steps <= MATCH_SLACK:
+            raise ConfigError(
+                f"--match compute: {cfg.method}'s client {k} takes {now[k] // b.steps} passes per "
+                f"step, so no whole number of steps comes near FedIT's {b.steps}; raise "
+                "--local-steps or use --match none"
+            )
     spec = ";".join(
         f"{key}=" + ",".join(str(getattr(b, key)) for b in budgets)
         for key in ("rank", "heads", "components")
