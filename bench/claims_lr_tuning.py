@@ -77,7 +77,8 @@ def markdown(data: dict) -> str:
             f"{r['final_test_perplexity']:.2f} | {r.get('perplexity_drop', float('nan')):.2f} | "
             f"{r['final_rouge_l']:.3f} | {r['wall_s']:.0f} |"
         )
-    return "\n".join([*lines, "", *data.get("notes", [])]) + "\n"
+    notes = [f"- {n}" for n in data.get("notes", [])]
+    return "\n".join([*lines, "", *notes]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -355,6 +355,6 @@ METHOD = Method(
     summary="Ravan: multi-head LoRA, frozen shared bases, per-head average of trained cores",
     options=OPTIONS,
     # the cores need a larger rate than full LoRA factors: bench/results/lr-tuning-sft.md
-    default_lr={"sft": 1e-2},
+    default_lr={"sft": 3e-2},
     upload_numel=upload_numel,
 )
