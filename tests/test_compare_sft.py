@@ -91,10 +91,14 @@ def test_sft_compare_ranks_by_rouge_with_lr_on_validation_and_prefixes(tiny_llm_
         row = rows[method]
         val = {}
         for lr in (0.01, 0.05):
-            run_dir = out / method / f"tune-lr{lr:g}"
-            val[lr] = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]["rouge_l"]
-            asked = {s["prompt"] for s in _jsonl(run_dir / "samples.jsonl")}
-            assert asked and asked <= train_q and not asked & test_q  # validation, not test
+            scores = []
+            for seed in (0, 1):  # validation scores averaged over the seeds
+                run_dir = out / method / f"tune-lr{lr:g}-seed{seed}"
+                last = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]
+                scores.append(last["rouge_l"])
+                asked = {s["prompt"] for s in _jsonl(run_dir / "samples.jsonl")}
+                assert asked and asked <= train_q and not asked & test_q  # validation, not test
+            val[lr] = sum(scores) / 2
         assert data["lr_scores"][method] == {f"{lr:g}": v for lr, v in val.items()}
         assert row["lr"] == max(val, key=lambda lr: (val[lr], -lr))
         finals = [
@@ -187,8 +191,9 @@ def test_lr_is_chosen_by_validation_rouge(tmp_path, monkeypatch, tiny_llm_dir):
     spec = CompareSpec(seeds=(0, 1), lr_grid=(0.01, 0.05), baseline="fedit")
     rows = {r["method"]: r for r in compare(configs, tmp_path / "c", spec=spec, progress=False)}
     assert rows["fedit"]["lr"] == rows["ffa"]["lr"] == 0.05
-    assert [s for s in seen if s[3]] == [("fedit", 0.01, 0, True), ("fedit", 0.05, 0, True),
-                                         ("ffa", 0.01, 0, True), ("ffa", 0.05, 0, True)]  # fmt: skip
+    assert [s for s in seen if s[3]] == [  # every seed tunes: the scores are averaged
+        (m, lr, seed, True) for m in ("fedit", "ffa") for lr in (0.01, 0.05) for seed in (0, 1)
+    ]
     assert rows["ffa"]["vs_baseline"]["per_seed"] == pytest.approx([0.01, 0.02])
     assert rows["ffa"]["final_rouge_l"] == pytest.approx(0.1 + 0.015)
 

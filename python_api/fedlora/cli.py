@@ -27,11 +27,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+from fedlora.methods import get as get_method
 from fedlora.methods import names as method_names
+from fedlora.methods import option_owners
 from fedlora.simulate.config import (
     ENGINES,
-    HAFL_MODES,
-    HEAD_SCORES,
+    OPTION_FIELDS,
     TASK_DEFAULTS,
     TASKS,
     ConfigError,
@@ -105,26 +106,6 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--rank", type=int, default=d.rank, help="global LoRA rank R (Ravan: rank per head)"
     )
     p.add_argument("--alpha", type=float, default=d.alpha, help="LoRA alpha (scale = alpha / R)")
-    p.add_argument("--heads", type=int, default=d.heads, help="Ravan heads per layer")
-    p.add_argument(
-        "--head-score",
-        default=d.head_score,
-        choices=list(HEAD_SCORES),
-        help="Ravan head selection",
-    )
-    p.add_argument(
-        "--hafl-score-steps",
-        type=int,
-        default=d.hafl_score_steps,
-        help="HAFL batches that only score importance",
-    )
-    p.add_argument(
-        "--hafl-mode",
-        default=d.hafl_mode,
-        choices=list(HAFL_MODES),
-        help="HAFL: freeze (hold rank R, train the top budget components) or truncate (hold "
-        "the top budget rank components by the server's scores)",
-    )
     p.add_argument(
         "--engine",
         default=d.engine,
@@ -197,14 +178,75 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="sft: length limit of a generated answer",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_method_options(p)
 
 
-def _config(args: argparse.Namespace, method: str) -> SimConfig:
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """One flag per method option of the registry (:attr:`fedlora.methods.Method.options`):
+    spelling, type, choices, default and help come from the method that owns it."""
+    group = p.add_argument_group("method options (each taken only by the methods named)")
+    for name, (opt, owners) in option_owners().items():
+        kw: dict = {"default": None, "dest": f"opt_{name}"}
+        if opt.kind == "str":
+            kw["choices"] = list(opt.choices or ())
+        elif opt.kind == "int":
+            kw.update(type=int, metavar="N")
+        elif opt.kind == "float":
+            kw.update(type=float, metavar="X")
+        elif opt.kind == "ints":
+            kw["metavar"] = "N,N,..."
+        elif opt.kind == "bool":  # --flag alone means true; --flag false turns it off
+            kw.update(nargs="?", const="true", metavar="true|false")
+        default = ",".join(map(str, opt.default)) if opt.kind == "ints" else opt.default
+        named = opt.help.lower().startswith(tuple(owners))
+        what = "" if named else f"{', '.join(owners)}: "
+        kw["help"] = f"{what}{opt.help} (default {default if default != '' else 'none'})"
+        kw["help"] = kw["help"].replace("%", "%%")
+        group.add_argument(opt.flag, **kw)
+
+
+def _given_options(args: argparse.Namespace) -> dict:
+    """The method options set on the command line, parsed and checked by their spec."""
+    given = {}
+    for name, (opt, _) in option_owners().items():
+        value = getattr(args, f"opt_{name}", None)
+        if value is None:
+            continue
+        try:
+            if isinstance(value, str) and opt.kind in ("bool", "ints"):
+                value = opt.parse(value)
+            given[name] = opt.check(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+    return given
+
+
+def _method_options(given: dict, methods: list[str]) -> dict[str, dict]:
+    """``{method: its options among given}``. An option no named method takes is refused
+    (with one method: an option it does not take)."""
+    owners = option_owners()
+    for name in given:
+        takers = [m for m in methods if m in owners[name][1]]
+        if not takers:
+            who = ", ".join(owners[name][1])
+            one = f"method {methods[0]}" if len(methods) == 1 else "none of " + ", ".join(methods)
+            raise ConfigError(
+                f"{owners[name][0].flag}: {one} takes no such option (taken by {who})"
+            )
+    own = {m: {o.name for o in get_method(m).options} for m in methods}
+    return {m: {k: v for k, v in given.items() if k in own[m]} for m in methods}
+
+
+def _config(args: argparse.Namespace, method: str, options: dict | None = None) -> SimConfig:
     fields = {f.name for f in dataclasses.fields(SimConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["method"] = method
     if args.target_modules is not None:
         values["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    if options is None:
+        options = _method_options(_given_options(args), [method])[method]
+    values["method_options"] = {k: v for k, v in options.items() if k not in OPTION_FIELDS}
+    values.update({k: v for k, v in options.items() if k in OPTION_FIELDS})
     return SimConfig(**values).validate()
 
 
@@ -271,6 +313,10 @@ def _start_line(cfg: SimConfig, out: str) -> str:
 def _simulate(args: argparse.Namespace) -> int:
     from fedlora.simulate.engine import run
 
+    if not isinstance(args.method, str) or args.method not in method_names():
+        raise ConfigError(
+            f"--method must be one of {', '.join(method_names())}; got {args.method!r}"
+        )
     cfg = _config(args, args.method)
     print(_start_line(cfg, args.out), flush=True)
     result = run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
@@ -304,7 +350,8 @@ def _compare(args: argparse.Namespace) -> int:
     dup = sorted({m for m in methods if methods.count(m) > 1})
     if dup:
         raise ConfigError(f"--methods names {', '.join(dup)} more than once")
-    configs = [_config(args, m) for m in methods]
+    per_method = _method_options(_given_options(args), methods)
+    configs = [_config(args, m, per_method[m]) for m in methods]
     spec = CompareSpec(
         seeds=_seeds(args.seeds, args.seed),
         lr_grid=None if args.lr_grid is None else _floats("--lr-grid", args.lr_grid),
@@ -314,7 +361,14 @@ def _compare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
     )
     command = "fedlora " + " ".join(shlex.quote(a) for a in (args.argv or []))
-    compare(configs, Path(args.out), spec=spec, progress=not args.no_progress, command=command)
+    compare(
+        configs,
+        Path(args.out),
+        spec=spec,
+        progress=not args.no_progress,
+        command=command,
+        dry_run=args.dry_run,
+    )
     return 0
 
 
@@ -414,13 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="method to pair every other against (default: none, no paired differences)",
     )
     cmp.add_argument(
-        "--match", default="none", help="budget matching axis: none | comm (numbers sent)"
+        "--match",
+        default="none",
+        help="budget matching axis: none | comm (numbers sent) | compute (fwd/bwd passes)",
     )
     cmp.add_argument(
         "--target",
         type=float,
         default=None,
         help="accuracy for rounds-to-target (default: none, not reported)",
+    )
+    cmp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything, print the plan (budgets, rates, compute), train nothing",
     )
     _add_run_options(cmp)
     cmp.set_defaults(func=_compare)

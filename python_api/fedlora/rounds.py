@@ -326,12 +326,14 @@ class Server:
 
     # ---------------------------------------------------------------- aggregation
     def round_options(self, round_idx: int) -> dict[str, Any]:
-        """The rule's options for round ``round_idx``: the method's per-round options (FLoRA's
-        restart seed), what the client side asked for after the last round (HAFL's
-        ``prev_scores``), then ``aggregate_options``."""
+        """The rule's options for round ``round_idx``, later ones winning: the method's own
+        server-side options (PreLort's / HAFL's aggregation ablations), what the client side
+        asked for after the last round (HAFL's ``prev_scores``), the method's per-round options
+        (FLoRA's restart seed), then ``aggregate_options``."""
         ro = self.method.round_options
         per_round = dict(ro(key(self.seed, round_idx, ROUND_TAG))) if ro is not None else {}
-        return {**self.server_options, **per_round, **self.aggregate_options}
+        own = dict(self.side.server_options())  # the method's server-side options (ablations)
+        return {**own, **self.server_options, **per_round, **self.aggregate_options}
 
     def screen(self, replies: Sequence[Reply]) -> tuple[list[Reply], list[tuple[Any, str]]]:
         """The replies the server may aggregate, and ``(client, reason)`` for the others: a

@@ -14,9 +14,29 @@ from __future__ import annotations
 
 import importlib
 
-from fedlora.methods._protocol import Budget, Client, ClientOptions, Method, check_method
+from fedlora.methods._protocol import (
+    Budget,
+    Client,
+    ClientOptions,
+    Method,
+    Option,
+    check_method,
+    lora_upload_numel,
+)
 
-__all__ = ["BUILTIN", "Budget", "Client", "ClientOptions", "Method", "get", "names", "register"]
+__all__ = [
+    "BUILTIN",
+    "Budget",
+    "Client",
+    "ClientOptions",
+    "Method",
+    "Option",
+    "get",
+    "lora_upload_numel",
+    "names",
+    "option_owners",
+    "register",
+]
 
 BUILTIN = (
     "fedit",
@@ -87,3 +107,16 @@ def get(name: str) -> Method:
     if method is None:
         raise ValueError(f"method must be one of {', '.join(_REGISTRY)}; got {name!r}")
     return method
+
+
+def option_owners() -> dict[str, tuple[Option, tuple[str, ...]]]:
+    """Every registered method option by name: its :class:`Option` (the first registered
+    method's) and the names of the methods that take it, in registry order. The CLI derives its
+    method flags from this, so a new method's options need no edit outside its module."""
+    _load_builtins()
+    out: dict[str, tuple[Option, tuple[str, ...]]] = {}
+    for name, method in _REGISTRY.items():
+        for opt in method.options:
+            first, owners = out.get(opt.name, (opt, ()))
+            out[opt.name] = (first, (*owners, name))
+    return out

@@ -89,4 +89,5 @@ METHOD = Method(
     linear=True,
     optional_suffixes=(A_SUFFIX,),
     summary="FFA-LoRA: A frozen at a shared seed, only B trained and averaged (exact)",
+    upload_numel=lambda budget, shape, options: budget.rank * shape[0],  # B [d_out, r] only
 )

@@ -114,7 +114,11 @@ def aggregate(
         total = float(S.square().sum())
         energy[path] = float(S[: A_g.shape[0]].square().sum()) / total if total > 0 else 1.0
     average_other_keys(new_state, global_state, client_states, weights)
-    return {k: new_state[k] for k in global_state}, {"flexlora_energy": energy}
+    from fedlora.methods.hetlora import round_segment_norms
+
+    out = {k: new_state[k] for k in global_state}
+    norms = round_segment_norms(out, client_states)
+    return out, {"flexlora_energy": energy, "segment_norms": norms}
 
 
 class FlexLoRAClient(PrefixClient):
@@ -163,4 +167,5 @@ METHOD = Method(
     check_client=check_client,
     budget_fields=("rank", "steps"),
     summary="FlexLoRA: exact ΔW sum (no dense matrix), best rank-r_k factors per client",
+    logged=("segment_norms",),
 )

@@ -34,7 +34,7 @@ from fedlora.methods._common import (
     linear_combination,
     lora_paths,
 )
-from fedlora.methods._protocol import Method
+from fedlora.methods._protocol import Method, Option
 from fedlora.metrics import relative_error
 
 
@@ -167,8 +167,13 @@ def aggregate(
     shared: bool = False,
     iters: int = 20,
     tol: float = 1e-9,
+    svd_error: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """FLoRA-NA's server rule; see the module docstring."""
+    """FLoRA-NA's server rule; see the module docstring. ``svd_error``: also report, on the
+    same uploads, the relative error of FlexLoRA's rule (the best rank-``R`` factorisation of
+    the exact sum ``Σ p_u B_u A_u``, from factors) as ``metrics["svd_error"]``, beside
+    ``fedit_error`` and ``florana_fit_error`` (the reviewers' question: does the fit beat the
+    truncated SVD of the exact sum?)."""
     if not isinstance(shared, bool):
         raise TypeError(f"shared must be a bool, got {shared!r}")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
@@ -216,7 +221,33 @@ def aggregate(
         "florana_fit_error": relative_error(fit_sq, ideal_sq),
         "florana_fallback": fallback,
     }
+    if svd_error:
+        extra["svd_error"] = truncated_svd_error(global_state, client_states, p.tolist())
     return {k: new_state[k] for k in global_state}, extra
+
+
+def truncated_svd_error(
+    global_state: State, client_states: Sequence[State], weights: Sequence[float]
+) -> float:
+    """``‖ΔW − ΔW_R‖_F / ‖ΔW‖_F`` over all layers, ``ΔW = Σ p_u B_u A_u`` and ``ΔW_R`` its best
+    rank-``R`` approximation (``R`` the global's rank: FlexLoRA's new global), from the
+    singular values of the stacked factors (:func:`fedlora.methods.flexlora.factored_svd`)."""
+    from fedlora.methods.flexlora import factored_svd
+
+    cut = total = 0.0
+    for path in lora_paths(global_state):
+        R = global_state[a_key(path)].shape[0]
+        roots = [float(w) ** 0.5 for w in weights]
+        Bs = torch.cat(
+            [cs[b_key(path)].double() * r for cs, r in zip(client_states, roots, strict=True)], 1
+        )
+        As = torch.cat(
+            [cs[a_key(path)].double() * r for cs, r in zip(client_states, roots, strict=True)], 0
+        )
+        S = factored_svd(Bs, As)[1].square()
+        cut += float(S[R:].sum())
+        total += float(S.sum())
+    return (cut / total) ** 0.5 if total > 0 else 0.0
 
 
 METHOD = Method(
@@ -225,4 +256,15 @@ METHOD = Method(
     ranks="equal",
     aggregate=aggregate,
     summary="FLoRA-NA: server-fitted per-client coefficients, error never above FedIT's",
+    options=(
+        Option(
+            "florana_svd_error",
+            "bool",
+            False,
+            "FLoRA-NA: also log, on the same uploads, "
+            "the error of FlexLoRA's truncated SVD of the exact sum",
+            server="svd_error",
+        ),
+    ),
+    logged=("fedit_error", "florana_fit_error", "svd_error"),
 )

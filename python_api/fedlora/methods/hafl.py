@@ -22,6 +22,10 @@ the participation as the mask. Other keys are ``p_k``-averaged over all accepted
   server averages them per component over the reporting clients and returns them in
   ``metrics["scores"]`` (components nobody reported keep ``prev_scores`` if given, else 0).
 
+``aggregation="zeropad"`` (the option ``--hafl-aggregation zeropad``, the paper's contrast): the
+same uploads zero-padded instead, ``Σ_{k updated j} p_k X_k[j]`` (a component nobody updated
+becomes 0), so adaptive vs zero-padding can be compared with the same client side.
+
 Streaming-capable.
 """
 
@@ -51,7 +55,7 @@ from fedlora.methods._common import (
     per_layer,
     rank_of,
 )
-from fedlora.methods._protocol import Budget, Client, ClientOptions, Method
+from fedlora.methods._protocol import Budget, Client, ClientOptions, Method, Option
 
 
 def _per_layer(meta: Mapping[str, Any], name: str, key: str) -> Mapping[str, Any]:
@@ -166,8 +170,11 @@ def aggregate(
     metas: Sequence[Mapping[str, Any]],
     *,
     prev_scores: Mapping[str, torch.Tensor] | None = None,
+    aggregation: str = "adaptive",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """HAFL's adaptive rank-1 aggregation; see the module docstring."""
+    """HAFL's adaptive rank-1 aggregation (or, ``aggregation="zeropad"``, the zero-padded
+    contrast); see the module docstring."""
+    _check_aggregation(aggregation)
     new_state: dict[str, torch.Tensor] = {}
     updates: dict[str, list[int]] = {}
     scores_out: dict[str, torch.Tensor] = {}
@@ -189,10 +196,20 @@ def aggregate(
                 score_masks.append(_mask(full, indices, A_g.device))
                 score_w.append(w)
         mask = torch.stack(masks)
-        new_state[a_key(path)] = masked_mean(As, weights, mask, rank_dim=0, fallback=A_g)
-        new_state[b_key(path)] = masked_mean(
-            Bs, weights, mask, rank_dim=1, fallback=global_state[b_key(path)]
-        )
+        if aggregation == "adaptive":
+            new_state[a_key(path)] = masked_mean(As, weights, mask, rank_dim=0, fallback=A_g)
+            new_state[b_key(path)] = masked_mean(
+                Bs, weights, mask, rank_dim=1, fallback=global_state[b_key(path)]
+            )
+        else:
+            w = torch.tensor(weights, dtype=torch.float32, device=mask.device)
+            share = (mask.float() * w[:, None]).sum(0) / float(sum(weights))
+            for key, Xs, dim in ((a_key(path), As, 0), (b_key(path), Bs, 1)):
+                g = global_state[key]
+                mean = masked_mean(Xs, weights, mask, rank_dim=dim, fallback=torch.zeros_like(g))
+                view = [1, 1]
+                view[dim] = -1
+                new_state[key] = (mean.float() * share.view(view)).to(g.dtype)
         updates[path] = mask.sum(0).int().tolist()
         prev = (prev_scores or {}).get(path)
         if score_list or prev is not None:
@@ -221,8 +238,10 @@ def stream_add(
     meta: Mapping[str, Any],
     *,
     prev_scores: Mapping[str, torch.Tensor] | None = None,
+    aggregation: str = "adaptive",
 ) -> None:
     """Add one client's updated components (at their global indices) to the running sums."""
+    _check_aggregation(aggregation)
     g = acc.global_state
     for path in lora_paths(g):
         indices, updated = layout(g, state, meta, path)
@@ -243,16 +262,23 @@ def stream_add(
 
 
 def stream_result(
-    acc: MaskedAccumulator, *, prev_scores: Mapping[str, torch.Tensor] | None = None
+    acc: MaskedAccumulator,
+    *,
+    prev_scores: Mapping[str, torch.Tensor] | None = None,
+    aggregation: str = "adaptive",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Per component means over the clients that updated it; the rest unchanged."""
+    """Per component means over the clients that updated it; the rest unchanged (zero-padded
+    sums with ``aggregation="zeropad"``)."""
     g = acc.global_state
     out: dict[str, torch.Tensor] = {}
     updates: dict[str, list[int]] = {}
     scores_out: dict[str, torch.Tensor] = {}
     for path in lora_paths(g):
-        out[a_key(path)] = acc.mean(a_key(path), rank_dim=0)
-        out[b_key(path)] = acc.mean(b_key(path), rank_dim=1)
+        for key, dim in ((a_key(path), 0), (b_key(path), 1)):
+            if aggregation == "zeropad":
+                out[key] = acc.zero_padded(key, rank_dim=dim).to(g[key].dtype)
+            else:
+                out[key] = acc.mean(key, rank_dim=dim)
         full = rank_of(g, path)
         count = acc.den.get(path + "#count")
         updates[path] = [0] * full if count is None else count.round().int().tolist()
@@ -335,6 +361,46 @@ def stream_result(
 
 SCORES = ("ema_unc", "ema")
 MODES = ("freeze", "truncate")
+AGGREGATIONS = ("adaptive", "zeropad")
+#: the ``--hafl-score`` names of the element scores: ``Ī·Ū`` (the paper's) or ``Ī`` alone
+SCORE_NAMES = {"sensitivity_uncertainty": "ema_unc", "sensitivity": "ema"}
+
+OPTIONS = (
+    Option("hafl_mode", "str", "freeze", "HAFL: freeze (hold rank R, train the top budget "
+           "components) or truncate (hold the top budget rank components by the server's "
+           "scores)", choices=MODES),
+    Option("hafl_score_steps", "int", 1, "HAFL: batches that only score importance (freeze "
+           "mode)", low=0, high=10**6),
+    Option("hafl_score", "str", "sensitivity_uncertainty", "HAFL: element score, smoothed "
+           "sensitivity times its uncertainty (the paper) or the sensitivity alone",
+           choices=tuple(SCORE_NAMES)),
+    Option("hafl_aggregation", "str", "adaptive", "HAFL: per-component average over the "
+           "clients that updated it (adaptive) or the zero-padded contrast",
+           choices=AGGREGATIONS, server="aggregation"),
+)  # fmt: skip
+
+
+def _check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def check_options(values: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """Refuse scoring steps in truncation mode (it runs none: the server chose the
+    components)."""
+    if values["hafl_mode"] == "truncate" and given.get("hafl_score_steps", 0):
+        raise ValueError(
+            "--hafl-score-steps: --hafl-mode truncate runs no scoring steps (the server's "
+            "scores choose the components); leave it out"
+        )
+
+
+def upload_numel(budget: Budget, shape: tuple[int, int], options: ClientOptions) -> int:
+    """The trained components (freeze: ``budget.components``; truncate: ``budget.rank``),
+    each a row of ``A`` and a column of ``B``."""
+    mode = dict(options.method_options).get("hafl_mode", options.hafl_mode)
+    m = budget.components if mode == "freeze" else budget.rank
+    return m * sum(shape)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -573,9 +639,11 @@ class HAFLClient(Client):
     after every round; a caller that never calls it gets prefixes, i.e. round-1 behaviour).
     """
 
+    OPTIONS = OPTIONS
+
     def __init__(self, options: ClientOptions, budgets: Sequence[Budget]) -> None:
         super().__init__(options, budgets)
-        mode = getattr(options, "hafl_mode", "freeze")
+        mode = self.option("hafl_mode")
         if mode not in MODES:
             raise ValueError(f"hafl_mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -583,7 +651,7 @@ class HAFLClient(Client):
         self.server_scores: dict[str, torch.Tensor] | None = None
 
     def setup(self, model: nn.Module) -> None:
-        self.tracker = ImportanceTracker(model)
+        self.tracker = ImportanceTracker(model, score=SCORE_NAMES[self.option("hafl_score")])
         self.selection: dict[int, dict[str, list[int]]] = {}
 
     def start_round(self, model: nn.Module, round_idx: int) -> None:
@@ -597,7 +665,7 @@ class HAFLClient(Client):
 
     def pre_steps(self, budget: Budget) -> int:
         # truncation: the server chose the components; scores come from the training steps
-        return self.options.hafl_score_steps if self.mode == "freeze" else 0
+        return self.option("hafl_score_steps") if self.mode == "freeze" else 0
 
     def after_backward(self, model: nn.Module, slots: list[int]) -> None:
         self.tracker.update(slots)
@@ -656,4 +724,7 @@ METHOD = Method(
     error_state=error_state,
     budget_fields=("components", "rank", "steps"),
     summary="HAFL: train the most important rank-1 components, per-component average",
+    options=OPTIONS,
+    check_options=check_options,
+    upload_numel=upload_numel,
 )

@@ -13,7 +13,23 @@ holds becomes 0. Weights per layer (``weighting=``):
 Other keys are ``p_k``-averaged. ``metas[k]`` may declare ``{"rank": r_k}`` (or
 ``{"rank": {path: r_k}}``); a declared rank that disagrees with the uploaded shapes rejects the
 client. Client side: :func:`fedlora.methods.prefix.truncate` (the rank-``r_k`` prefix of the
-global). Streaming-capable.
+global). Streaming-capable. Every round's ``metrics["segment_norms"]`` holds ``‖ΔW‖_F`` of each
+rank segment of the new global (:func:`fedlora.methods.prefix.segment_norms`).
+
+**Rank self-pruning** (the paper's local training, off by default; ``--hetlora-prune``, the
+variant is then labelled ``hetlora (hetlora_prune=True)``): with decay factor ``γ``
+(``--hetlora-prune-gamma``, default 0.9) client ``k`` of current rank ``r`` keeps the prefix
+``q = max(1, ⌊γ r⌋)`` and calls the components ``[q, r)`` its tail. During local training the
+tail's norm is regularised: ``λ ‖B_tail A_tail‖_F`` is added to the loss (``--hetlora-prune-lambda``,
+default 0.01; its gradient ``λ B_t (A_t A_tᵀ) / n``, ``λ (B_tᵀ B_t) A_t / n`` with
+``n = ‖B_t A_t‖_F`` from Gram matrices, added after every backward pass). After local training,
+if the tail's norm ``n`` (over all layers: the root of the sum of squares) is smaller than it
+was at the end of the client's previous round, the client prunes: it uploads the rank-``q``
+prefix (the tail is dropped, the server zero-pads it as any smaller rank) and trains at rank
+``q`` from then on; otherwise it keeps ``r``. A client's first round only records ``n``. The
+paper leaves ``λ`` and ``γ`` to tuning; the defaults here are this library's choices. The
+pruned ranks live in the client-side object (the simulator keeps it for the run; a client
+built afresh every round, as a Flower ClientApp, starts each round at its budget).
 """
 
 from __future__ import annotations
@@ -38,9 +54,28 @@ from fedlora.methods._common import (
     other_keys,
     sparsity_weight,
 )
-from fedlora.methods._protocol import Budget, Client, Method
+from fedlora.methods._protocol import Budget, Client, Method, Option
 
 WEIGHTINGS = ("sparsity", "data")
+
+OPTIONS = (
+    Option("hetlora_weighting", "str", "sparsity", "HetLoRA: server weights, ||B_k A_k||_F "
+           "(sparsity, the paper) or the data shares", choices=WEIGHTINGS, server="weighting"),
+    Option("hetlora_prune", "bool", False, "HetLoRA: the paper's local rank self-pruning "
+           "(off by default)"),
+    Option("hetlora_prune_gamma", "float", 0.9, "HetLoRA self-pruning: decay factor; a pruning "
+           "client keeps floor(gamma * rank) components", low=0.01, high=0.99),
+    Option("hetlora_prune_lambda", "float", 0.01, "HetLoRA self-pruning: weight of the tail "
+           "norm added to the local loss", low=0.0, high=1e3),
+)  # fmt: skip
+
+
+def check_options(values: Mapping[str, Any], given: Mapping[str, Any]) -> None:
+    """The pruning parameters mean nothing without pruning."""
+    loose = [k for k in ("hetlora_prune_gamma", "hetlora_prune_lambda") if k in given]
+    if loose and not values["hetlora_prune"]:
+        flags = ", ".join("--" + k.replace("_", "-") for k in loose)
+        raise ValueError(f"{flags}: self-pruning is off; add --hetlora-prune or leave them out")
 
 
 def check_client(global_state: State, state: State, meta: Mapping[str, Any]) -> None:
@@ -91,7 +126,22 @@ def aggregate(
             shape[dim] = rank
             new_state[key] = (mean.float() * (held / total).view(shape)).to(g.dtype)
     average_other_keys(new_state, global_state, client_states, weights)
-    return {k: new_state[k] for k in global_state}, {"hetlora_weights": layer_weights}
+    out = {k: new_state[k] for k in global_state}
+    return out, {
+        "hetlora_weights": layer_weights,
+        "segment_norms": round_segment_norms(out, client_states),
+    }
+
+
+def round_segment_norms(state: State, client_states: Sequence[State]) -> dict[str, float]:
+    """``‖ΔW‖_F`` per rank segment of ``state``, the segments bounded by the clients' ranks."""
+    from fedlora.methods.prefix import segment_bounds, segment_norms
+
+    paths = lora_paths(state)
+    if not paths:
+        return {}
+    ranks = {int(cs[a_key(p)].shape[0]) for cs in client_states for p in paths}
+    return segment_norms(dict(state), segment_bounds(int(state[a_key(paths[0])].shape[0]), ranks))
 
 
 def stream_add(
@@ -154,15 +204,103 @@ class PrefixClient(Client):
         return prefix.truncate(state, budget.rank), {"rank": budget.rank}
 
 
+def tail_norm(model: nn.Module, slot: int, rank: int, keep: int) -> float:
+    """``n = sqrt(Σ_layers ‖B[:, keep:rank] A[keep:rank]‖_F²)`` of ``slot`` (Gram matrices)."""
+    from fedlora.state_dict import adapter_layers
+
+    total = 0.0
+    for _, layer in adapter_layers(model):
+        A = layer.lora_A[slot, keep:rank].detach().double()
+        B = layer.lora_B[slot, :, keep:rank].detach().double()
+        total += float(torch.sum((B.T @ B) * (A @ A.T)).clamp_min(0.0))
+    return total**0.5
+
+
+class HetLoRAClient(PrefixClient):
+    """HetLoRA's client: a :class:`PrefixClient`, with the paper's rank self-pruning when
+    ``hetlora_prune`` is on (module docstring)."""
+
+    OPTIONS = OPTIONS
+
+    def __init__(self, options: Any, budgets: Sequence[Budget]) -> None:
+        super().__init__(options, budgets)
+        #: per client (its Budget object, the same every round in the simulator): current rank
+        #: and the tail norm at the end of its last round
+        self.ranks: dict[int, int] = {}
+        self.tail: dict[int, float] = {}
+        self._slot_budget: dict[int, Budget] = {}
+
+    def rank(self, budget: Budget) -> int:
+        """The client's current rank (its budget's, less what it pruned)."""
+        return self.ranks.get(id(budget), budget.rank)
+
+    def keep(self, rank: int) -> int:
+        """``q = max(1, ⌊γ r⌋)``: the prefix a pruning client of rank ``rank`` keeps."""
+        return max(1, int(self.option("hetlora_prune_gamma") * rank + 1e-9))
+
+    def download(self, global_state: State, budget: Budget) -> dict[str, torch.Tensor]:
+        from fedlora.methods import prefix
+
+        return prefix.truncate(dict(global_state), self.rank(budget))
+
+    def prepare(self, model: nn.Module, slot: int, state: State, budget: Budget, seed: int) -> None:
+        super().prepare(model, slot, state, budget, seed)
+        self._slot_budget[slot] = budget
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module, slots: list[int]) -> None:
+        lam = self.option("hetlora_prune_lambda")
+        if not self.option("hetlora_prune") or lam == 0:
+            return
+        from fedlora.state_dict import adapter_layers
+
+        for slot in slots:
+            r = self.rank(self._slot_budget[slot])
+            q = self.keep(r)
+            if q >= r:
+                continue
+            for _, layer in adapter_layers(model):
+                A, B = layer.lora_A[slot, q:r], layer.lora_B[slot, :, q:r]
+                ga, gb = A @ A.T, B.T @ B
+                n = float(torch.sum(gb * ga).clamp_min(0.0)) ** 0.5
+                if n == 0 or layer.lora_A.grad is None or layer.lora_B.grad is None:
+                    continue
+                layer.lora_B.grad[slot, :, q:r] += (lam / n) * (B @ ga)
+                layer.lora_A.grad[slot, q:r] += (lam / n) * (gb @ A)
+
+    def upload(
+        self, model: nn.Module, slot: int, budget: Budget
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        from fedlora.methods import prefix
+        from fedlora.state_dict import get_adapter_state_dict
+
+        r = self.rank(budget)
+        if self.option("hetlora_prune"):
+            q = self.keep(r)
+            if q < r:
+                n = tail_norm(model, slot, r, q)
+                prev = self.tail.get(id(budget))
+                if prev is not None and n < prev:
+                    self.ranks[id(budget)] = r = q  # pruned: the tail is not sent
+                    self.tail.pop(id(budget), None)
+                else:
+                    self.tail[id(budget)] = n
+        state = get_adapter_state_dict(model, slot=slot)
+        return prefix.truncate(state, r), {"rank": r}
+
+
 METHOD = Method(
     name="hetlora",
     layer="lora",
     ranks="prefix",
     aggregate=aggregate,
-    client=PrefixClient,
+    client=HetLoRAClient,
     check_client=check_client,
     stream_add=stream_add,
     stream_result=stream_result,
     budget_fields=("rank", "steps"),
     summary="HetLoRA baseline: rank prefixes, zero-padded sparsity-weighted average",
+    options=OPTIONS,
+    check_options=check_options,
+    logged=("segment_norms",),
 )

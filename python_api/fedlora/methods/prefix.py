@@ -7,6 +7,8 @@ function on every client. Keys that are not LoRA factors (a classifier head) pas
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 
 from fedlora.methods._common import A_SUFFIX, B_SUFFIX
@@ -47,3 +49,28 @@ def state_rank(state: dict[str, torch.Tensor]) -> int:
 def nbytes(state: dict[str, torch.Tensor]) -> int:
     """Bytes a state dict takes on the wire (its tensors' payload)."""
     return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def segment_bounds(global_rank: int, client_ranks: Iterable[int]) -> list[int]:
+    """The ends of the rank segments: the distinct client ranks below ``global_rank``, then
+    ``global_rank`` (segment ``i`` is the components ``[bounds[i-1], bounds[i])``, from 0)."""
+    return sorted({int(r) for r in client_ranks if 0 < int(r) < global_rank} | {global_rank})
+
+
+def segment_norms(state: dict[str, torch.Tensor], bounds: Sequence[int]) -> dict[str, float]:
+    """``{"lo:hi": ‖ΔW_seg‖_F}`` per rank segment ``[lo, hi)`` of ``bounds``
+    (:func:`segment_bounds`), over every LoRA pair of ``state``: the square root of
+    ``Σ_layers ‖B[:, lo:hi] A[lo:hi]‖_F²``, each layer's term from the ``(hi−lo)²`` Gram
+    matrices ``tr((BᵀB)(AAᵀ))``, never a dense ``[d_out, d_in]`` product. How much of the
+    global update each segment carries, logged per round for the prefix methods."""
+    out: dict[str, float] = {}
+    lo = 0
+    for hi in bounds:
+        total = 0.0
+        for path in lora_paths(state):
+            A = state[path + A_SUFFIX][lo:hi].double()
+            B = state[path + B_SUFFIX][:, lo:hi].double()
+            total += float(torch.sum((B.T @ B) * (A @ A.T)).clamp_min(0.0))
+        out[f"{lo}:{hi}"] = total**0.5
+        lo = hi
+    return out

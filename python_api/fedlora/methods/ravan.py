@@ -57,7 +57,7 @@ from fedlora.methods._common import (
     per_layer,
     weighted_average,
 )
-from fedlora.methods._protocol import Budget, Client, Method
+from fedlora.methods._protocol import Budget, Client, ClientOptions, Method, Option
 
 SCORES = ("weight", "gradient", "random")
 _SUFFIXES = (".lora_H", ".lora_s")
@@ -342,11 +342,24 @@ def aggregate(
     return new_state, {"aggregation_error": error, "heads_trained": heads_trained}
 
 
+OPTIONS = (
+    Option("heads", "int", 4, "Ravan: heads per layer (h)", low=1, high=10**6),
+    Option("head_score", "str", "weight", "Ravan: how a client picks its heads", choices=SCORES),
+)
+
+
+def upload_numel(budget: Budget, shape: tuple[int, int], options: ClientOptions) -> int:
+    """``K_c · r²``: the trained heads' ``r × r`` cores (the bases never travel)."""
+    return budget.heads * options.rank**2
+
+
 class RavanClient(Client):
     """Ravan client: ``K_c = budget.heads`` heads per layer train, chosen by the run's head
     score (``weight``, the default, and ``random`` when the slot is prepared; ``gradient`` after
     one scoring batch with every head trainable); the upload is ``s·H`` of the trained heads
     with their indices; the layers use ``scale = 1`` whatever ``--rank`` (module docstring)."""
+
+    OPTIONS = OPTIONS
 
     def layer_options(self) -> dict[str, Any]:
         o = self.options
@@ -362,14 +375,15 @@ class RavanClient(Client):
         seed: int,
     ) -> None:
         super().prepare(model, slot, state, budget, seed)  # every head trainable
-        if self.options.head_score != "gradient":
-            select_heads(model, budget.heads, self.options.head_score, slot=slot, seed=seed)
+        score = self.option("head_score")
+        if score != "gradient":
+            select_heads(model, budget.heads, score, slot=slot, seed=seed)
 
     def pre_steps(self, budget: Budget) -> int:
-        return 1 if self.options.head_score == "gradient" else 0
+        return 1 if self.option("head_score") == "gradient" else 0
 
     def scoring_done(self, model: nn.Module, slot: int, budget: Budget, seed: int) -> None:
-        if self.options.head_score == "gradient":
+        if self.option("head_score") == "gradient":
             select_heads(model, budget.heads, "gradient", slot=slot, seed=seed)
 
     def upload(
@@ -389,4 +403,8 @@ METHOD = Method(
     indexed_suffixes=_SUFFIXES,
     budget_fields=("heads", "steps"),
     summary="Ravan: multi-head LoRA, frozen shared bases, per-head average of trained cores",
+    options=OPTIONS,
+    # the cores need a larger rate than full LoRA factors: bench/results/lr-tuning-sft.md
+    default_lr={"sft": 3e-2},
+    upload_numel=upload_numel,
 )

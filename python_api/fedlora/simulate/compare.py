@@ -7,9 +7,10 @@ scored by ROUGE-L, with perplexity and exact match reported beside it):
 1. **Learning rate chosen on validation, never on test.** With ``lr_grid``, a validation split is
    carved from the training data (``val_fraction`` of the training examples, chosen by a stable
    hash of the text, or of the prompt for instruction data, held out of every client's
-   partition); each learning rate of the grid trains on the first seed and is scored by the
-   task's primary metric on validation after the last round; the best one is kept (ties: the
-   smaller rate).
+   partition); each learning rate of the grid trains with every seed and is scored by the
+   task's primary metric on validation after the last round, averaged over the seeds; the best
+   one is kept (ties: the smaller rate). Without a grid each method trains at ``--lr``, else at
+   its own default rate for the task (``Method.default_lr``), else the task's.
 2. **Several seeds** (each seed its own partition, batches and initialisation, the same for every
    method, so the runs are paired), evaluated on the **whole test split** when tuning (else on
    ``max_test`` examples).
@@ -19,12 +20,19 @@ scored by ROUGE-L, with perplexity and exact match reported beside it):
    hidden size (read from its config, never its weights; 576 for the embedded SmolLM2; a
    grouped-query ``v_proj`` is narrower, so Ravan is sized slightly generously there), and
    FFA-LoRA (which uploads only ``B``) doubles its rank; the table states what each method sent.
+   Both come from one definition of upload size, each method's ``upload_numel`` (the rank whose
+   upload is closest to FedIT's). ``match="compute"`` instead sets every client's local steps so
+   its forward/backward passes per round come closest to FedIT's (PreLort's nested training
+   runs ``|T_k|`` passes a step, HAFL's scoring steps count). Every row records the compute
+   used: ``passes_per_round`` (forward/backward passes of one batch, summed over a round's
+   clients).
 4. **Statistics** on the ranked metric (the task's ``primary``: test accuracy or ROUGE-L, higher
    is better): final mean ± std over seeds, best round, round 0 (before training); per-seed
    paired differences against ``baseline`` with a paired t statistic and a two-sided 5 % verdict
    ("better", "worse", "within noise"); aggregation error per round; rounds to a ``target``
-   (round 0 counts); for prefix methods (HetLoRA, PreLort, FlexLoRA) the final global model
-   evaluated at every client rank prefix (does a low-rank client benefit?).
+   (round 0 counts); for the heterogeneous-rank methods (HetLoRA, PreLort, FlexLoRA, HAFL) the
+   model each client rank RECEIVES from the final global, evaluated (does a low-rank client
+   benefit?).
 
 **No ROUGE-L** (``sft`` with ``max_generate=0``: nothing is generated, so ROUGE-L and exact match
 are NaN): the comparison then ranks, tunes and pairs by the test loss (mean response NLL, the
@@ -52,6 +60,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedlora.methods import Budget, lora_upload_numel
 from fedlora.methods import get as get_method
 from fedlora.simulate.config import ConfigError, SimConfig, parse_budgets
 from fedlora.simulate.engine import (
@@ -66,7 +75,9 @@ from fedlora.simulate.engine import (
 from fedlora.simulate.outputs import lock_out_dir
 from fedlora.simulate.tasks import get_task
 
-MATCH_AXES = ("none", "comm")
+MATCH_AXES = ("none", "comm", "compute")
+#: a matched budget must land within this factor of FedIT's (else the claim run is refused)
+MATCH_SLACK = 1.5
 # two-sided 5 % critical values of Student's t by degrees of freedom (then the normal's)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 _T975.update({9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042})
@@ -225,17 +236,79 @@ def split_validation(dataset: Any, fraction: float) -> tuple[Any, Any]:
 
 
 def matched(cfg: SimConfig, match: str) -> SimConfig:
-    """``cfg`` with its budget sized to FedIT's communication at rank ``cfg.rank`` (``match``
-    ``"comm"``), else unchanged."""
+    """``cfg`` with its budget sized to FedIT's at rank ``cfg.rank``: ``match="comm"`` picks the
+    rank whose upload (the method's :attr:`~fedlora.methods.Method.upload_numel`, per layer of
+    width ``d``) is closest to FedIT's ``R · 2d`` numbers (ties: the smaller rank), with
+    ``alpha`` scaled by the same ratio so ``alpha / rank`` is unchanged; ``"compute"`` sets each
+    client's local steps so its forward/backward passes per round (:func:`passes`) come closest
+    to FedIT's ``steps`` (at least one step); ``"none"`` leaves ``cfg`` unchanged."""
     if match == "none":
         return cfg
-    if cfg.method == "ravan":
-        d = _hidden_size(cfg)
-        rank = max(1, round(math.sqrt(cfg.rank * 2 * d / cfg.heads)))
-        return dataclasses.replace(cfg, rank=rank, alpha=cfg.alpha * rank / cfg.rank)
-    if cfg.method == "ffa":  # uploads B only: twice the rank sends as much as FedIT
-        return dataclasses.replace(cfg, rank=2 * cfg.rank, alpha=2 * cfg.alpha)
-    return cfg
+    if match == "compute":
+        return _matched_compute(cfg)
+    d = _hidden_size(cfg)
+    method = get_method(cfg.method)
+    target = lora_upload_numel(_full_budget(cfg, cfg.rank), (d, d), cfg.client_options())
+
+    def numel(rank: int) -> int:
+        c = dataclasses.replace(cfg, rank=rank)
+        return method.upload_numel(_full_budget(c, rank), (d, d), c.client_options())
+
+    best = min(range(1, 4 * max(cfg.rank, d) + 1), key=lambda r: (abs(numel(r) - target), r))
+    if not 1 / MATCH_SLACK <= numel(best) / target <= MATCH_SLACK:
+        raise ConfigError(
+            f"--match comm: {cfg.method} cannot send about FedIT's {target} numbers per layer "
+            f"at any rank (closest: {numel(best)} at rank {best}); change --heads or --budgets"
+        )
+    if best == cfg.rank:
+        return cfg
+    return dataclasses.replace(cfg, rank=best, alpha=cfg.alpha * best / cfg.rank)
+
+
+def _full_budget(cfg: SimConfig, rank: int) -> Budget:
+    """The budget of a client holding everything: rank ``rank``, every head and component."""
+    return Budget(rank=rank, heads=cfg.heads, components=rank, steps=cfg.local_steps)
+
+
+def passes(cfg: SimConfig) -> list[int]:
+    """Per client: the forward/backward passes of one batch it takes in a round (its scoring
+    steps and training steps, times the copies it trains at once: PreLort's nested
+    truncations), from the method's client side (:meth:`fedlora.methods.Client.passes`)."""
+    budgets = parse_budgets(cfg)
+    rule = get_method(cfg.method).client(cfg.client_options(), budgets)
+    return [int(rule.passes(b)) for b in budgets]
+
+
+def passes_per_round(cfg: SimConfig) -> float:
+    """Forward/backward passes of one batch (``batch_size`` examples) per round, summed over
+    the clients of a round (the mean over clients times ``clients_per_round`` when sampled)."""
+    per = passes(cfg)
+    k = cfg.clients_per_round or cfg.clients
+    return sum(per) * k / len(per)
+
+
+def _matched_compute(cfg: SimConfig) -> SimConfig:
+    budgets = parse_budgets(cfg)
+    now = passes(cfg)
+    if all(p == b.steps for p, b in zip(now, budgets, strict=True)):
+        return cfg  # already one pass per local step (FedIT's compute)
+    steps = []
+    for b, p in zip(budgets, now, strict=True):
+        per_step = p / b.steps if b.steps else 1.0  # scoring steps folded into the rate
+        steps.append(max(1, round(b.steps / per_step)))
+    for k, (b, n) in enumerate(zip(budgets, steps, strict=True)):
+        got = n * now[k] / b.steps
+        if not 1 / MATCH_SLACK <= got / b.steps <= MATCH_SLACK:
+            raise ConfigError(
+                f"--match compute: {cfg.method}'s client {k} takes {now[k] // b.steps} passes per "
+                f"step, so no whole number of steps comes near FedIT's {b.steps}; raise "
+                "--local-steps or use --match none"
+            )
+    spec = ";".join(
+        f"{key}=" + ",".join(str(getattr(b, key)) for b in budgets)
+        for key in ("rank", "heads", "components")
+    )
+    return dataclasses.replace(cfg, budgets=f"{spec};steps=" + ",".join(map(str, steps)))
 
 
 def _hidden_size(cfg: SimConfig) -> int:
@@ -280,30 +353,47 @@ def _start(cfg: SimConfig, path: Path, shared: dict, plot: bool, progress: bool)
     )
 
 
-def prefix_metrics(cfg: SimConfig, state: dict, dataset: Any) -> dict[int, dict] | None:
-    """The task's test metrics of the final global model truncated to every client rank (prefix
-    methods only; None for the others): the model built by the task with one slot, the test
-    split encoded by the task, each truncated state loaded into slot 0 and evaluated."""
+def prefix_metrics(
+    cfg: SimConfig, state: dict, dataset: Any, last_row: dict | None = None
+) -> dict[int, dict] | None:
+    """The task's test metrics of the model each client rank RECEIVES from the final global
+    (DESIGN §6.2), for the heterogeneous-rank methods (``ranks`` ``"prefix"`` or
+    ``"indexed"``; None for the others): per distinct budget rank ``r_k``, the method's own
+    client-side ``download`` of the global for that budget (HetLoRA / PreLort: the rank prefix;
+    FlexLoRA: the best rank-``r_k`` factors; HAFL truncation: the top-``r_k`` components by the
+    server's last scores, from ``last_row``; HAFL freezing: the whole rank ``R``), and the
+    global itself at rank ``R``. The model is built by the task with one slot, the test split
+    encoded by the task, each received state loaded into slot 0 and evaluated."""
     m = get_method(cfg.method)
-    if m.ranks != "prefix" or m.changes_base:
+    if m.ranks == "equal" or m.changes_base:
         return None
     import torch
 
-    from fedlora.methods import prefix
     from fedlora.simulate.engine import evaluate_global
 
     task = get_task(cfg.task)
     budgets = parse_budgets(cfg)
-    ranks = sorted({b.rank for b in budgets} | {cfg.rank})
     torch.manual_seed(cfg.seed)
     client = m.client(cfg.client_options(), budgets)
     model, tokenizer = task.build_model(cfg, dataset, 1, client)
+    client.setup(model)
+    if last_row:
+        client.after_aggregate(last_row)
     test = task.encode(tokenizer, dataset.test, cfg, test=True)
-    out = {}
-    for r in ranks:
-        metrics = evaluate_global(model, task, prefix.truncate(state, r), test, cfg)
+    received = {cfg.rank: dict(state)}
+    for b in budgets:
+        if b.rank not in received:
+            received[b.rank] = client.download(dict(state), b)
+    out: dict[int, dict] = {}
+    for r in sorted(received, reverse=True):  # the global first: a download equal to it
+        got = received[r]  # (HAFL freezing) reuses its numbers
+        if r != cfg.rank and got.keys() == state.keys():
+            if all(got[k].shape == state[k].shape and torch.equal(got[k], state[k]) for k in got):
+                out[r] = dict(out[cfg.rank])
+                continue
+        metrics = evaluate_global(model, task, got, test, cfg)
         out[r] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    return out
+    return {r: out[r] for r in sorted(out)}
 
 
 def _choose(scores: dict[float, float], metric: Ranking) -> float:
@@ -318,13 +408,17 @@ def compare(
     spec: CompareSpec | None = None,
     progress: bool = True,
     command: str | None = None,
+    dry_run: bool = False,
 ) -> list[dict]:
     """Run every method of ``configs`` as ``spec`` says and write the tables and plot to
     ``out``. Returns the table rows (one per method).
 
     Everything is checked before the first run trains (the options, every config, that they
     share one task and ranking metric, every run directory, the data, ``out``'s writability);
-    any problem is one :class:`ConfigError`.
+    any problem is one :class:`ConfigError`. ``dry_run``: run those checks (all but the data
+    and the writability of ``out``), print the plan (each method's label, matched budget,
+    learning rate or grid, compute per round and run directories) and return ``[]`` without
+    writing or training anything.
     """
     spec = spec or CompareSpec(seeds=(configs[0].seed,) if configs else (0,))
     if not configs:
@@ -349,6 +443,8 @@ def compare(
     if not str(out).strip():
         raise ConfigError("--out must name a directory, got ''")
     out = Path(out).expanduser()
+    if dry_run:  # checks only: nothing is written, so no lock is taken
+        return _compare(configs, out, spec, metric, progress, command, dry_run=True)
     with lock_out_dir(out):  # one comparison per --out at a time
         return _compare(configs, out, spec, metric, progress, command)
 
@@ -360,16 +456,28 @@ def _compare(
     metric: Ranking,
     progress: bool,
     command: str | None,
+    dry_run: bool = False,
 ) -> list[dict]:
     configs = [matched(cfg, spec.match).validate() for cfg in configs]
     task = get_task(configs[0].task)
     full = spec.lr_grid is None and len(spec.seeds) == 1  # one run per method, as before
-    _check_report(out, configs, spec)
+    _check_report(out, configs, spec)  # reads only: a dry run checks it too
     plan = _plan(configs, spec)
     for cfg, path in plan:
         check_out_dir(
             _run_dir(out, cfg.method, path), cfg, resume=(out / cfg.method / path / CKPT).exists()
         )
+    if dry_run:
+        for cfg in configs:
+            lrs = ", ".join(f"{x:g}" for x in spec.lr_grid) if spec.lr_grid else f"{cfg.lr:g}"
+            runs = [p for c, p in plan if c.method == cfg.method] or ["(after tuning)"]
+            print(
+                f"plan: {cfg.label()}: rank {cfg.rank}, budgets {cfg.budgets}, lr {lrs}, "
+                f"seeds {list(spec.seeds)}, {passes_per_round(cfg):g} fwd/bwd passes per round, "
+                f"{cfg.rounds} rounds; runs {out / cfg.method}/{{{', '.join(runs)}}}",
+                flush=True,
+            )
+        return []
     dataset = task.load_data(configs[0])
     tune, final = split_validation(dataset, spec.val_fraction) if spec.lr_grid else (None, dataset)
     probe_writable(out)
@@ -384,12 +492,13 @@ def _compare(
             continue
         scores = {}
         for lr in spec.lr_grid:
-            tcfg = dataclasses.replace(cfg, lr=float(lr), seed=spec.seeds[0], max_test=0)
-            print(f"== {cfg.method}: lr {lr:g} on validation", flush=True)
-            res = _start(
-                tcfg, out / cfg.method / f"tune-lr{lr:g}", {"dataset": tune}, plot, progress
-            )
-            scores[float(lr)] = res.rounds[-1][metric.key]
+            values = []
+            for seed, tag in _tune_runs(lr, spec):
+                tcfg = dataclasses.replace(cfg, lr=float(lr), seed=seed, max_test=0)
+                print(f"== {cfg.method}: lr {lr:g} on validation, seed {seed}", flush=True)
+                res = _start(tcfg, out / cfg.method / tag, {"dataset": tune}, plot, progress)
+                values.append(res.rounds[-1][metric.key])
+            scores[float(lr)] = _mean_std(values)[0]  # NaN if any seed is NaN: ranks last
         chosen[cfg.method] = _choose(scores, metric)
         lr_scores[cfg.method] = scores
         print(
@@ -410,7 +519,8 @@ def _compare(
             print(f"== {cfg.method}: seed {seed}", flush=True)
             res = _start(fcfg, out / cfg.method / tag, {"dataset": final}, plot, progress)
             runs[cfg.method].append(res)
-            pm = prefix_metrics(fcfg, res.global_state, final) if not full else None
+            last = res.rounds[-1] if res.rounds else None
+            pm = prefix_metrics(fcfg, res.global_state, final, last) if not full else None
             if pm is not None:
                 prefixes.setdefault(cfg.method, []).append(pm)
     rows = _rows(configs, runs, chosen, spec, metric, task)
@@ -461,14 +571,22 @@ def _check_report(out: Path, configs: list[SimConfig], spec: CompareSpec) -> Non
     )
 
 
+def _tune_runs(lr: float, spec: CompareSpec) -> list[tuple[int, str]]:
+    """``(seed, run directory)`` of every validation run of ``lr``: one per seed (one seed:
+    ``tune-lr<lr>``, as before seeds were averaged; several: ``tune-lr<lr>-seed<s>``)."""
+    if len(spec.seeds) == 1:
+        return [(spec.seeds[0], f"tune-lr{lr:g}")]
+    return [(seed, f"tune-lr{lr:g}-seed{seed}") for seed in spec.seeds]
+
+
 def _plan(configs: list[SimConfig], spec: CompareSpec) -> list[tuple[SimConfig, str]]:
     """Every run directory (relative to ``out/<method>``) with its config, for the checks."""
     full = spec.lr_grid is None and len(spec.seeds) == 1
     plan = []
     for cfg in configs:
         for lr in spec.lr_grid or ():
-            tcfg = dataclasses.replace(cfg, lr=float(lr), seed=spec.seeds[0], max_test=0)
-            plan.append((tcfg, f"tune-lr{lr:g}"))
+            for seed, tag in _tune_runs(lr, spec):
+                plan.append((dataclasses.replace(cfg, lr=float(lr), seed=seed, max_test=0), tag))
         if spec.lr_grid is None:
             for seed in spec.seeds:
                 plan.append((dataclasses.replace(cfg, seed=seed), "" if full else f"seed{seed}"))
@@ -539,8 +657,11 @@ def _rows(
         row: dict[str, Any] = {
             "method": cfg.method,
             "lr": chosen[cfg.method],
+            "label": cfg.label(),
             "budget": f"rank {cfg.rank}"
-            + (f", {cfg.heads} heads" if cfg.method == "ravan" else ""),
+            + (f", {cfg.heads} heads" if "heads" in get_method(cfg.method).budget_fields else "")
+            + ("" if cfg.budgets == "uniform" else f", budgets {cfg.budgets}"),
+            "passes_per_round": passes_per_round(cfg),
             "seeds": len(results),
             f"final_{s}": mean,
             f"final_{s}_std": sd,
@@ -561,6 +682,11 @@ def _rows(
                 statistics.fmean(x["seconds"] for x in r.rounds) for r in results
             ),
         }
+        norms = [r.rounds[-1].get("segment_norms") for r in results]
+        if all(isinstance(n, dict) and n for n in norms):  # prefix methods: final segment norms
+            row["final_segment_norms"] = {
+                k: statistics.fmean(n.get(k, math.nan) for n in norms) for k in norms[0]
+            }
         if spec.target is not None:
             hit = [
                 next((x["round"] for x in _series(r) if x[key] >= spec.target), None)
@@ -663,12 +789,13 @@ def _markdown(rep: _Report, command: str | None) -> str:
             if spec.lr_grid
             else "as given"
         )
-        + f"; budgets matched on: {spec.match}.",
+        + f"; budgets matched on: {spec.match}; compute per method in fwd/bwd passes of one "
+        "batch per round, summed over the round's clients.",
         "",
     ]
     head = [f"final {m.label}", f"best {m.label}"] + [f"round 0 {m.label}"] * has_initial
     head += [f"final {labels[c]}" for c in others]
-    head += ["mean agg. error", "MiB up/round", "s/round", "lr", "budget"]
+    head += ["mean agg. error", "MiB up/round", "fwd/bwd passes/round", "s/round", "lr", "budget"]
     lines += ["| method | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for r in rep.rows:
         cells = [
@@ -682,16 +809,18 @@ def _markdown(rep: _Report, command: str | None) -> str:
         cells += [
             f"{r['mean_aggregation_error']:.2e}",
             f"{r['MiB_up_per_round']:.2f}",
+            f"{r['passes_per_round']:g}",
             f"{r['seconds_per_round']:.1f}",
             f"{r['lr']:g}",
             r["budget"],
         ]
-        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_cell(r['label'])} | " + " | ".join(cells) + " |")
     if rep.lr_scores:
         lines += [
             "",
-            f"Validation {m.label.removeprefix('test ')} after the last round per learning rate (seed "
-            f"{spec.seeds[0]}, runs in `<method>/tune-lr*`; the test split is never used):",
+            f"Validation {m.label.removeprefix('test ')} after the last round per learning rate "
+            f"(mean over seeds {', '.join(map(str, spec.seeds))}, runs in `<method>/tune-lr*`; "
+            "the test split is never used):",
             "",
         ]
         for method, scores in rep.lr_scores.items():
@@ -730,7 +859,8 @@ def _markdown(rep: _Report, command: str | None) -> str:
         what = m.label + (f"; {labels[second]} in parentheses" if second else "")
         lines += [
             "",
-            f"Final global model at each client rank prefix ({what}; mean over seeds):",
+            f"The model each client rank receives from the final global ({what}; mean over "
+            "seeds; the largest rank is the global itself):",
             "",
         ]
         for method, per_seed in rep.prefixes.items():
@@ -741,6 +871,13 @@ def _markdown(rep: _Report, command: str | None) -> str:
                     cell += f" ({_fmt(_prefix_mean(per_seed, k, second), 'auto')})"
                 cells.append(cell)
             lines.append(f"- {method}: " + ", ".join(cells))
+    seg = [r for r in rep.rows if r.get("final_segment_norms")]
+    if seg:
+        lines += ["", "‖ΔW‖_F of each rank segment of the final global (components lo:hi; "
+                  "mean over seeds; every round's in results.json):", ""]  # fmt: skip
+        for r in seg:
+            cells = ", ".join(f"{k}: {v:.3g}" for k, v in r["final_segment_norms"].items())
+            lines.append(f"- {r['label']}: {cells}")
     if command:
         lines += ["", "Reproduce with:", "", "```bash", command, "```"]
     return "\n".join(lines) + "\n"
@@ -756,7 +893,8 @@ def _csv_fields(rep: _Report) -> list[str]:
     fields = ["method", "lr", "budget", "seeds", f"final_{s}", f"final_{s}_std", f"best_{s}",
               f"initial_{s}"]  # fmt: skip
     fields += [f"final_{_short(c)}" for c in rep.task.columns if c != rep.metric.key]
-    return [*fields, "mean_aggregation_error", "MiB_up_per_round", "seconds_per_round"]
+    fields += ["mean_aggregation_error", "MiB_up_per_round", "passes_per_round"]
+    return [*fields, "seconds_per_round", "label"]
 
 
 def _lean(row: dict[str, Any]) -> dict[str, Any]:

@@ -14,10 +14,11 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from fedlora.methods import Budget, ClientOptions, names
+from fedlora.methods import Budget, ClientOptions, names, option_owners
+from fedlora.methods import get as get_method
 from fedlora.simulate.errors import ConfigError
 
 ENGINES = ("sequential", "batched")
@@ -35,9 +36,11 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 #: fields added after checkpoints were first written: left out of the fingerprint at these
 #: values, so runs checkpointed before they existed still resume
 _LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
-                 "max_generate": 16, "max_new_tokens": 32, "init_adapter": None}  # fmt: skip
-HEAD_SCORES = ("weight", "gradient", "random")
-HAFL_MODES = ("freeze", "truncate")
+                 "max_generate": 16, "max_new_tokens": 32, "init_adapter": None,
+                 "method_options": {}}  # fmt: skip
+#: method options that predate per-method options and stay config fields (their spec, checks and
+#: flags come from the owning method, :attr:`fedlora.methods.Method.options`)
+OPTION_FIELDS = ("heads", "head_score", "hafl_score_steps", "hafl_mode")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
 MAX_SEED = 2**32 - 1  # numpy's and the per-round key's range
 MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
@@ -46,6 +49,9 @@ MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
 def __getattr__(name: str) -> Any:
     if name == "METHODS":  # a view of the method registry (fedlora.methods.names)
         return names()
+    if name in ("HEAD_SCORES", "HAFL_MODES"):  # views of the owning methods' option specs
+        owners = option_owners()
+        return owners["head_score" if name == "HEAD_SCORES" else "hafl_mode"][0].choices
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -57,6 +63,11 @@ class SimConfig:
     causal LM); ``lr``, ``max_length``, ``max_test`` and ``target_modules`` left None take the
     task's defaults (:data:`TASK_DEFAULTS`; ``target_modules`` None for ``sft`` means the
     model family's default projections). ``max_test`` 0 evaluates the whole test split.
+    ``lr`` None takes the method's default for the task (:attr:`fedlora.methods.Method.default_lr`)
+    before the task's. ``method_options``: the method's own options by name (PreLort's
+    ``prelort_training``, HetLoRA's ``hetlora_prune``, ...: ``Method.options``); the older
+    method options ``heads``, ``head_score``, ``hafl_score_steps`` and ``hafl_mode`` stay fields
+    (:data:`OPTION_FIELDS`), checked by their method's spec.
     ``clients_per_round`` samples that many clients each round (None: all). ``device`` and
     ``dtype`` are where the run trains and the frozen base's precision
     (:mod:`fedlora.simulate.devices`); ``max_generate`` / ``max_new_tokens``: the SFT test
@@ -95,14 +106,18 @@ class SimConfig:
     max_generate: int = 16
     max_new_tokens: int = 32
     init_adapter: str | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.lr is None and isinstance(self.method, str) and self.method in names():
+            self.lr = get_method(self.method).default_lr.get(self.task)
         for name, value in TASK_DEFAULTS.get(self.task, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, list(value) if isinstance(value, list) else value)
 
     def client_options(self) -> ClientOptions:
-        """The settings the method's client side reads (:class:`fedlora.methods.ClientOptions`)."""
+        """The settings the method's client side reads (:class:`fedlora.methods.ClientOptions`),
+        with every option of the method resolved in ``method_options``."""
         return ClientOptions(
             rank=self.rank,
             alpha=self.alpha,
@@ -110,7 +125,31 @@ class SimConfig:
             head_score=self.head_score,
             hafl_score_steps=self.hafl_score_steps,
             hafl_mode=self.hafl_mode,
+            method_options=self.option_values(),
         )
+
+    def option_values(self) -> dict[str, Any]:
+        """Every option of the method (:meth:`fedlora.methods.Method.option_values`): the
+        ``method_options`` given, the older fields, the defaults; a :class:`ConfigError` names
+        an option the method does not take, a bad value or a meaningless combination. An older
+        field counts as given (for the combination checks) when it differs from its default."""
+        method = get_method(self.method)
+        own = {o.name for o in method.options}
+        changed = {
+            n: getattr(self, n)
+            for n in OPTION_FIELDS
+            if n in own and getattr(self, n) != _FIELD_DEFAULTS[n]
+        }
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(f"method_options must be a dict, got {self.method_options!r}")
+        try:
+            return method.option_values({**changed, **self.method_options}, base=self)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+
+    def label(self) -> str:
+        """The method's name with its non-default options (``hetlora (hetlora_prune=True)``)."""
+        return get_method(self.method).label(self.option_values())
 
     def validate(self) -> SimConfig:
         """Check every field; raise :class:`ConfigError` naming the option.
@@ -142,18 +181,15 @@ class SimConfig:
             raise ConfigError(f"--method must be one of {', '.join(names())}; got {self.method!r}")
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
-        if self.head_score not in HEAD_SCORES:
-            raise ConfigError(
-                f"--head-score must be one of {', '.join(HEAD_SCORES)}; got {self.head_score!r}"
-            )
-        if self.hafl_mode not in HAFL_MODES:
-            raise ConfigError(
-                f"--hafl-mode must be one of {', '.join(HAFL_MODES)}; got {self.hafl_mode!r}"
-            )
-        for name in ("clients", "rounds", "local_steps", "batch_size", "rank", "heads"):
+        owners = option_owners()
+        for name in OPTION_FIELDS:  # every run reads them (budgets: heads); checked by their spec
+            try:
+                owners[name][0].check(getattr(self, name))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(str(err)) from None
+        for name in ("clients", "rounds", "local_steps", "batch_size", "rank"):
             _check_int(name, getattr(self, name), 1, MAX_COUNT)
         _check_int("max_length", self.max_length, 2, MAX_COUNT)  # [CLS] and [SEP] at least
-        _check_int("hafl_score_steps", self.hafl_score_steps, 0, MAX_COUNT)
         _check_int("seed", self.seed, 0, MAX_SEED)
         _check_int("max_test", self.max_test, 0)
         _check_int("max_generate", self.max_generate, 0, MAX_COUNT)
@@ -187,6 +223,13 @@ class SimConfig:
 
         _check_path("data", self.data, want_dir=False, names=BUILTIN_SETS * (self.task == "sft"))
         _check_path("init_adapter", self.init_adapter, want_dir=True)
+        values = self.option_values()
+        for name, value in values.items():  # a rank-valued option cannot exceed --rank
+            if name.endswith("truncations") and value and max(value) > self.rank:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {max(value)} exceeds the global rank --rank "
+                    f"({self.rank})"
+                )
         parse_budgets(self)
         return self
 
@@ -213,6 +256,11 @@ class SimConfig:
         if data.get("max_test") == 0:  # "the whole test split" was None before
             data["max_test"] = None
         return json.dumps(data, sort_keys=True)
+
+
+_FIELD_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(SimConfig) if f.name in OPTION_FIELDS
+}
 
 
 def _opt(name: str) -> str:

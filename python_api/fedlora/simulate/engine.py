@@ -324,6 +324,9 @@ def _federated_round(
     }
     if cfg.clients_per_round is not None:
         row["sampled"] = sampled
+    for key in s.method.logged:  # per-round diagnostics the method asks to keep (segment norms)
+        if key in agg:
+            row[key] = agg[key]
     if isinstance(agg.get("scores"), dict):  # HAFL's averaged component scores (resume needs them)
         row["scores"] = {p: [float(x) for x in v.tolist()] for p, v in agg["scores"].items()}
     return global_state, row
