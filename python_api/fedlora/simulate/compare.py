@@ -54,6 +54,7 @@ from typing import Any
 
 from fedlora.methods import get as get_method
 from fedlora.simulate.config import ConfigError, SimConfig, parse_budgets
+from fedlora.simulate.config_file import CONFIG_TOML
 from fedlora.simulate.engine import (
     CKPT,
     _atomic_write,
@@ -317,13 +318,15 @@ def compare(
     spec: CompareSpec | None = None,
     progress: bool = True,
     command: str | None = None,
+    config_text: str | None = None,
 ) -> list[dict]:
     """Run every method of ``configs`` as ``spec`` says and write the tables and plot to
     ``out``. Returns the table rows (one per method).
 
     Everything is checked before the first run trains (the options, every config, that they
     share one task and ranking metric, every run directory, the data, ``out``'s writability);
-    any problem is one :class:`ConfigError`.
+    any problem is one :class:`ConfigError`. ``config_text`` (the command's resolved options as
+    TOML) is written to ``out/config.toml`` once these checks pass.
     """
     spec = spec or CompareSpec(seeds=(configs[0].seed,) if configs else (0,))
     if not configs:
@@ -361,6 +364,8 @@ def compare(
     probe_writable(out)
     clean_stale_temps(out)
     plot = check_plotting(None)
+    if config_text is not None:
+        _atomic_write(out / CONFIG_TOML, lambda p: Path(p).write_text(config_text))
 
     chosen: dict[str, float] = {}
     lr_scores: dict[str, dict[float, float]] = {}
