@@ -101,8 +101,9 @@ COLUMN_FIELDS: tuple[str, ...] = (
 _LIST_COLUMNS = ("messages", "conversations", "prompt", "completion")
 #: The forms of one example, named for error messages.
 _FORMS_TEXT = (
-    "instruction/output (input optional), TRL prompt/completion (strings or message lists), "
-    "a chat messages list or ShareGPT conversations"
+    "instruction and output (input optional), or prompt and completion (TRL: strings or "
+    "message lists), or a messages list of {'role', 'content'} ending with the assistant's "
+    "response, or ShareGPT conversations of {'from', 'value'}"
 )
 
 
@@ -719,8 +720,11 @@ def _parse_messages(
 
 
 def _json_cell(path: Path, value: Any, where: str, key: str) -> Any:
-    """A CSV cell that holds a list as JSON text (other values as they are)."""
-    if not isinstance(value, str) or not value.lstrip().startswith("["):
+    """A CSV cell that holds a list as JSON text: always for messages and conversations,
+    for prompt and completion when it starts with ``[`` (else they are plain strings)."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    if key in ("prompt", "completion") and not value.lstrip().startswith("["):
         return value
     try:
         return json.loads(value)
@@ -841,7 +845,7 @@ def _record(
     else:
         raise _fail(
             path,
-            f"{where}: expected one of the forms {_FORMS_TEXT}; it has {sorted(obj)[:20]}",
+            f"{where}: expected the keys {_FORMS_TEXT}; it has {sorted(obj)[:20]}",
         )
     category = obj.get("category")
     if category is not None and category != "":

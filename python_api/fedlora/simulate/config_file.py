@@ -194,7 +194,7 @@ def file_defaults(
 
 
 def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
+    return key if _BARE_KEY.match(key) else toml_value(key)
 
 
 def toml_value(value: Any) -> str:
