@@ -239,3 +239,26 @@ def test_toml_writer_nan_none_and_comments():
     assert math.isnan(tomllib.loads(text)["a"])
     with pytest.raises(TypeError, match="cannot write"):
         toml_value(object())
+
+
+def test_compare_passes_its_resolved_options_to_config_toml(tmp_path, monkeypatch):
+    from fedlora.simulate import compare as compare_mod
+
+    got = {}
+
+    def fake_compare(configs, out, **kw):
+        got.update(kw, configs=configs)
+        return []
+
+    monkeypatch.setattr(compare_mod, "compare", fake_compare)
+    f = write(tmp_path, 'methods = ["fedit", "ffa"]\nseeds = [3, 4]\nrounds = 2\n')
+    assert main(["compare", "--config", str(f), "--out", str(tmp_path / "o"), "--rank", "4"]) == 0
+    values = tomllib.loads(got["config_text"])
+    assert values["methods"] == "fedit,ffa" and values["seeds"] == "3,4"
+    assert values["rounds"] == 2 and values["rank"] == 4
+    assert [c.method for c in got["configs"]] == ["fedit", "ffa"]
+    assert got["spec"].seeds == (3, 4)
+    # read back, the written file gives the same options
+    g = write(tmp_path, got["config_text"], "again.toml")
+    again = _parse(build_parser(), ["compare", "--config", str(g)])
+    assert (again.methods, again.seeds, again.rounds, again.rank) == ("fedit,ffa", "3,4", 2, 4)
