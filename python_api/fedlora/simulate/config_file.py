@@ -34,6 +34,7 @@ import dataclasses
 import json
 import math
 import re
+import textwrap
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -235,7 +236,7 @@ def toml_dumps(
     for key, value in pairs:
         note = (comments or {}).get(key)
         if note:
-            lines.append(f"# {' '.join(note.split())}")
+            lines += [f"# {line}" for line in textwrap.wrap(" ".join(note.split()), 94)]
         if value is None:
             lines.append(f"# {_toml_key(key)} =")
         else:
