@@ -2,8 +2,11 @@
 
 Default: the embedded SmolLM2-135M-Instruct (`fedlora.models.load_causal_lm`) with LoRA on the
 query and value projections, on the offline ``arithmetic`` instruction set; ``--data`` takes
-``stdlib_qa`` or a JSONL/CSV file (`fedlora.data.load_instructions`), ``--model`` any local
-causal-LM folder. Clients are non-IID over the examples' categories.
+``stdlib_qa``, ``reasoning_gym:<task>,...``, a JSONL/CSV file or a local Hugging Face dataset
+(`fedlora.data.load_instructions`, with ``--data-split`` and ``--data-columns``), ``--model``
+any local causal-LM folder. Clients are non-IID over the examples' categories (a warning when
+the data has none). ``--system-prompt`` is a system message put first in every conversation,
+in training and in evaluation.
 
 **Encoding.** Each example is rendered with the tokenizer's chat template: the prompt (the user
 turn, ``add_generation_prompt=True``) and the response (the rest of the rendered conversation:
@@ -21,7 +24,10 @@ compute on all positions) is applied only at the positions that predict a respon
 **Evaluation** of the global adapter each round: perplexity ``exp(mean NLL)`` and mean NLL over
 the response tokens of the first ``--max-test`` test examples, and greedy generation (at most
 ``--max-new-tokens`` tokens) on the first ``--max-generate`` of them, scored by ROUGE-L and
-exact match (:mod:`.scoring`); a few prompts with their answers go to ``samples.jsonl``.
+exact match (:mod:`.scoring`; exact match by the data set's own verifier when it has one, as
+reasoning-gym's tasks do); a few prompts (the full text the model was given, system prompt and
+chat template included, and the last user turn as ``question``) with their answers go to
+``samples.jsonl``.
 """
 
 from __future__ import annotations
