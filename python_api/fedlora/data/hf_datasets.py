@@ -57,9 +57,16 @@ def _import_datasets() -> Any:
 
 @contextlib.contextmanager
 def _offline_quiet(datasets: Any) -> Iterator[None]:
-    """HF_DATASETS_OFFLINE on and the progress bars off while the library reads."""
+    """Offline (the environment variable and the library's own flags, which it reads at
+    import) and the progress bars off while the library reads."""
     old = os.environ.get("HF_DATASETS_OFFLINE")
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    flags = {
+        k: getattr(datasets.config, k, None) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    }
+    for k, v in flags.items():
+        if v is not None:
+            setattr(datasets.config, k, True)
     bars = datasets.utils.logging.is_progress_bar_enabled()
     datasets.utils.logging.disable_progress_bar()
     verbosity = datasets.utils.logging.get_verbosity()
@@ -67,6 +74,9 @@ def _offline_quiet(datasets: Any) -> Iterator[None]:
     try:
         yield
     finally:
+        for k, v in flags.items():
+            if v is not None:
+                setattr(datasets.config, k, v)
         if old is None:
             os.environ.pop("HF_DATASETS_OFFLINE", None)
         else:
