@@ -658,3 +658,16 @@ def test_reasoning_gym_bad_specs(spec, message):
 
     with pytest.raises(ValueError, match=message):
         reasoning_gym_tasks(spec)
+
+
+def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
+    from fedlora.simulate.config import ConfigError, SimConfig
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)
+    monkeypatch.setitem(sys.modules, "reasoning_gym.factory", None)
+    with pytest.raises(ConfigError, match=r"fedlora-kernels\[reasoning\]"):
+        SimConfig(task="sft", data="reasoning_gym:chain_sum").validate()
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match=r"fedlora-kernels\[datasets\]"):
+        load_instructions(tmp_path / "d.parquet")

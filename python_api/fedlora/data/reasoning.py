@@ -33,7 +33,7 @@ def _registry() -> dict[str, Any]:
         from reasoning_gym.factory import DATASETS
     except ImportError as err:
         raise ImportError(
-            f"--data {REASONING_GYM_PREFIX}... needs the reasoning-gym package: `{_HINT}` ({err})"
+            f"{REASONING_GYM_PREFIX}... needs the reasoning-gym package: `{_HINT}` ({err})"
         ) from None
     return DATASETS
 
