@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 
 import pytest
 import torch
@@ -65,6 +66,10 @@ def test_compare_with_seeds_lr_grid_baseline_and_prefixes(tiny_bert_dir, tmp_pat
     assert main(argv) == 0
     data = json.loads((out / "results.json").read_text())
     assert data["task"] == "classify" and data["metric"] == data["ranked_by"] == "test_accuracy"
+    # the resolved options (compare's own ones too), and each run's own configuration
+    resolved = tomllib.loads((out / "config.toml").read_text())
+    assert resolved["methods"] == "fedit,hetlora" and resolved["lr-grid"] == "0.01,0.05"
+    assert tomllib.loads((out / "hetlora" / "seed1" / "config.toml").read_text())["seed"] == 1
     rows = {r["method"]: r for r in data["rows"]}
     for method in ("fedit", "hetlora"):
         # the chosen lr is the grid entry with the best final validation accuracy, averaged

@@ -96,7 +96,7 @@ def test_sft_compare_ranks_by_rouge_with_lr_on_validation_and_prefixes(tiny_llm_
                 run_dir = out / method / f"tune-lr{lr:g}-seed{seed}"
                 last = json.loads((run_dir / "metrics.json").read_text())["rounds"][-1]
                 scores.append(last["rouge_l"])
-                asked = {s["prompt"] for s in _jsonl(run_dir / "samples.jsonl")}
+                asked = {s["question"] for s in _jsonl(run_dir / "samples.jsonl")}
                 assert asked and asked <= train_q and not asked & test_q  # validation, not test
             val[lr] = sum(scores) / 2
         assert data["lr_scores"][method] == {f"{lr:g}": v for lr, v in val.items()}
@@ -106,7 +106,7 @@ def test_sft_compare_ranks_by_rouge_with_lr_on_validation_and_prefixes(tiny_llm_
             for s in (0, 1)
         ]
         for s in (0, 1):
-            asked = {x["prompt"] for x in _jsonl(out / method / f"seed{s}" / "samples.jsonl")}
+            asked = {x["question"] for x in _jsonl(out / method / f"seed{s}" / "samples.jsonl")}
             assert asked and asked <= test_q
         assert row["final_rouge_l"] == pytest.approx(sum(f["rouge_l"] for f in finals) / 2)
         assert row["final_perplexity"] == pytest.approx(

@@ -302,7 +302,7 @@ BAD_JSONL = {
     "bad_json": (['{"instruction": "a", "output": '], "line 1: not valid JSON"),
     "not_object": (["[1, 2]"], "line 1: expected a JSON object, got list"),
     "neither_form": (
-        [{"instruction": "a", "output": "b"}, {"prompt": "a", "completion": "b"}],
+        [{"instruction": "a", "output": "b"}, {"question": "a", "answer": "b"}],
         "line 2: expected the keys instruction and output",
     ),
     "empty_output": ([{"instruction": "a", "output": "  "}], "line 1: empty output"),
@@ -399,3 +399,275 @@ def test_line_over_the_cap_is_refused_early(tmp_path):
     f.write_text('{"instruction": "' + "x" * (files.MAX_LINE_CHARS + 10) + '", "output": "b"}')
     with pytest.raises(ValueError, match="line 1 is longer than 1048576 characters"):
         load_instruction_file(f)
+
+
+# ---------------------------------------------------- TRL, ShareGPT, column mapping (issue 22)
+
+
+def test_trl_prompt_completion_plain_and_conversational(tmp_path):
+    conv_prompt = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}]
+    f = _jsonl(
+        tmp_path / "trl.jsonl",
+        [
+            {"prompt": "Capital of France?", "completion": "Paris", "category": "geo"},
+            {
+                "prompt": conv_prompt,
+                "completion": [{"role": "assistant", "content": "4"}],
+                "category": "math",
+            },
+        ],
+    )
+    ds = load_instruction_file(f, test_fraction=0.0)
+    assert ds[0]["instruction"] == "Capital of France?" and ds[0]["output"] == "Paris"
+    assert "messages" not in ds[0]
+    assert ds[1]["instruction"] == "2+2?" and ds[1]["output"] == "4"
+    assert to_chat_messages(ds[1]) == [*conv_prompt, {"role": "assistant", "content": "4"}]
+    assert ds.category_names == ("geo", "math")
+
+
+def test_sharegpt_conversations(tmp_path):
+    turns = [
+        {"from": "system", "value": "You count."},
+        {"from": "human", "value": "1, 2, ?"},
+        {"from": "gpt", "value": "3"},
+        {"from": "human", "value": "and then?"},
+        {"from": "gpt", "value": "4"},
+    ]
+    f = _jsonl(tmp_path / "sg.jsonl", [{"conversations": turns}])
+    ex = load_instruction_file(f, test_fraction=0.0)[0]
+    assert (ex["instruction"], ex["output"]) == ("and then?", "4")
+    roles = ["system", "user", "assistant", "user", "assistant"]
+    assert to_chat_messages(ex) == [
+        {"role": r, "content": t["value"]} for r, t in zip(roles, turns, strict=True)
+    ]
+    # CSV: the list as JSON text
+    g = tmp_path / "sg.csv"
+    cell = json.dumps(turns[1:3]).replace('"', '""')
+    g.write_text(f'conversations,category\n"{cell}",count\n')
+    ex = load_instruction_file(g, test_fraction=0.0)[0]
+    assert (ex["instruction"], ex["output"], ex["category"]) == ("1, 2, ?", "3", "count")
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([{"conversations": [{"from": "bot", "value": "x"}]}], r"conversations\[0\]: from must"),
+        ([{"conversations": [{"value": "x"}]}], r"conversations\[0\] must be an object"),
+        (
+            [{"conversations": [{"from": "human", "value": "hi"}]}],
+            "the last message must be the assistant's",
+        ),
+        ([{"prompt": "a", "completion": ["b"]}], "prompt and completion must both be strings"),
+        (
+            [{"prompt": [{"role": "user", "content": "a"}], "completion": []}],
+            "completion must hold one assistant message",
+        ),
+        ([{"prompt": "a", "completion": " "}], "empty completion"),
+        (
+            [{"prompt": "a", "completion": "b", "instruction": "c", "output": "d"}],
+            "has both prompt/completion and instruction/output",
+        ),
+    ],
+    ids=[
+        "bad_from",
+        "no_from",
+        "ends_with_human",
+        "mixed_types",
+        "two_completions",
+        "empty",
+        "two_forms",
+    ],
+)
+def test_bad_trl_and_sharegpt_rows_one_line_errors(tmp_path, rows, message):
+    f = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(ValueError, match=message) as err:
+        load_instruction_file(f)
+    assert "\n" not in str(err.value) and "line 1" in str(err.value)
+
+
+def test_column_mapping_for_jsonl_and_csv(tmp_path):
+    cols = {"instruction": "question", "output": "answer", "category": "topic"}
+    f = _jsonl(
+        tmp_path / "q.jsonl",
+        [{"question": "Q1?", "answer": "A1", "topic": "t1", "instruction": "ignored"}],
+    )
+    ex = load_instruction_file(f, test_fraction=0.0, columns=cols)[0]
+    assert (ex["instruction"], ex["output"], ex["category"]) == ("Q1?", "A1", "t1")
+    g = tmp_path / "q.csv"
+    g.write_text("question,answer,topic\nQ2?,A2,t2\n")
+    ex = load_instruction_file(g, test_fraction=0.0, columns=cols)[0]
+    assert (ex["instruction"], ex["output"], ex["category"]) == ("Q2?", "A2", "t2")
+    with pytest.raises(ValueError, match=r"no column 'q' \(for instruction\) named by --data-c"):
+        load_instruction_file(g, columns={"output": "answer", "instruction": "q"})
+    with pytest.raises(ValueError, match=r"line 1: no column 'x' \(for input\)"):
+        load_instruction_file(f, columns={**cols, "input": "x"})
+    with pytest.raises(ValueError, match="unknown field 'label'"):
+        load_instruction_file(g, columns={"label": "topic"})
+
+
+def test_files_without_categories_are_marked(tmp_path):
+    f = _jsonl(tmp_path / "d.jsonl", [{"instruction": "a", "output": "b"}])
+    assert load_instruction_file(f).info["categories"] == "none"
+    g = _jsonl(tmp_path / "e.jsonl", [{"instruction": "a", "output": "b", "category": "x"}])
+    assert load_instruction_file(g).info["categories"] == "from data"
+
+
+# ---------------------------------------------------------- local Hugging Face datasets
+
+
+@pytest.fixture
+def hf_rows():
+    return {
+        "question": [f"What is {i} + {i}?" for i in range(12)],
+        "answer": [2 * i for i in range(12)],  # integers: read as their text
+        "topic": ["even" if i % 2 == 0 else "odd" for i in range(12)],
+    }
+
+
+HF_COLS = {"instruction": "question", "output": "answer", "category": "topic"}
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "json", "save_to_disk", "folder"])
+def test_hf_dataset_formats(tmp_path, hf_rows, kind):
+    datasets = pytest.importorskip("datasets")
+    from fedlora.data import load_hf_dataset
+
+    ds = datasets.Dataset.from_dict(hf_rows)
+    if kind == "parquet":
+        path = tmp_path / "d.parquet"
+        ds.to_parquet(str(path))
+    elif kind == "json":
+        path = tmp_path / "d.json"
+        ds.to_json(str(path))
+    elif kind == "arrow":
+        ds.save_to_disk(str(tmp_path / "saved"))
+        path = next((tmp_path / "saved").glob("*.arrow"))
+    elif kind == "folder":
+        path = tmp_path / "parts"
+        path.mkdir()
+        ds.select(range(6)).to_parquet(str(path / "a.parquet"))
+        ds.select(range(6, 12)).to_parquet(str(path / "b.parquet"))
+    else:
+        path = tmp_path / "saved"
+        ds.save_to_disk(str(path))
+    data = load_instructions(path, columns=HF_COLS, cache_dir=tmp_path / "cache")
+    got = sorted((ex["instruction"], ex["output"], ex["category"]) for ex in data)
+    want = sorted(
+        zip(hf_rows["question"], map(str, hf_rows["answer"]), hf_rows["topic"], strict=True)
+    )
+    assert got == want
+    assert data.category_names == ("even", "odd") and data.info["categories"] == "from data"
+    # direct call with the same result
+    again = load_hf_dataset(path, columns=HF_COLS, cache_dir=tmp_path / "cache")
+    assert again.to_dict() == data.to_dict()
+
+
+def test_hf_dataset_dict_splits_and_data_split(tmp_path, hf_rows):
+    datasets = pytest.importorskip("datasets")
+    full = datasets.Dataset.from_dict(hf_rows)
+    dd = datasets.DatasetDict(
+        {"train": full.select(range(9)), "validation": full.select(range(9, 12))}
+    )
+    dd.save_to_disk(str(tmp_path / "dd"))
+    data = load_instructions(tmp_path / "dd", columns=HF_COLS)
+    assert data.splits.count("train") == 9 and data.splits.count("test") == 3
+    assert {ex["instruction"] for ex in data.test} == set(hf_rows["question"][9:])
+    one = load_instructions(tmp_path / "dd", split="validation", columns=HF_COLS)
+    assert len(one) == 3 and one.info["data_split"] == "validation"
+    with pytest.raises(ValueError, match=r"has no split 'dev' \(--data-split\); its splits are"):
+        load_instructions(tmp_path / "dd", split="dev", columns=HF_COLS)
+    three = datasets.DatasetDict({"a": full, "b": full, "c": full})
+    three.save_to_disk(str(tmp_path / "three"))
+    with pytest.raises(ValueError, match="choose one with --data-split"):
+        load_instructions(tmp_path / "three", columns=HF_COLS)
+
+
+def test_hf_dataset_bad_columns_one_line(tmp_path, hf_rows):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict(hf_rows).save_to_disk(str(tmp_path / "s"))
+    with pytest.raises(ValueError, match=r"no column 'reply' \(for output\)") as err:
+        load_instructions(tmp_path / "s", columns={"instruction": "question", "output": "reply"})
+    assert "\n" not in str(err.value) and "'question', 'answer', 'topic'" in str(err.value)
+    with pytest.raises(ValueError, match="expected the keys instruction and output"):
+        load_instructions(tmp_path / "s")  # no mapping: no form fits
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="neither a saved dataset"):
+        load_instructions(empty)
+
+
+def test_data_split_and_columns_refused_for_generated_sets():
+    with pytest.raises(ValueError, match="--data-split applies to files and datasets"):
+        load_instructions("arithmetic", split="train")
+    with pytest.raises(ValueError, match="--data-columns applies"):
+        load_instructions("arithmetic", columns={"output": "x"})
+
+
+# ------------------------------------------------------------------------ reasoning-gym
+
+
+def test_reasoning_gym_families_are_categories_and_verifiers_score(tmp_path):
+    pytest.importorskip("reasoning_gym")
+    from fedlora.data import build_reasoning_gym
+
+    spec = "reasoning_gym:gsm_symbolic,chain_sum,letter_counting"
+    data = build_reasoning_gym(spec, per_task=15)
+    assert data.category_names == ("gsm_symbolic", "chain_sum", "letter_counting")
+    counts = data.category_counts()
+    assert all(n > 0 for n in counts.values()) and sum(counts.values()) == len(data)
+    assert set(data.splits) == {"train", "test"}
+    # each example's own answer passes its family's verifier, a wrong one does not
+    for ex in data.test:
+        assert data.test.scorer(ex["output"], ex) == 1.0
+        assert data.test.scorer(ex["output"] + "1", ex) < 1.0
+    # seeded and stable
+    again = build_reasoning_gym(spec, per_task=15)
+    assert again.to_dict() == data.to_dict()
+    assert build_reasoning_gym(spec, per_task=15, seed=1).to_dict() != data.to_dict()
+    assert load_instructions("reasoning_gym:chain_sum").category_names == ("chain_sum",)
+
+
+def test_reasoning_gym_scores_through_the_sft_scoring():
+    pytest.importorskip("reasoning_gym")
+    from fedlora.data import build_reasoning_gym
+    from fedlora.simulate.tasks.scoring import score_answers
+
+    test = build_reasoning_gym("reasoning_gym:chain_sum", per_task=10).test
+    examples = list(test.examples)
+    right = [ex["output"] for ex in examples]
+    wrong = [f"{int(ex['output']) + 1}" for ex in examples]
+    refs = right
+    assert score_answers(right, refs, scorer=test.scorer, examples=examples)["exact_match"] == 1.0
+    assert score_answers(wrong, refs, scorer=test.scorer, examples=examples)["exact_match"] == 0.0
+    with pytest.raises(ValueError, match="a scorer needs the examples"):
+        score_answers(right, refs, scorer=test.scorer)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("reasoning_gym:gsm_symbolik", "unknown reasoning-gym task 'gsm_symbolik'; valid names "
+         "include gsm_symbolic"),
+        ("reasoning_gym:", "names no task"),
+        ("reasoning_gym:chain_sum,chain_sum", "names chain_sum more than once"),
+    ],
+)  # fmt: skip
+def test_reasoning_gym_bad_specs(spec, message):
+    pytest.importorskip("reasoning_gym")
+    from fedlora.data import reasoning_gym_tasks
+
+    with pytest.raises(ValueError, match=message):
+        reasoning_gym_tasks(spec)
+
+
+def test_missing_optional_packages_name_the_extra(tmp_path, monkeypatch):
+    from fedlora.simulate.config import ConfigError, SimConfig
+
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)
+    monkeypatch.setitem(sys.modules, "reasoning_gym.factory", None)
+    with pytest.raises(ConfigError, match=r"fedlora-kernels\[reasoning\]"):
+        SimConfig(task="sft", data="reasoning_gym:chain_sum").validate()
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match=r"fedlora-kernels\[datasets\]"):
+        load_instructions(tmp_path / "d.parquet")

@@ -629,7 +629,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(tiny_llm_dir, tmp_path,
             assert float(r["test_perplexity"]) == pytest.approx(math.exp(float(r["test_loss"])))
         samples = _jsonl(out / "samples.jsonl")
         assert [s["round"] for s in samples] == [0, 0, 1, 1, 2, 2, 3, 3]  # max_generate 2
-        assert all(set(s) == {"round", "prompt", "answer", "reference"} for s in samples)
+        assert all(
+            set(s) == {"round", "prompt", "question", "answer", "reference"} for s in samples
+        )
         meta = json.loads((out / "metrics.json").read_text())
         assert meta["initial"]["test_loss"] == pytest.approx(full.initial["test_loss"])
         assert meta["config"]["task"] == "sft"

@@ -13,6 +13,12 @@ loadable model folder, a ``--data`` file that cannot be read, an ``--out`` that 
 a file, not writable or holding another run, and a corrupted checkpoint on ``--resume``. The
 checks live in :class:`SimConfig` and :func:`fedlora.simulate.run`, so the Python API raises the
 same :class:`ConfigError`. An interrupted run exits with code 130 and can be resumed.
+
+``--config run.toml`` reads the options from a TOML file (keys spelled as the long options,
+:mod:`fedlora.simulate.config_file`); options on the command line override it. ``--print-config``
+prints a complete file (every option with its value: the default, or what ``--config`` and the
+command line set) and exits. A file that is not TOML, an unknown key and a value of the wrong
+type are one-line errors naming the key (exit code 2).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from fedlora.simulate.config import (
     TASKS,
     ConfigError,
     SimConfig,
+    parse_columns,
 )
 from fedlora.simulate.devices import DTYPES
 
@@ -124,8 +131,26 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--data",
         default=None,
         help="classify: CSV/JSONL file with text,label columns (default: stdlib topics); sft: "
-        "arithmetic (default), stdlib_qa, or a JSONL/CSV file of instruction/input/output or "
-        "chat messages",
+        "arithmetic (default), stdlib_qa, reasoning_gym:<task>[,<task>...], a JSONL/CSV file "
+        "(instruction/output, prompt/completion, chat messages or ShareGPT conversations) or "
+        "a local Hugging Face dataset (parquet/arrow/json file or save_to_disk folder)",
+    )
+    p.add_argument(
+        "--data-split",
+        default=None,
+        help="sft, Hugging Face datasets: the split to read (default: train and test when it "
+        "has both, else its one split)",
+    )
+    p.add_argument(
+        "--data-columns",
+        default=None,
+        help="sft: the data's column for each field, e.g. "
+        "instruction=question,output=answer,category=topic",
+    )
+    p.add_argument(
+        "--system-prompt",
+        default=None,
+        help="sft: a system message put first in every conversation (training and evaluation)",
     )
     p.add_argument(
         "--max-length",
@@ -139,6 +164,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=f"test examples evaluated per round (0 = all; default {_task_defaults('max_test')})",
+    )
+    p.add_argument(
+        "--max-train-per-client",
+        type=int,
+        default=None,
+        help="cap on each client's training examples (default: none)",
     )
     p.add_argument(
         "--target-modules",
@@ -179,6 +210,18 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_method_options(p)
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE.toml",
+        help="read options from a TOML file (keys as the long options, e.g. local-steps = 4); "
+        "the command line overrides it",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print a complete configuration file (every option with its value) and exit",
+    )
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
@@ -247,6 +290,8 @@ def _config(args: argparse.Namespace, method: str, options: dict | None = None) 
         options = _method_options(_given_options(args), [method])[method]
     values["method_options"] = {k: v for k, v in options.items() if k not in OPTION_FIELDS}
     values.update({k: v for k, v in options.items() if k in OPTION_FIELDS})
+    if args.data_columns is not None:
+        values["data_columns"] = parse_columns(args.data_columns)
     return SimConfig(**values).validate()
 
 
@@ -341,6 +386,8 @@ def _export(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from fedlora.simulate.compare import CompareSpec, compare
 
+    if args.methods is None:
+        raise ConfigError("--methods is required (on the command line or in --config)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in method_names()]
     if bad or not methods:
@@ -368,6 +415,7 @@ def _compare(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         command=command,
         dry_run=args.dry_run,
+        config_text=_resolved_text(args),
     )
     return 0
 
@@ -449,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run several methods on the same partition; one table and plot",
         formatter_class=_HelpFormatter,
     )
-    cmp.add_argument("--methods", required=True, help="comma-separated methods (required)")
+    cmp.add_argument("--methods", default=None, help="comma-separated methods (required)")
     cmp.add_argument("--out", default="runs/compare", help="output directory")
     cmp.add_argument(
         "--seeds",
@@ -488,6 +536,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# ------------------------------------------------------------------ --config and --print-config
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse offers no public lookup of a subcommand's parser
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The options of ``argv`` over those of its ``--config`` file over the defaults."""
+    args = parser.parse_args(argv)
+    path = getattr(args, "config", None)
+    if path is not None:
+        from fedlora.simulate.config_file import file_defaults, read_toml
+
+        sub = _subparser(parser, args.command)
+        sub.set_defaults(**file_defaults(read_toml(path), sub, where=f"--config {path}"))
+        args = parser.parse_args(argv)  # the command line again, over the file's values
+    return args
+
+
+def _resolved_text(args: argparse.Namespace) -> str:
+    """The command's resolved options as a TOML configuration file."""
+    from fedlora.simulate.config_file import print_config_text
+
+    source = f" (from {args.config} and the command line)" if args.config else ""
+    header = (
+        f"fedlora {args.command} configuration{source}: every option, spelled as its long "
+        f"option; options left unset are commented out.\nUse it with: fedlora {args.command} "
+        "--config FILE.toml"
+    )
+    return print_config_text(_subparser(build_parser(), args.command), vars(args), header)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedlora`` console script.
 
@@ -502,11 +584,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = _parse(parser, argv)
     except SystemExit as stop:  # --help (0) or a one-line argparse error (2)
         return stop.code if isinstance(stop.code, int) else 2
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for "reproduce with" lines
+    except ConfigError as err:
+        print(f"fedlora: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    args.argv = argv  # for "reproduce with" lines
+    if getattr(args, "print_config", False):
+        print(_resolved_text(args), end="")
+        return 0
     try:
         with _progress_logs():
             return args.func(args)

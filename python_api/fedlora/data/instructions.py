@@ -77,6 +77,34 @@ STDLIB_QA_VERSION = 1
 
 _ROLES = frozenset({"system", "user", "assistant"})
 _FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+#: ShareGPT's speaker names (``from``) and the chat roles they are.
+SHAREGPT_ROLES: dict[str, str] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+#: The fields a column mapping (``--data-columns field=column``) may name.
+COLUMN_FIELDS: tuple[str, ...] = (
+    "instruction",
+    "input",
+    "output",
+    "category",
+    "split",
+    "messages",
+    "prompt",
+    "completion",
+    "conversations",
+)
+#: Columns that hold a list of messages (JSON text in a CSV cell).
+_LIST_COLUMNS = ("messages", "conversations", "prompt", "completion")
+#: The forms of one example, named for error messages.
+_FORMS_TEXT = (
+    "instruction and output (input optional), or prompt and completion (TRL: strings or "
+    "message lists), or a messages list of {'role', 'content'} ending with the assistant's "
+    "response, or ShareGPT conversations of {'from', 'value'}"
+)
 
 
 # ----------------------------------------------------------------------------- the data set
@@ -120,6 +148,7 @@ class InstructionDataset(SplitViews):
         name, info: a short name for logs and the provenance (source, parameters, versions).
 
     ``labels`` gives each example's category index, the input `dirichlet_partition` takes.
+    ``scorer``: the data set's own answer verifier (None: exact match), kept by `subset`.
     """
 
     examples: Sequence[Mapping[str, Any]]
@@ -127,6 +156,10 @@ class InstructionDataset(SplitViews):
     category_names: Sequence[str] = ()
     name: str = "instructions"
     info: Mapping[str, Any] = field(default_factory=dict)
+    #: ``scorer(answer, example) -> float in [0, 1]``: how this data set's own verifier scores a
+    #: generated answer (1.0 = correct), e.g. a reasoning-gym task's ``score_answer``; None:
+    #: exact match against ``output``. Not serialised by `to_dict`.
+    scorer: Callable[[str, Mapping[str, Any]], float] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         examples = tuple(
@@ -180,6 +213,7 @@ class InstructionDataset(SplitViews):
             category_names=self.category_names,
             name=self.name,
             info=self.info,
+            scorer=self.scorer,
         )
 
     def category_counts(self, split: str | None = None) -> dict[str, int]:
@@ -650,24 +684,27 @@ def _where_text(path: Path, value: Any, where: str, key: str, *, allow_empty: bo
     return text
 
 
-def _parse_messages(path: Path, value: Any, where: str) -> tuple[list[dict[str, str]], str]:
-    """(prompt messages, response) of a chat ``messages`` list."""
+def _parse_messages(
+    path: Path, value: Any, where: str, what: str = "messages"
+) -> tuple[list[dict[str, str]], str]:
+    """(prompt messages, response) of a chat ``messages`` list (``what``: the field's name in
+    error messages)."""
     if not isinstance(value, list) or not value:
         raise _fail(
             path,
-            f"{where}: messages must be a non-empty list of {{'role', 'content'}} objects, "
+            f"{where}: {what} must be a non-empty list of {{'role', 'content'}} objects, "
             f"got {type(value).__name__ if not isinstance(value, list) else 'an empty list'}",
         )
     messages = []
     for k, m in enumerate(value):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise _fail(path, f"{where}: messages[{k}] must be an object with 'role' and 'content'")
+            raise _fail(path, f"{where}: {what}[{k}] must be an object with 'role' and 'content'")
         role = m["role"]
         if role not in _ROLES:
             raise _fail(
-                path, f"{where}: messages[{k}]: role must be one of {sorted(_ROLES)}, got {role!r}"
+                path, f"{where}: {what}[{k}]: role must be one of {sorted(_ROLES)}, got {role!r}"
             )
-        content = _where_text(path, m["content"], where, f"messages[{k}] content", allow_empty=True)
+        content = _where_text(path, m["content"], where, f"{what}[{k}] content", allow_empty=True)
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "assistant":
         raise _fail(
@@ -682,33 +719,117 @@ def _parse_messages(path: Path, value: Any, where: str) -> tuple[list[dict[str, 
     return messages[:-1], messages[-1]["content"]
 
 
+def _json_cell(path: Path, value: Any, where: str, key: str) -> Any:
+    """A CSV cell that holds a list as JSON text: always for messages and conversations,
+    for prompt and completion when it starts with ``[`` (else they are plain strings)."""
+    if not isinstance(value, str) or not value.strip():
+        return value
+    if key in ("prompt", "completion") and not value.lstrip().startswith("["):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise _fail(path, f"{where}: the {key} field is not valid JSON") from None
+
+
+def _sharegpt_messages(path: Path, value: Any, where: str) -> list[dict[str, Any]]:
+    """ShareGPT ``conversations`` (``[{"from": "human"|"gpt"|"system", "value"}]``) as chat
+    messages."""
+    if not isinstance(value, list) or not value:
+        raise _fail(
+            path,
+            f"{where}: conversations must be a non-empty list of {{'from', 'value'}} objects",
+        )
+    out = []
+    for k, turn in enumerate(value):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise _fail(
+                path, f"{where}: conversations[{k}] must be an object with 'from' and 'value'"
+            )
+        who = turn["from"]
+        role = SHAREGPT_ROLES.get(who.strip().lower()) if isinstance(who, str) else None
+        if role is None:
+            raise _fail(
+                path,
+                f"{where}: conversations[{k}]: from must be one of {sorted(SHAREGPT_ROLES)}, "
+                f"got {who!r}",
+            )
+        out.append({"role": role, "content": turn["value"]})
+    return out
+
+
+def _chat_example(path: Path, messages: Any, where: str, what: str = "messages") -> dict[str, Any]:
+    prompt, response = _parse_messages(path, messages, where, what)
+    last_user = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    return {
+        "instruction": last_user or "(empty)",
+        "input": "",
+        "output": response,
+        "messages": prompt,
+    }
+
+
+def _prompt_completion(path: Path, obj: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """TRL's prompt/completion form: two strings, or two message lists (the completion the
+    assistant's message)."""
+    prompt, completion = obj["prompt"], obj["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return {
+            "instruction": _where_text(path, prompt, where, "prompt", allow_empty=False),
+            "input": "",
+            "output": _where_text(path, completion, where, "completion", allow_empty=False),
+        }
+    if isinstance(prompt, list) and isinstance(completion, list):
+        if len(completion) != 1:
+            raise _fail(
+                path,
+                f"{where}: completion must hold one assistant message, got {len(completion)}",
+            )
+        return _chat_example(path, [*prompt, *completion], where, "prompt + completion")
+    raise _fail(
+        path,
+        f"{where}: prompt and completion must both be strings or both be lists of "
+        f"{{'role', 'content'}} messages, got {type(prompt).__name__} and "
+        f"{type(completion).__name__}",
+    )
+
+
+def _present(obj: Mapping[str, Any], key: str) -> bool:
+    return obj.get(key) not in (None, "")
+
+
 def _record(
     path: Path, obj: Mapping[str, Any], where: str, *, csv_row: bool = False
 ) -> tuple[dict[str, Any], str | None]:
-    """One example (without its category resolved) and its split, from a JSON object or CSV row
-    (whose messages cell holds the list as JSON text)."""
-    has_chat = "messages" in obj and obj["messages"] not in (None, "")
-    has_inst = any(obj.get(k) not in (None, "") for k in ("instruction", "output"))
-    if has_chat and has_inst:
-        raise _fail(
-            path, f"{where}: has both messages and instruction/output; give one form per example"
-        )
-    if has_chat:
-        value = obj["messages"]
-        if csv_row:
-            try:
-                value = json.loads(value)
-            except (ValueError, RecursionError):
-                raise _fail(path, f"{where}: the messages field is not valid JSON") from None
-        prompt, response = _parse_messages(path, value, where)
-        last_user = next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-        ex: dict[str, Any] = {
-            "instruction": last_user or "(empty)",
-            "input": "",
-            "output": response,
-            "messages": prompt,
+    """One example (without its category resolved) and its split, from a JSON object, a CSV
+    row (whose list cells hold JSON text) or a dataset row, in any of the forms of
+    `load_instruction_file`."""
+    if csv_row:
+        obj = {
+            k: _json_cell(path, v, where, k) if k in _LIST_COLUMNS else v for k, v in obj.items()
         }
-    elif "instruction" in obj and "output" in obj:
+    forms = [
+        name
+        for name, keys in (
+            ("messages", ("messages",)),
+            ("conversations", ("conversations",)),
+            ("prompt/completion", ("prompt", "completion")),
+            ("instruction/output", ("instruction", "output")),
+        )
+        if any(_present(obj, k) for k in keys)
+    ]
+    if len(forms) > 1:
+        raise _fail(path, f"{where}: has both {forms[0]} and {forms[1]}; give one form per example")
+    form = forms[0] if forms else None
+    if form == "messages":
+        ex = _chat_example(path, obj["messages"], where)
+    elif form == "conversations":
+        ex = _chat_example(
+            path, _sharegpt_messages(path, obj["conversations"], where), where, "conversations"
+        )
+    elif form == "prompt/completion" and "prompt" in obj and "completion" in obj:
+        ex = _prompt_completion(path, obj, where)
+    elif form == "instruction/output" and "instruction" in obj and "output" in obj:
         inp = obj.get("input")
         ex = {
             "instruction": _where_text(
@@ -724,9 +845,7 @@ def _record(
     else:
         raise _fail(
             path,
-            f"{where}: expected the keys instruction and output (input optional) or a messages "
-            f"list of {{'role', 'content'}} ending with the assistant's response; it has "
-            f"{sorted(obj)[:20]}",
+            f"{where}: expected the keys {_FORMS_TEXT}; it has {sorted(obj)[:20]}",
         )
     category = obj.get("category")
     if category is not None and category != "":
@@ -739,14 +858,66 @@ def _record(
     return ex, (_norm_split(path, split, where) if split not in (None, "") else None)
 
 
-def _read_jsonl_records(path: Path) -> Iterator[tuple[dict[str, Any], str | None, str]]:
+def check_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
+    """A column mapping (field: column) checked against `COLUMN_FIELDS`."""
+    if columns is None:
+        return {}
+    if not isinstance(columns, Mapping):
+        raise ValueError(f"columns must map fields to column names, got {columns!r}")
+    for k, v in columns.items():
+        if k not in COLUMN_FIELDS:
+            raise ValueError(f"unknown field {k!r} in the column mapping; use {COLUMN_FIELDS}")
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"the column mapping's {k} must be a column name, got {v!r}")
+    return dict(columns)
+
+
+def map_columns(obj: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
+    """``obj`` with each mapped column renamed to its field (``{field: column}``); the other
+    keys kept unless a mapped field replaces them."""
+    if not columns:
+        return dict(obj)
+    sources = set(columns.values())
+    out = {k: v for k, v in obj.items() if k not in sources}
+    for field_name, column in columns.items():
+        if column in obj:
+            out[field_name] = obj[column]
+    return out
+
+
+def _missing_columns(
+    path: Path, names: Iterable[str], columns: Mapping[str, str], where: str
+) -> None:
+    names = list(names)
+    missing = [f"{c!r} (for {f})" for f, c in columns.items() if c not in names]
+    if missing:
+        raise _fail(
+            path,
+            f"{where}no column {', '.join(missing)} named by --data-columns; the columns are "
+            f"{names[:20]}",
+        )
+
+
+def _read_jsonl_records(
+    path: Path, columns: Mapping[str, str]
+) -> Iterator[tuple[dict[str, Any], str | None, str]]:
     for obj, where in json_objects(path):
-        ex, split = _record(path, obj, where)
+        if columns:
+            _missing_columns(path, obj, columns, f"{where}: ")
+        ex, split = _record(path, map_columns(obj, columns), where)
         yield ex, split, where
 
 
+_FORM_COLUMNS = (
+    {"instruction", "output"},
+    {"prompt", "completion"},
+    {"messages"},
+    {"conversations"},
+)
+
+
 def _read_csv_records(
-    path: Path, delimiter: str
+    path: Path, delimiter: str, columns: Mapping[str, str]
 ) -> Iterator[tuple[dict[str, Any], str | None, str]]:
     with csv_reader(path, delimiter) as reader:
         header = next(reader, None)
@@ -756,14 +927,17 @@ def _read_csv_records(
             raise _fail(
                 path,
                 "the file is empty (expected a header row with instruction and output "
-                "columns, or a messages column)",
+                "columns, prompt and completion, or a messages or conversations column)",
             )
         names = [h.strip() for h in header]
-        if not ({"instruction", "output"} <= set(names) or "messages" in names):
+        _missing_columns(path, names, columns, "")
+        mapped = set(map_columns(dict.fromkeys(names), columns))
+        if not any(form <= mapped for form in _FORM_COLUMNS):
             raise _fail(
                 path,
-                f"expected the columns instruction and output (input optional) or a "
-                f"messages column; the header has {names[:20]}",
+                f"expected the columns instruction and output (input optional), prompt and "
+                f"completion, or a messages or conversations column; the header has "
+                f"{names[:20]} (map other names with --data-columns)",
             )
         for record in reader:
             if not record or not any(c.strip() for c in record):
@@ -771,49 +945,22 @@ def _read_csv_records(
             where = f"line {reader.line_num}"
             if len(record) != len(names):
                 raise _fail(path, f"{where}: {len(record)} field(s), expected {len(names)}")
-            ex, split = _record(path, dict(zip(names, record, strict=True)), where, csv_row=True)
+            row = map_columns(dict(zip(names, record, strict=True)), columns)
+            ex, split = _record(path, row, where, csv_row=True)
             yield ex, split, where
 
 
-def load_instruction_file(path: str | Path, *, test_fraction: float = 0.2) -> InstructionDataset:
-    """Read a JSONL or CSV/TSV file of instruction examples into an `InstructionDataset`.
-
-    Each line (JSONL object or CSV row) is one example in one of two forms:
-
-    - ``instruction`` and ``output`` (the response), ``input`` optional;
-    - ``messages``: a list of ``{"role": "system"|"user"|"assistant", "content"}`` whose last
-      message is the assistant's response, with a user message before it (in CSV, the list as
-      JSON text). The other messages become the prompt (kept under ``"messages"``).
-
-    Optional: ``category`` (for non-IID partitions; examples without one get ``"all"``; either
-    every example has one or none has) and ``split`` (``train``/``test``, as in
-    `fedlora.data.load_text_file`; without it about `test_fraction` go to test by a hash of the
-    prompt). Duplicates are kept (they are the user's data); equal prompts share a split.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: (one line, naming the file and the line) unknown extension, not UTF-8, a
-            line over 1 MiB, bad JSON, a line that fits neither form, an empty instruction or
-            response, a bad messages list (not a list, a message without role/content, an
-            unknown role, not ending with the assistant, no user turn), both forms in one
-            example, a CSV header without the columns, mixed category/split presence, no
-            examples, or no training example.
-    """
-    path = Path(path)
-    _check_common(0, test_fraction)
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise _fail(path, f"unsupported file type {path.suffix!r}; use one of {sorted(_FORMATS)}")
-    if not path.is_file():
-        if path.exists():
-            raise _fail(path, "is not a file")
-        raise FileNotFoundError(f"{path}: no such data file")
-    records = (
-        _read_jsonl_records(path)
-        if fmt == "jsonl"
-        else _read_csv_records(path, "," if fmt == "csv" else "\t")
-    )
-    rows = list(records)
+def records_to_dataset(
+    path: Path,
+    rows: list[tuple[dict[str, Any], str | None, str]],
+    *,
+    test_fraction: float,
+    name: str,
+    info: dict[str, Any],
+) -> InstructionDataset:
+    """An `InstructionDataset` of parsed ``(example, split or None, where)`` rows: categories
+    (all or none, ``"all"`` when none: recorded as ``info["categories"] = "none"``) and splits
+    (all or none; by the prompt hash when none)."""
     if not rows:
         raise _fail(path, "the file has no examples")
     with_cat = [r for r in rows if "category" in r[0]]
@@ -837,8 +984,73 @@ def load_instruction_file(path: str | Path, *, test_fraction: float = 0.2) -> In
     return InstructionDataset(
         examples=[ex for ex, _, _ in rows],
         splits=splits,
+        name=name,
+        info={
+            **info,
+            "forms": forms,
+            "split": info.get("split", how),
+            "categories": "from data" if with_cat else "none",
+        },
+    )
+
+
+def load_instruction_file(
+    path: str | Path,
+    *,
+    test_fraction: float = 0.2,
+    columns: Mapping[str, str] | None = None,
+) -> InstructionDataset:
+    """Read a JSONL or CSV/TSV file of instruction examples into an `InstructionDataset`.
+
+    Each line (JSONL object or CSV row) is one example in one of these forms:
+
+    - ``instruction`` and ``output`` (the response), ``input`` optional;
+    - TRL's ``prompt`` and ``completion``: two strings (the prompt is the user turn), or two
+      lists of ``{"role", "content"}`` messages (conversational; the completion one assistant
+      message);
+    - ``messages``: a list of ``{"role": "system"|"user"|"assistant", "content"}`` whose last
+      message is the assistant's response, with a user message before it (in CSV, the list as
+      JSON text). The other messages become the prompt (kept under ``"messages"``);
+    - ShareGPT's ``conversations``: a list of ``{"from": "system"|"human"|"gpt", "value"}``,
+      read as ``messages`` (``human`` = user, ``gpt`` = assistant).
+
+    Optional: ``category`` (for non-IID partitions; examples without one get ``"all"``; either
+    every example has one or none has) and ``split`` (``train``/``test``, as in
+    `fedlora.data.load_text_file`; without it about `test_fraction` go to test by a hash of the
+    prompt). ``columns`` maps fields to the file's own column names
+    (``{"instruction": "question", "output": "answer"}``; the fields are `COLUMN_FIELDS`).
+    Duplicates are kept (they are the user's data); equal prompts share a split.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: (one line, naming the file and the line) unknown extension, not UTF-8, a
+            line over 1 MiB, bad JSON, a line that fits no form, an empty instruction or
+            response, a bad messages list (not a list, a message without role/content, an
+            unknown role, not ending with the assistant, no user turn), two forms in one
+            example, a CSV header without the columns, a mapped column that is missing, mixed
+            category/split presence, no examples, or no training example.
+    """
+    path = Path(path)
+    _check_common(0, test_fraction)
+    columns = check_columns(columns)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise _fail(path, f"unsupported file type {path.suffix!r}; use one of {sorted(_FORMATS)}")
+    if not path.is_file():
+        if path.exists():
+            raise _fail(path, "is not a file")
+        raise FileNotFoundError(f"{path}: no such data file")
+    records = (
+        _read_jsonl_records(path, columns)
+        if fmt == "jsonl"
+        else _read_csv_records(path, "," if fmt == "csv" else "\t", columns)
+    )
+    return records_to_dataset(
+        path,
+        list(records),
+        test_fraction=test_fraction,
         name=path.stem,
-        info={"source": str(path), "format": fmt, "forms": forms, "split": how},
+        info={"source": str(path), "format": fmt},
     )
 
 
@@ -848,16 +1060,44 @@ def load_instructions(
     seed: int = 0,
     test_fraction: float = 0.2,
     cache_dir: str | Path | None = None,
+    split: str | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> InstructionDataset:
-    """A built-in set by name (`BUILTIN_SETS`: ``"stdlib_qa"``, ``"arithmetic"``) or a file."""
+    """A built-in set by name (`BUILTIN_SETS`: ``"stdlib_qa"``, ``"arithmetic"``), a
+    reasoning-gym mix (``"reasoning_gym:task,task"``, `build_reasoning_gym`), a JSONL/CSV
+    file (`load_instruction_file`) or a local Hugging Face dataset (a parquet, arrow or JSON
+    file, or a folder: `fedlora.data.hf_datasets.load_hf_dataset`; ``split`` picks one of
+    its splits). ``columns`` maps fields to the data's column names (files and datasets)."""
+    from .hf_datasets import HF_FORMATS, load_hf_dataset
+    from .reasoning import REASONING_GYM_PREFIX, build_reasoning_gym
+
+    generated = isinstance(source, str) and (
+        source in BUILTIN_SETS or source.startswith(REASONING_GYM_PREFIX)
+    )
+    if generated and (split is not None or columns):
+        what = "--data-split" if split is not None else "--data-columns"
+        raise ValueError(f"{what} applies to files and datasets, not to the generated {source!r}")
     if isinstance(source, str) and source in BUILTIN_SETS:
         if source == "stdlib_qa":
             return build_stdlib_qa(cache_dir, seed=seed, test_fraction=test_fraction)
         return build_arithmetic(seed=seed, test_fraction=test_fraction)
+    if isinstance(source, str) and source.startswith(REASONING_GYM_PREFIX):
+        return build_reasoning_gym(source, seed=seed, test_fraction=test_fraction)
     path = Path(source)
-    if path.suffix.lower() not in _FORMATS and not path.exists():
-        raise ValueError(
-            f"unknown instruction data {str(source)!r}: give one of {list(BUILTIN_SETS)} or a "
-            f"{'/'.join(sorted(_FORMATS))} file"
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix in HF_FORMATS:
+        return load_hf_dataset(
+            path, split=split, columns=columns, test_fraction=test_fraction, cache_dir=cache_dir
         )
-    return load_instruction_file(path, test_fraction=test_fraction)
+    if suffix not in _FORMATS and not path.exists():
+        raise ValueError(
+            f"unknown instruction data {str(source)!r}: give one of {list(BUILTIN_SETS)}, "
+            f"{REASONING_GYM_PREFIX}<task>,..., a {'/'.join(sorted(_FORMATS))} file or a "
+            f"Hugging Face dataset ({'/'.join(sorted(HF_FORMATS))} file or folder)"
+        )
+    if split is not None:
+        raise ValueError(
+            f"--data-split {split!r} applies to Hugging Face datasets; {path.name} is a "
+            f"{suffix} file (mark its test examples with a split column instead)"
+        )
+    return load_instruction_file(path, test_fraction=test_fraction, columns=columns)

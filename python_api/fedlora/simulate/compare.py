@@ -63,6 +63,7 @@ from typing import Any
 from fedlora.methods import Budget, lora_upload_numel
 from fedlora.methods import get as get_method
 from fedlora.simulate.config import ConfigError, SimConfig, parse_budgets
+from fedlora.simulate.config_file import CONFIG_TOML
 from fedlora.simulate.engine import (
     CKPT,
     _atomic_write,
@@ -409,6 +410,7 @@ def compare(
     progress: bool = True,
     command: str | None = None,
     dry_run: bool = False,
+    config_text: str | None = None,
 ) -> list[dict]:
     """Run every method of ``configs`` as ``spec`` says and write the tables and plot to
     ``out``. Returns the table rows (one per method).
@@ -418,7 +420,8 @@ def compare(
     any problem is one :class:`ConfigError`. ``dry_run``: run those checks (all but the data
     and the writability of ``out``), print the plan (each method's label, matched budget,
     learning rate or grid, compute per round and run directories) and return ``[]`` without
-    writing or training anything.
+    writing or training anything. ``config_text`` (the command's resolved options as TOML) is
+    written to ``out/config.toml`` once these checks pass.
     """
     spec = spec or CompareSpec(seeds=(configs[0].seed,) if configs else (0,))
     if not configs:
@@ -444,9 +447,9 @@ def compare(
         raise ConfigError("--out must name a directory, got ''")
     out = Path(out).expanduser()
     if dry_run:  # checks only: nothing is written, so no lock is taken
-        return _compare(configs, out, spec, metric, progress, command, dry_run=True)
+        return _compare(configs, out, spec, metric, progress, command, None, dry_run=True)
     with lock_out_dir(out):  # one comparison per --out at a time
-        return _compare(configs, out, spec, metric, progress, command)
+        return _compare(configs, out, spec, metric, progress, command, config_text)
 
 
 def _compare(
@@ -456,6 +459,7 @@ def _compare(
     metric: Ranking,
     progress: bool,
     command: str | None,
+    config_text: str | None,
     dry_run: bool = False,
 ) -> list[dict]:
     configs = [matched(cfg, spec.match).validate() for cfg in configs]
@@ -483,6 +487,8 @@ def _compare(
     probe_writable(out)
     clean_stale_temps(out)
     plot = check_plotting(None)
+    if config_text is not None:
+        _atomic_write(out / CONFIG_TOML, lambda p: Path(p).write_text(config_text))
 
     chosen: dict[str, float] = {}
     lr_scores: dict[str, dict[float, float]] = {}

@@ -37,7 +37,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 #: values, so runs checkpointed before they existed still resume
 _LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
                  "max_generate": 16, "max_new_tokens": 32, "init_adapter": None,
-                 "method_options": {}}  # fmt: skip
+                 "method_options": {}, "system_prompt": None, "data_split": None,
+                 "data_columns": None}  # fmt: skip
 #: method options that predate per-method options and stay config fields (their spec, checks and
 #: flags come from the owning method, :attr:`fedlora.methods.Method.options`)
 OPTION_FIELDS = ("heads", "head_score", "hafl_score_steps", "hafl_mode")
@@ -74,6 +75,12 @@ class SimConfig:
     prompts answered greedily each round and the answers' length limit. ``init_adapter``: a PEFT
     LoRA folder the run starts from (:func:`fedlora.export.peft_adapter_state`; None: the
     method's own initialisation).
+    prompts answered greedily each round and the answers' length limit. ``system_prompt``
+    (sft) is a system message put first in every conversation, through the chat template, in
+    training and in evaluation (examples with their own system turn keep it).
+    ``data_split`` and ``data_columns`` (sft) read a local Hugging Face dataset or a user file:
+    the split to use, and which column holds each field (``{"instruction": "question"}``;
+    :data:`fedlora.data.COLUMN_FIELDS`).
     """
 
     task: str = "classify"
@@ -107,6 +114,9 @@ class SimConfig:
     max_new_tokens: int = 32
     init_adapter: str | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None
+    data_split: str | None = None
+    data_columns: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.lr is None and isinstance(self.method, str) and self.method in names():
@@ -219,9 +229,7 @@ class SimConfig:
         if dup:
             raise ConfigError(f"--target-modules names {', '.join(dup)} more than once")
         _check_path("model", self.model, want_dir=True, names=("smollm2",) * (self.task == "sft"))
-        from fedlora.data import BUILTIN_SETS
-
-        _check_path("data", self.data, want_dir=False, names=BUILTIN_SETS * (self.task == "sft"))
+        self._check_data()
         _check_path("init_adapter", self.init_adapter, want_dir=True)
         values = self.option_values()
         for name, value in values.items():  # a rank-valued option cannot exceed --rank
@@ -232,6 +240,48 @@ class SimConfig:
                 )
         parse_budgets(self)
         return self
+
+    def _check_data(self) -> None:
+        """``data`` (a file, or for sft also a built-in set, a ``reasoning_gym:`` spec or a
+        dataset folder), ``system_prompt``, ``data_split`` and ``data_columns``."""
+        from fedlora.data import BUILTIN_SETS, COLUMN_FIELDS, REASONING_GYM_PREFIX
+
+        sft = self.task == "sft"
+        if sft and isinstance(self.data, str) and self.data.startswith(REASONING_GYM_PREFIX):
+            from fedlora.data import reasoning_gym_tasks
+
+            try:
+                reasoning_gym_tasks(self.data)
+            except (ValueError, ImportError) as err:
+                raise ConfigError(f"--data: {err}") from None
+        else:
+            _check_path("data", self.data, want_dir=False, names=BUILTIN_SETS * sft, dirs_ok=sft)
+        for name in ("system_prompt", "data_split"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v.strip()):
+                raise ConfigError(f"{_opt(name)} must be a non-empty string, got {v!r}")
+        cols = self.data_columns
+        if cols is not None:
+            if not isinstance(cols, dict) or not cols:
+                raise ConfigError(
+                    f"--data-columns must map fields to column names, e.g. "
+                    f"instruction=question,output=answer; got {cols!r}"
+                )
+            for k, v in cols.items():
+                if k not in COLUMN_FIELDS:
+                    raise ConfigError(
+                        f"--data-columns: unknown field {k!r}; the fields are "
+                        f"{', '.join(COLUMN_FIELDS)}"
+                    )
+                if not isinstance(v, str) or not v.strip():
+                    raise ConfigError(f"--data-columns: {k} must name a column, got {v!r}")
+            dup = sorted({v for v in cols.values() if list(cols.values()).count(v) > 1})
+            if dup:
+                raise ConfigError(f"--data-columns maps column {dup[0]!r} to two fields")
+        if not sft:
+            given = [n for n in ("system_prompt", "data_split", "data_columns") if getattr(self, n)]
+            if given:
+                raise ConfigError(f"{_opt(given[0])} applies to --task sft only")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -300,9 +350,32 @@ def _check_float(
         raise ConfigError(f"{_opt(name)} must be in {lo}{low:g}, {hi}, got {v:g}")
 
 
-def _check_path(name: str, v: Any, *, want_dir: bool, names: tuple[str, ...] = ()) -> None:
+def parse_columns(text: str) -> dict[str, str]:
+    """``--data-columns``: ``"instruction=question,output=answer"`` as a dict (field: column);
+    :class:`ConfigError` when an item is not ``field=column``."""
+    out: dict[str, str] = {}
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        field, sep, column = (s.strip() for s in item.partition("="))
+        if not sep or not field or not column:
+            raise ConfigError(
+                f"--data-columns: cannot parse {item!r}; expected field=column items joined by "
+                "commas, e.g. instruction=question,output=answer"
+            )
+        if field in out:
+            raise ConfigError(f"--data-columns names {field} more than once")
+        out[field] = column
+    if not out:
+        raise ConfigError(f"--data-columns: empty mapping {text!r}")
+    return out
+
+
+def _check_path(
+    name: str, v: Any, *, want_dir: bool, names: tuple[str, ...] = (), dirs_ok: bool = False
+) -> None:
     """``v`` is None, one of the built-in ``names``, or names an existing folder
-    (``want_dir``) or file."""
+    (``want_dir``) or file (or either, with ``dirs_ok``)."""
     if v is None or (isinstance(v, str) and v in names):
         return
     if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
@@ -316,7 +389,7 @@ def _check_path(name: str, v: Any, *, want_dir: bool, names: tuple[str, ...] = (
     if not exists:
         known = f" (nor one of {', '.join(names)})" if names else ""
         raise ConfigError(f"{_opt(name)} {str(v)!r} does not exist{known}")
-    if is_dir != want_dir:
+    if is_dir != want_dir and not dirs_ok:
         raise ConfigError(f"{_opt(name)} {str(v)!r} is not a {kind}")
 
 

@@ -50,7 +50,7 @@ OUTPUT_NAMES = (CKPT, *REPORTS)
 _PROBE = "fedlora-probe"
 _TMP_SUFFIX = ".tmp"
 #: Files whose temp copies (``.<name>.<random>.tmp``) are ours to clean up.
-_COMPARE_OUTPUTS = ("results.md", "results.json")
+_COMPARE_OUTPUTS = ("results.md", "results.json", "config.toml")
 _PLOT_HINT = "pip install 'fedlora-kernels[plot]'"
 
 
@@ -642,13 +642,16 @@ def write_reports(
     initial: dict[str, Any] | None = None,
     data: dict[str, Any] | None = None,
 ) -> None:
-    """metrics.json (with ``data``: how the splits were encoded, e.g. the SFT truncation
+    """config.toml (the resolved configuration, readable back with ``--config``),
+    metrics.json (with ``data``: how the splits were encoded, e.g. the SFT truncation
     counts), metrics.csv (round 0 = ``initial``, the model before training, when
     given), samples.jsonl (the answers of tasks that generate) and, with ``plot``, curves.png;
     each written atomically."""
+    from fedlora.simulate.config_file import CONFIG_TOML, config_toml
     from fedlora.simulate.tasks import get_task
 
     task = get_task(cfg.task)
+    _atomic_write_bytes(out / CONFIG_TOML, config_toml(cfg).encode())
     _atomic_write_bytes(
         out / "metrics.json",
         json.dumps(

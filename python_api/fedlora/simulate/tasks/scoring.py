@@ -8,12 +8,16 @@ Both compare one generated answer with one reference and are averaged over the s
 - **Exact match** is 1 when the two texts are equal after :func:`normalize_answer` (case,
   surrounding whitespace and quotes, inner runs of whitespace, a final ``.``/``!``/``?``), else 0;
   for the arithmetic set, whose answers are one integer, it is the answer's correctness.
+  A data set with its own verifier (``InstructionDataset.scorer``, e.g. reasoning-gym's
+  per-task ``score_answer``) scores exact match instead: an answer counts when its verifier
+  gives it the full score 1.0 (the verifiers parse the answer as their task needs: a number,
+  a list, ...).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -59,17 +63,33 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
-def score_answers(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-L and exact match over paired answers (NaN for an empty list)."""
+def verified(score: float) -> float:
+    """1.0 when a verifier's ``score`` is the full score 1.0, else 0.0 (a NaN counts as 0)."""
+    return float(score >= 1.0)
+
+
+def score_answers(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    *,
+    scorer: Callable[[str, Mapping[str, Any]], float] | None = None,
+    examples: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, float]:
+    """Mean ROUGE-L and exact match over paired answers (NaN for an empty list). With a
+    ``scorer`` (the data set's verifier, called as ``scorer(prediction, example)`` on the
+    paired ``examples``), exact match is the share of answers it gives the full score."""
     if len(predictions) != len(references):
         raise ValueError(
             f"predictions and references must pair up, got {len(predictions)} and {len(references)}"
         )
+    if scorer is not None and (examples is None or len(examples) != len(predictions)):
+        raise ValueError("a scorer needs the examples paired with the predictions")
     if not predictions:
         return {"rouge_l": float("nan"), "exact_match": float("nan")}
     n = len(predictions)
     pairs = list(zip(predictions, references, strict=True))
-    return {
-        "rouge_l": sum(rouge_l(p, r) for p, r in pairs) / n,
-        "exact_match": sum(exact_match(p, r) for p, r in pairs) / n,
-    }
+    if scorer is not None:
+        em = sum(verified(scorer(p, ex)) for p, ex in zip(predictions, examples, strict=True))
+    else:
+        em = sum(exact_match(p, r) for p, r in pairs)
+    return {"rouge_l": sum(rouge_l(p, r) for p, r in pairs) / n, "exact_match": em / n}

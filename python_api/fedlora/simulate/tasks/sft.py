@@ -2,8 +2,11 @@
 
 Default: the embedded SmolLM2-135M-Instruct (`fedlora.models.load_causal_lm`) with LoRA on the
 query and value projections, on the offline ``arithmetic`` instruction set; ``--data`` takes
-``stdlib_qa`` or a JSONL/CSV file (`fedlora.data.load_instructions`), ``--model`` any local
-causal-LM folder. Clients are non-IID over the examples' categories.
+``stdlib_qa``, ``reasoning_gym:<task>,...``, a JSONL/CSV file or a local Hugging Face dataset
+(`fedlora.data.load_instructions`, with ``--data-split`` and ``--data-columns``), ``--model``
+any local causal-LM folder. Clients are non-IID over the examples' categories (a warning when
+the data has none). ``--system-prompt`` is a system message put first in every conversation,
+in training and in evaluation.
 
 **Encoding.** Each example is rendered with the tokenizer's chat template: the prompt (the user
 turn, ``add_generation_prompt=True``) and the response (the rest of the rendered conversation:
@@ -21,12 +24,17 @@ compute on all positions) is applied only at the positions that predict a respon
 **Evaluation** of the global adapter each round: perplexity ``exp(mean NLL)`` and mean NLL over
 the response tokens of the first ``--max-test`` test examples, and greedy generation (at most
 ``--max-new-tokens`` tokens) on the first ``--max-generate`` of them, scored by ROUGE-L and
-exact match (:mod:`.scoring`); a few prompts with their answers go to ``samples.jsonl``.
+exact match (:mod:`.scoring`; exact match by the data set's own verifier when it has one, as
+reasoning-gym's tasks do); a few prompts (the full text the model was given, system prompt and
+chat template included, and the last user turn as ``question``) with their answers go to
+``samples.jsonl``.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +49,7 @@ IGNORE = -100
 EVAL_BATCH = 16
 #: prompts per round whose answers are written to samples.jsonl
 NUM_SAMPLES = 4
-PLAIN_PROMPT = "{bos}### Instruction:\n{user}\n\n### Response:\n"
+PLAIN_PROMPT = "{bos}{system}### Instruction:\n{user}\n\n### Response:\n"
 
 
 @dataclass
@@ -96,13 +104,19 @@ class LMBatch:
 @dataclass
 class SFTEval:
     """The test side: teacher-forced sequences for perplexity, the prompts to generate from
-    (token ids, unpadded) with their reference answers, and the tokenizer to decode with."""
+    (token ids, unpadded) with their reference answers, the tokenizer to decode with; for
+    samples.jsonl each prompt's full text (system prompt and chat template included) and its
+    last user turn; the test examples and the data set's own answer verifier (``scorer``,
+    None: exact match against the reference)."""
 
     batch: LMBatch
     prompts: list[list[int]]
     references: list[str]
     questions: list[str]
     tokenizer: Any
+    prompt_texts: list[str] = field(default_factory=list)
+    examples: list[Mapping[str, Any]] = field(default_factory=list)
+    scorer: Callable[[str, Mapping[str, Any]], float] | None = None
 
     def __len__(self) -> int:
         return len(self.batch)
@@ -115,20 +129,34 @@ class SFTEval:
 
 # ------------------------------------------------------------------------------------- data
 def load_data(cfg: SimConfig) -> Any:
-    """The instruction set of ``--data`` (default ``arithmetic``)."""
+    """The instruction set of ``--data`` (default ``arithmetic``), read with ``--data-split``
+    and ``--data-columns``; one warning line on stderr when the data has no categories (the
+    non-IID partition then only skews the clients' sizes)."""
     from fedlora.data import load_instructions
 
     try:
-        return load_instructions(cfg.data or "arithmetic", seed=0)
-    except (ValueError, OSError) as err:
+        data = load_instructions(
+            cfg.data or "arithmetic", seed=0, split=cfg.data_split, columns=cfg.data_columns
+        )
+    except (ValueError, OSError, ImportError) as err:
         raise ConfigError(f"--data: {err}") from None
+    if data.info.get("categories") == "none":
+        print(
+            f"fedlora: warning: --data {cfg.data}: no example has a category, so all are in one "
+            "and the non-IID (Dirichlet) partition only skews the clients' sizes; give each "
+            "example a category (or map a column: --data-columns category=COLUMN)",
+            file=sys.stderr,
+        )
+    return data
 
 
-def render(tokenizer: Any, example: Any) -> tuple[str, str]:
-    """``(prompt, response)`` texts of one example: the prompt ends where generation starts."""
+def render(tokenizer: Any, example: Any, system: str | None = None) -> tuple[str, str]:
+    """``(prompt, response)`` texts of one example: the prompt ends where generation starts.
+    ``system`` (``--system-prompt``) is a system message put first (through the chat template;
+    without one, a paragraph before the instruction), unless the example has its own."""
     from fedlora.data import to_chat_messages
 
-    messages = to_chat_messages(example, include_response=False)
+    messages = to_chat_messages(example, system=system, include_response=False)
     if getattr(tokenizer, "chat_template", None):
         try:
             prompt = tokenizer.apply_chat_template(
@@ -149,7 +177,9 @@ def render(tokenizer: Any, example: Any) -> tuple[str, str]:
         return prompt, full[len(prompt) :]
     user = messages[-1]["content"]
     bos = getattr(tokenizer, "bos_token", None) or ""
-    return PLAIN_PROMPT.format(bos=bos, user=user), example["output"] + (tokenizer.eos_token or "")
+    sys_text = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    prompt = PLAIN_PROMPT.format(bos=bos, system=f"{sys_text}\n\n" if sys_text else "", user=user)
+    return prompt, example["output"] + (tokenizer.eos_token or "")
 
 
 def _question(example: Any) -> str:
@@ -171,15 +201,21 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def encode_examples(
-    tokenizer: Any, examples: list[Any], category_of: list[int], max_length: int
+    tokenizer: Any,
+    examples: list[Any],
+    category_of: list[int],
+    max_length: int,
+    *,
+    system: str | None = None,
 ) -> tuple[LMBatch, list[list[int]], list[int], dict[str, int]]:
     """Tokenize examples for training: ``(batch, prompt ids, kept example indices, counts)``
-    with ``counts`` = ``{"examples", "truncated", "dropped"}`` (see the module docstring)."""
+    with ``counts`` = ``{"examples", "truncated", "dropped"}`` (see the module docstring);
+    ``system``: the system prompt (`render`)."""
     pad = _pad_id(tokenizer)
     rows, prompts, kept = [], [], []
     truncated = dropped = 0
     for i, ex in enumerate(examples):
-        prompt, response = render(tokenizer, ex)
+        prompt, response = render(tokenizer, ex, system)
         p, r = _ids(tokenizer, prompt), _ids(tokenizer, response)
         if not r:
             raise ConfigError(f"--data: example {i}'s response encodes to no tokens")
@@ -383,7 +419,10 @@ class SFTTask:
         if test:
             keep = cfg.max_test or len(examples)
             examples, cats = examples[:keep], cats[:keep]
-        batch, prompts, kept, counts = encode_examples(tokenizer, examples, cats, cfg.max_length)
+        system = cfg.system_prompt
+        batch, prompts, kept, counts = encode_examples(
+            tokenizer, examples, cats, cfg.max_length, system=system
+        )
         if not len(batch):
             raise ConfigError(
                 f"--max-length {cfg.max_length}: every {'test' if test else 'training'} prompt "
@@ -399,6 +438,9 @@ class SFTTask:
             references=[examples[i]["output"] for i in kept],
             questions=[_question(examples[i]) for i in kept],
             tokenizer=tokenizer,
+            prompt_texts=[render(tokenizer, examples[i], system)[0] for i in kept[:NUM_SAMPLES]],
+            examples=[examples[i] for i in kept],
+            scorer=getattr(split, "scorer", None),
         )
 
     def cat(self, batches: list[LMBatch]) -> LMBatch:
@@ -424,11 +466,21 @@ class SFTTask:
         ppl, nll = perplexity(model, test.batch)
         n = min(cfg.max_generate, len(test.prompts))
         answers = greedy_answers(model, test.tokenizer, test.prompts[:n], cfg.max_new_tokens)
-        scores = score_answers(answers, test.references[:n])
+        scores = score_answers(
+            answers,
+            test.references[:n],
+            scorer=test.scorer,
+            examples=test.examples[:n] if test.scorer is not None else None,
+        )
+        prompt_texts = test.prompt_texts or test.questions
         samples = [
-            {"prompt": q, "answer": a, "reference": r}
-            for q, a, r in zip(
-                test.questions[:NUM_SAMPLES], answers[:NUM_SAMPLES], test.references, strict=False
+            {"prompt": p, "question": q, "answer": a, "reference": r}
+            for p, q, a, r in zip(
+                prompt_texts[:NUM_SAMPLES],
+                test.questions,
+                answers[:NUM_SAMPLES],
+                test.references,
+                strict=False,
             )
         ]
         return {"test_perplexity": ppl, "test_loss": nll, **scores, "samples": samples}
