@@ -140,18 +140,22 @@ def test_print_config_is_a_complete_file_that_reads_back(tmp_path, capsys, comma
     values = tomllib.loads(text)
     parser = build_parser()
     args = _parse(parser, [command])
-    dests = {
-        a.dest
+    actions = [
+        a
         for a in parser._subparsers._group_actions[0].choices[command]._actions
         if a.option_strings and a.dest not in ("help", "config", "print_config")
-    }
+    ]
+    # a key is the long option's spelling (a method option's flag, whatever its destination)
+    key_of = {a.dest: next(o for o in a.option_strings if o.startswith("--"))[2:] for a in actions}
+    dests = set(key_of)
     unset = {d for d in dests if getattr(args, d) is None}
     # every option is a key (None ones commented out: "# key =")
-    assert {k.replace("-", "_") for k in values} == dests - unset
+    assert set(values) == {key_of[d] for d in dests - unset}
     for d in unset:
-        assert f"# {d.replace('_', '-')} =" in text
+        assert f"# {key_of[d]} =" in text
+    dest_of = {k: d for d, k in key_of.items()}
     for k, v in values.items():
-        assert v == getattr(args, k.replace("-", "_")), k
+        assert v == getattr(args, dest_of[k]), k
     # fed back, it gives the defaults again
     f = write(tmp_path, text)
     again = _parse(build_parser(), [command, "--config", str(f)])
@@ -183,6 +187,27 @@ def test_config_toml_reads_back_into_the_same_config(tmp_path):
     f = write(tmp_path, config_toml(cfg), "config.toml")
     assert resolved(["--config", str(f)]) == cfg
     assert resolved(["--config", str(f)]).fingerprint() == cfg.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        (
+            "prelort",
+            {"method_options": {"prelort_training": "sampled", "prelort_truncations": (2, 4)}},
+        ),
+        ("ravan", {"heads": 2, "head_score": "random"}),
+        ("hafl", {"hafl_mode": "truncate", "hafl_score_steps": 0}),
+    ],
+)
+def test_method_options_read_back_under_their_own_flags(tmp_path, method, extra):
+    """A run's config.toml names each method option by its flag (prelort-training = ...) and
+    leaves out the options its method does not take, so --config gives the same config."""
+    cfg = SimConfig(method=method, rank=8, **extra).validate()
+    text = config_toml(cfg)
+    assert ("heads =" in text) == (method == "ravan")
+    f = write(tmp_path, text, "config.toml")
+    assert resolved(["--config", str(f)]) == cfg
 
 
 def test_every_run_writes_its_resolved_config(tmp_path):

@@ -80,16 +80,23 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    """The options a file may set: ``{dest: action}`` for every long option but
-    `NOT_IN_FILES`."""
+    """The options a file may set: ``{name: action}`` for every long option but
+    `NOT_IN_FILES`, ``name`` the long option's spelling with underscores (``local_steps``; a
+    method option's flag, e.g. ``prelort_training``, whatever its destination)."""
     actions = {}
     for action in parser._actions:  # argparse offers no public listing
-        if not any(s.startswith("--") for s in action.option_strings):
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if not longs:
             continue
         if action.dest in NOT_IN_FILES or action.dest == argparse.SUPPRESS:
             continue
-        actions[action.dest] = action
+        actions[longs[0][2:].replace("-", "_")] = action
     return actions
+
+
+def _is_list(action: argparse.Action) -> bool:
+    """Options whose command-line value is a comma list (a file may give an array)."""
+    return action.dest in LIST_OPTIONS or action.metavar == "N,N,..."
 
 
 def _key_name(dest: str) -> str:
@@ -105,7 +112,7 @@ def _type_name(action: argparse.Action) -> str:
         return "a number"
     if action.dest in TABLE_OPTIONS:
         return "a string 'key=column,...' or a table"
-    if action.dest in LIST_OPTIONS:
+    if _is_list(action):
         return "a string or an array"
     return "a string"
 
@@ -146,7 +153,9 @@ def file_value(action: argparse.Action, key: str, value: Any, where: str) -> Any
                 raise ConfigError(f"{where}: {key}.{k} must be a string (a column name), got {v!r}")
             items.append(f"{k}={v}")
         out = ",".join(items)
-    elif dest in LIST_OPTIONS and isinstance(value, list):
+    elif action.nargs == "?" and action.const == "true" and isinstance(value, bool):
+        out = "true" if value else "false"  # a method's on/off option
+    elif _is_list(action) and isinstance(value, list):
         texts = [_scalar_text(v) for v in value]
         if any(t is None for t in texts):
             raise wrong()
@@ -172,8 +181,8 @@ def file_defaults(
     out: dict[str, Any] = {}
     seen: dict[str, str] = {}
     for key, value in values.items():
-        dest = key.replace("-", "_")
-        action = actions.get(dest)
+        name = key.replace("-", "_")
+        action = actions.get(name)
         if action is None:
             hint = (
                 "; it is a table, but options are top-level keys"
@@ -184,6 +193,7 @@ def file_defaults(
                 f"{where}: unknown key {key!r}{hint} (keys are the long options of "
                 f"`{parser.prog}`, e.g. local-steps; see {parser.prog} --print-config)"
             )
+        dest = action.dest
         if dest in seen:
             raise ConfigError(f"{where}: {key!r} and {seen[dest]!r} set the same option")
         seen[dest] = key
@@ -247,7 +257,19 @@ def toml_dumps(
 def config_toml(cfg: SimConfig) -> str:
     """The resolved configuration of a run as TOML, readable back with ``--config`` (keys
     spelled as the command's long options; None fields commented out)."""
-    items = [(_key_name(f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]
+    from fedlora.methods import option_owners
+
+    owners = option_owners()
+    items = [
+        (_key_name(f.name), getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+        if f.name != "method_options"
+        # a method option kept as a config field (heads, hafl-mode...): only for its methods
+        and (f.name not in owners or cfg.method in owners[f.name][1])
+    ]
+    for name, value in sorted(cfg.method_options.items()):  # each under its own flag
+        flag = owners[name][0].flag if name in owners else f"--{_key_name(name)}"
+        items.append((flag[2:], list(value) if isinstance(value, tuple) else value))
     return toml_dumps(
         items,
         header="The resolved configuration of this run (fedlora simulate --config this-file "
@@ -272,8 +294,8 @@ def print_config_text(
     ``values`` (the defaults, or the resolved options), its help text as a comment, None
     values commented out."""
     items, comments = [], {}
-    for dest, action in option_actions(parser).items():
-        key = _key_name(dest)
+    for name, action in option_actions(parser).items():
+        key, dest = _key_name(name), action.dest
         value = values.get(dest, action.default)
         if dest in TABLE_OPTIONS and isinstance(value, str):
             value = _table(value)
