@@ -69,6 +69,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
             return help_text
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return f"{help_text} (default: off)".strip()
+        if action.default is None:  # said in words, never printed as "None"
+            return f"{help_text} (default: not set)".strip()
         return f"{help_text} (default: %(default)s)".strip()
 
 
