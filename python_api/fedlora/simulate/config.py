@@ -34,7 +34,13 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 #: fields added after checkpoints were first written: left out of the fingerprint at these
 #: values, so runs checkpointed before they existed still resume
 _LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
-                 "max_generate": 16, "max_new_tokens": 32}  # fmt: skip
+                 "max_generate": 16, "max_new_tokens": 32, "lr_scheduler": "constant",
+                 "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": None, "grad_accum": 1,
+                 "lora_dropout": 0.0, "eval_every": 1}  # fmt: skip
+#: fields that change how a run computes or logs, never what it computes (up to the last bits):
+#: left out of the fingerprint, so a run may resume under another memory budget or logger
+_HOW_FIELDS = ("device", "max_tokens_per_pass", "gradient_checkpointing", "report_to")
+REPORT_TO = ("none", "tensorboard")
 HEAD_SCORES = ("weight", "gradient", "random")
 HAFL_MODES = ("freeze", "truncate")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
@@ -64,6 +70,13 @@ class SimConfig:
     ``dtype`` are where the run trains and the frozen base's precision
     (:mod:`fedlora.simulate.devices`); ``max_generate`` / ``max_new_tokens``: the SFT test
     prompts answered greedily each round and the answers' length limit.
+
+    Training knobs (:class:`fedlora.local.TrainOptions`): ``lr_scheduler`` with
+    ``warmup_steps`` / ``warmup_ratio`` (per client over its local steps of a round),
+    ``max_grad_norm`` (None: no clipping), ``grad_accum`` (micro-batches per batch),
+    ``lora_dropout``; ``max_tokens_per_pass`` (0: automatic) and ``gradient_checkpointing``
+    bound the memory. ``eval_every``: evaluate every N-th round (and the last); ``report_to``:
+    ``none`` or ``tensorboard`` (event files in ``OUT/tensorboard``).
     """
 
     task: str = "classify"
@@ -95,11 +108,34 @@ class SimConfig:
     dtype: str = "auto"
     max_generate: int = 16
     max_new_tokens: int = 32
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = None
+    grad_accum: int = 1
+    lora_dropout: float = 0.0
+    max_tokens_per_pass: int = 0
+    gradient_checkpointing: bool = False
+    eval_every: int = 1
+    report_to: str = "none"
 
     def __post_init__(self) -> None:
         for name, value in TASK_DEFAULTS.get(self.task, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, list(value) if isinstance(value, list) else value)
+
+    def train_options(self) -> dict[str, Any]:
+        """The knobs of :func:`fedlora.local.train_slots` (keyword arguments)."""
+        return {
+            "lr_scheduler": self.lr_scheduler,
+            "warmup_steps": self.warmup_steps,
+            "warmup_ratio": float(self.warmup_ratio),
+            "max_grad_norm": None if self.max_grad_norm is None else float(self.max_grad_norm),
+            "grad_accum": self.grad_accum,
+            "lora_dropout": float(self.lora_dropout),
+            "max_tokens_per_pass": self.max_tokens_per_pass or None,
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }
 
     def client_options(self) -> ClientOptions:
         """The settings the method's client side reads (:class:`fedlora.methods.ClientOptions`)."""
@@ -186,8 +222,52 @@ class SimConfig:
         from fedlora.data import BUILTIN_SETS
 
         _check_path("data", self.data, want_dir=False, names=BUILTIN_SETS * (self.task == "sft"))
+        self._validate_knobs()
         parse_budgets(self)
         return self
+
+    def _validate_knobs(self) -> None:
+        """The training knobs, logging and memory options (see the class docstring)."""
+        from fedlora.local import LR_SCHEDULERS
+
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(
+                f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}; "
+                f"got {self.lr_scheduler!r}"
+            )
+        _check_int("warmup_steps", self.warmup_steps, 0, MAX_COUNT)
+        _check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("--warmup-steps and --warmup-ratio: give one of them, not both")
+        if self.max_grad_norm is not None:
+            _check_float("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
+        _check_int("grad_accum", self.grad_accum, 1, MAX_COUNT)
+        if isinstance(self.batch_size, int) and self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"--grad-accum {self.grad_accum} does not divide --batch-size {self.batch_size}: "
+                "each micro-batch must hold the same number of examples"
+            )
+        _check_float("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        if self.lora_dropout >= 1.0:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout:g}")
+        _check_int("max_tokens_per_pass", self.max_tokens_per_pass, 0)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(
+                f"--gradient-checkpointing must be true or false, got {self.gradient_checkpointing!r}"
+            )
+        _check_int("eval_every", self.eval_every, 1, MAX_COUNT)
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(
+                f"--report-to must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}"
+            )
+        if self.report_to == "tensorboard":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError(
+                    "--report-to tensorboard: the tensorboard package is not installed "
+                    "(pip install 'fedlora-kernels[tensorboard]')"
+                )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,7 +285,8 @@ class SimConfig:
         a finished run may be resumed for more rounds)."""
         data = self.to_json()
         data.pop("rounds")
-        data.pop("device")  # a run may resume on another device (the last bits may differ)
+        for name in _HOW_FIELDS:  # e.g. another device: the last bits may differ
+            data.pop(name, None)
         for name, default in _LATER_FIELDS.items():
             if data.get(name) == default:
                 data.pop(name)

@@ -331,7 +331,7 @@ def write_reports(
             out / "samples.jsonl", lambda p: Path(p).write_text("\n".join(samples) + "\n")
         )
     if plot:
-        plot_curves({cfg.method: rows}, out / "curves.png", task.panels)
+        plot_curves({cfg.method: rows}, out / "curves.png", (*task.panels, TRAIN_LOSS_PANEL))
 
 
 def write_outputs(
@@ -351,6 +351,8 @@ def write_outputs(
     write_reports(out, cfg, rounds, plot=plot, initial=initial, data=data)
 
 
+#: curves.png's last panel: the round mean of the clients' training loss (steps.csv has each step)
+TRAIN_LOSS_PANEL = (("train_loss", "train loss"),)
 CLASSIFY_PANELS = ((("test_accuracy", "test accuracy"),), (("test_loss", "test loss"),))
 
 
