@@ -18,6 +18,8 @@ Every configuration runs in a fresh Python process (one at a time) and reports t
 - ``clients-8`` / ``clients-32``: one round of one local step with 8 and 32 clients at a fixed
   pass budget (the automatic one, and ``--max-tokens-per-pass 4096``: several clients per
   pass), evaluation cut to 8 test examples and 2 generations;
+- ``clients-8-4bit``: ``clients-8`` on a 4-bit (NF4) base, ``--quantize 4bit`` (bitsandbytes'
+  CPU backend);
 - ``peft-1-client``: PEFT's LoRA (``r=8, alpha=16`` on the same projections) on the same model,
   one AdamW step on the same batch of 8 examples through the same response-token loss.
 
@@ -65,6 +67,10 @@ CONFIGS: dict[str, dict] = {
         "cfg": dict(README, clients=32, local_steps=1, max_tokens_per_pass=4096, **SMALL_EVAL),
     },
     "peft-1-client": {"kind": "peft"},
+    "clients-8-4bit": {
+        "kind": "simulate",
+        "cfg": dict(README, local_steps=1, quantize="4bit", **SMALL_EVAL),
+    },
 }
 
 
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated configuration names")
     p.add_argument("--out", default="bench/results/memory-cpu.json")
     p.add_argument("--random-tiny", action="store_true", help="a 2-layer random LLaMA (smoke)")
+    p.add_argument("--merge", action="store_true", help="add to --out's results, not replace")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -138,7 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory()
         model = str(random_causal_lm(Path(tmp.name) / "tiny", arch="llama"))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    out = Path(args.out)
     results = {}
+    if args.merge and out.exists():
+        results = json.loads(out.read_text())["results"]
     for name in names:
         cmd = [sys.executable, __file__, "--child", name] + (["--model", model] if model else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -160,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
         "model": model or "smollm2 (embedded SmolLM2-135M-Instruct, float32)",
         "results": results,
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(_markdown(report))

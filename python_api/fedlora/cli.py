@@ -228,6 +228,12 @@ def _add_training_options(p: argparse.ArgumentParser, d: SimConfig) -> None:
         "memory, more time)",
     )
     g.add_argument(
+        "--quantize",
+        default=d.quantize,
+        help="sft: the frozen base's linear layers in none, 4bit (NF4) or 8bit (LLM.int8()) "
+        "through bitsandbytes, QLoRA (default: %(default)s)",
+    )
+    g.add_argument(
         "--eval-every",
         type=int,
         default=d.eval_every,

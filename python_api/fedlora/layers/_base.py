@@ -290,6 +290,11 @@ class AdapterLayer(SegmentRouting, nn.Module):
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         w = self.base_layer.weight
+        if not w.is_floating_point():  # a bitsandbytes 4-/8-bit base: dequantize, add, requantize
+            from fedlora.quantize import dense_weight, set_dense_weight
+
+            set_dense_weight(self.base_layer, dense_weight(self.base_layer) + delta.float())
+            return
         if self.fan_in_fan_out:
             delta = delta.T
         with torch.no_grad():

@@ -36,7 +36,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 _LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
                  "max_generate": 16, "max_new_tokens": 32, "lr_scheduler": "constant",
                  "warmup_steps": 0, "warmup_ratio": 0.0, "max_grad_norm": None, "grad_accum": 1,
-                 "lora_dropout": 0.0, "eval_every": 1}  # fmt: skip
+                 "lora_dropout": 0.0, "eval_every": 1, "quantize": "none"}  # fmt: skip
 #: fields that change how a run computes or logs, never what it computes (up to the last bits):
 #: left out of the fingerprint, so a run may resume under another memory budget or logger
 _HOW_FIELDS = ("device", "max_tokens_per_pass", "gradient_checkpointing", "report_to")
@@ -76,7 +76,8 @@ class SimConfig:
     ``max_grad_norm`` (None: no clipping), ``grad_accum`` (micro-batches per batch),
     ``lora_dropout``; ``max_tokens_per_pass`` (0: automatic) and ``gradient_checkpointing``
     bound the memory. ``eval_every``: evaluate every N-th round (and the last); ``report_to``:
-    ``none`` or ``tensorboard`` (event files in ``OUT/tensorboard``).
+    ``none`` or ``tensorboard`` (event files in ``OUT/tensorboard``). ``quantize``: ``none``,
+    ``4bit`` or ``8bit`` frozen base (QLoRA, :mod:`fedlora.quantize`; ``--task sft``).
     """
 
     task: str = "classify"
@@ -118,6 +119,7 @@ class SimConfig:
     gradient_checkpointing: bool = False
     eval_every: int = 1
     report_to: str = "none"
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         for name, value in TASK_DEFAULTS.get(self.task, {}).items():
@@ -260,6 +262,22 @@ class SimConfig:
             raise ConfigError(
                 f"--report-to must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}"
             )
+        from fedlora.quantize import QUANTIZE
+
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(
+                f"--quantize must be one of {', '.join(QUANTIZE)}; got {self.quantize!r}"
+            )
+        if self.quantize != "none" and self.task != "sft":
+            raise ConfigError(f"--quantize {self.quantize}: only --task sft has a quantized base")
+        if self.quantize != "none":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError(
+                    f"--quantize {self.quantize}: the bitsandbytes package is not installed "
+                    "(pip install 'fedlora-kernels[qlora]')"
+                )
         if self.report_to == "tensorboard":
             import importlib.util
 

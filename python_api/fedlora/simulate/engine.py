@@ -208,6 +208,8 @@ def _setup(cfg: SimConfig, shared: dict | None, log: Callable[[str], None]) -> _
     per_round = cfg.clients_per_round or cfg.clients
     num_slots = per_round if cfg.engine == "batched" else 1
     preloaded = shared.get("model") if shared else None
+    if cfg.quantize != "none":
+        preloaded = _quantized_model(cfg, preloaded, log)
     model, tokenizer = task.build_model(cfg, dataset, num_slots, rule, preloaded)
     train = task.encode(tokenizer, dataset.train, cfg)
     test = task.encode(tokenizer, dataset.test, cfg, test=True)
@@ -220,6 +222,31 @@ def _setup(cfg: SimConfig, shared: dict | None, log: Callable[[str], None]) -> _
         stats = getattr(enc, "stats", None)
         data[split] = dict(stats) if stats else {"examples": len(enc)}
     return _Setup(task, method, rule, budgets, model, train, test, parts, weights, data)
+
+
+def _quantized_model(cfg: SimConfig, preloaded: Any, log: Callable[[str], None]) -> Any:
+    """``--quantize``: the causal LM (``preloaded`` or loaded) with its decoder blocks' linear
+    layers in 4/8 bits (:func:`fedlora.quantize.quantize_base`), for the task to inject into;
+    the backend is tried on a tiny layer before the model loads."""
+    from fedlora.models import load_causal_lm
+    from fedlora.quantize import check_backend, quantize_base
+    from fedlora.simulate.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        check_backend(cfg.quantize, device, dtype)
+    except ValueError as err:
+        raise ConfigError(f"--quantize {cfg.quantize}: {err}") from None
+    if preloaded is None:
+        try:
+            preloaded = load_causal_lm(cfg.model or "smollm2", dtype=dtype)
+        except (ImportError, OSError, ValueError) as err:
+            raise ConfigError(f"--model: {err}") from None
+    lm, tokenizer = preloaded
+    n = quantize_base(lm, cfg.quantize, dtype, device)
+    log(f"quantize: {n} linear layers of the frozen base in {cfg.quantize} (bitsandbytes)")
+    return lm, tokenizer
 
 
 def run(
@@ -447,8 +474,13 @@ def _changed_bases(model: nn.Module, cfg: SimConfig) -> dict[str, torch.Tensor]:
     """Frozen base weights that the run has changed (FLoRA, FedEx-LoRA), for the checkpoint."""
     if not get_method(cfg.method).changes_base:
         return {}
+    from fedlora.quantize import dense_weight, is_quantized
+
     return {
-        f"{p}{BASE_SUFFIX}": m.base_layer.weight.detach().clone() for p, m in adapter_layers(model)
+        f"{p}{BASE_SUFFIX}": dense_weight(m.base_layer).to(m.base_layer.weight.device)
+        if is_quantized(m.base_layer)
+        else m.base_layer.weight.detach().clone()
+        for p, m in adapter_layers(model)
     }
 
 
@@ -458,8 +490,14 @@ def _restore_bases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     rest = {}
     for key, value in state.items():
         if key.endswith(BASE_SUFFIX):
+            base = layers[key[: -len(BASE_SUFFIX)]].base_layer
+            from fedlora.quantize import is_quantized, set_dense_weight
+
+            if is_quantized(base):
+                set_dense_weight(base, value)
+                continue
             with torch.no_grad():
-                layers[key[: -len(BASE_SUFFIX)]].base_layer.weight.copy_(value)
+                base.weight.copy_(value)
         else:
             rest[key] = value
     return rest
