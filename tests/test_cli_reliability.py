@@ -214,7 +214,13 @@ def test_umask_respected_and_no_temp_files(tiny_bert_dir, tmp_path, capsys):
     finally:
         os.umask(old)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["checkpoint.safetensors", "curves.png", "metrics.csv", "metrics.json"]
+    assert names == [
+        "checkpoint.safetensors",
+        "curves.png",
+        "metrics.csv",
+        "metrics.json",
+        "steps.csv",
+    ]
     for p in out.iterdir():
         assert p.stat().st_mode & 0o777 == 0o644, (p.name, oct(p.stat().st_mode))
     assert json.loads((out / "metrics.json").read_text())["rounds"][-1]["round"] == 2
@@ -237,7 +243,12 @@ def test_runs_without_matplotlib(tiny_bert_dir, tmp_path, capsys, monkeypatch):
     )
     assert code == 0, err
     assert err.count("warning") == 1 and "curves.png is not written" in err, err
-    assert sorted(p.name for p in out.iterdir()) == [CKPT, "metrics.csv", "metrics.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        CKPT,
+        "metrics.csv",
+        "metrics.json",
+        "steps.csv",
+    ]
 
 
 class _Killed(BaseException):

@@ -273,6 +273,8 @@ def run(
     cfg.validate()
     if out_dir is not None and not str(out_dir).strip():
         raise ConfigError("--out must name a directory, got ''")
+    if cfg.report_to != "none" and out_dir is None:
+        raise ConfigError(f"--report-to {cfg.report_to} needs an output folder (--out)")
     out = Path(out_dir).expanduser() if out_dir is not None else None
     result = RunResult(cfg)
     ckpt = None
@@ -335,10 +337,8 @@ def run(
 def _board(cfg: SimConfig, out: Path | None, result: RunResult) -> list | None:
     """``[TensorBoardLog, next global step]`` for ``--report-to tensorboard`` (None otherwise);
     round 0 (and the rounds of a resumed run) logged."""
-    if cfg.report_to != "tensorboard":
+    if cfg.report_to != "tensorboard" or out is None:
         return None
-    if out is None:
-        raise ConfigError("--report-to tensorboard needs an output folder (--out)")
     from fedlora.simulate.steplog import TensorBoardLog
 
     board = TensorBoardLog(out)

@@ -34,7 +34,7 @@ CKPT_DIGEST_KEY = "fedlora_sha256"
 CKPT_FORMAT = 2
 #: The two-file checkpoint of format 1 (tensors and JSON replaced one after the other).
 LEGACY_CKPT_JSON = "checkpoint.json"
-REPORTS = ("metrics.json", "metrics.csv", "curves.png", "samples.jsonl")
+REPORTS = ("metrics.json", "metrics.csv", "curves.png", "samples.jsonl", "steps.csv")
 OUTPUT_NAMES = (CKPT, *REPORTS)
 _PROBE = "fedlora-probe"
 _TMP_SUFFIX = ".tmp"
