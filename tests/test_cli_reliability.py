@@ -220,6 +220,7 @@ def test_umask_respected_and_no_temp_files(tiny_bert_dir, tmp_path, capsys):
         "curves.png",
         "metrics.csv",
         "metrics.json",
+        "steps.csv",
     ]
     for p in out.iterdir():
         assert p.stat().st_mode & 0o777 == 0o644, (p.name, oct(p.stat().st_mode))
@@ -248,6 +249,7 @@ def test_runs_without_matplotlib(tiny_bert_dir, tmp_path, capsys, monkeypatch):
         "config.toml",
         "metrics.csv",
         "metrics.json",
+        "steps.csv",
     ]
 
 

@@ -210,6 +210,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         default=d.max_new_tokens,
         help="sft: length limit of a generated answer",
     )
+    _add_training_options(p, d)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_method_options(p)
     p.add_argument(
@@ -280,6 +281,80 @@ def _method_options(given: dict, methods: list[str]) -> dict[str, dict]:
             )
     own = {m: {o.name for o in get_method(m).options} for m in methods}
     return {m: {k: v for k, v in given.items() if k in own[m]} for m in methods}
+
+
+def _add_training_options(p: argparse.ArgumentParser, d: SimConfig) -> None:
+    """The local loop's knobs, its memory bounds, evaluation interval and logging."""
+    from fedlora.local import LR_SCHEDULERS
+    from fedlora.simulate.config import REPORT_TO
+
+    g = p.add_argument_group("training knobs")
+    g.add_argument(
+        "--lr-scheduler",
+        default=d.lr_scheduler,
+        help=f"learning-rate schedule over each client's local steps of a round "
+        f"(transformers' get_scheduler): {', '.join(LR_SCHEDULERS)} (default: %(default)s)",
+    )
+    g.add_argument(
+        "--warmup-steps", type=int, default=d.warmup_steps, help="warmup steps (default: 0)"
+    )
+    g.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=d.warmup_ratio,
+        help="warmup as a share of the local steps (default: 0; give this or --warmup-steps)",
+    )
+    g.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=d.max_grad_norm,
+        help="clip each client's gradient to this norm (default: no clipping)",
+    )
+    g.add_argument(
+        "--grad-accum",
+        type=int,
+        default=d.grad_accum,
+        help="micro-batches per batch whose gradients add up before one step; must divide "
+        "--batch-size (default: 1)",
+    )
+    g.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=d.lora_dropout,
+        help="dropout on the adapter input while training, seeded (default: 0)",
+    )
+    g.add_argument(
+        "--max-tokens-per-pass",
+        type=int,
+        default=d.max_tokens_per_pass,
+        help="batched engine: most tokens (sequences x width) in one forward/backward; a "
+        "round's clients run in passes under it (default 0 = automatic: one client per pass on "
+        "CPU, from the free memory on CUDA)",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the frozen model's block activations in the backward pass (less "
+        "memory, more time)",
+    )
+    g.add_argument(
+        "--quantize",
+        default=d.quantize,
+        help="sft: the frozen base's linear layers in none, 4bit (NF4) or 8bit (LLM.int8()) "
+        "through bitsandbytes, QLoRA (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="evaluate the global model every N rounds and after the last (default: 1)",
+    )
+    g.add_argument(
+        "--report-to",
+        default=d.report_to,
+        help=f"also log to: {', '.join(REPORT_TO)} (tensorboard: OUT/tensorboard; default: "
+        "%(default)s)",
+    )
 
 
 def _config(args: argparse.Namespace, method: str, options: dict | None = None) -> SimConfig:

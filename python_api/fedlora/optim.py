@@ -90,10 +90,45 @@ class SlotAdamW:
             p.grad = None
 
     @torch.no_grad()
-    def step(self, active: torch.Tensor) -> None:
+    def clip_grad_norm_(self, max_norm: float, slots: torch.Tensor) -> torch.Tensor:
+        """Clip each of ``slots``' (``[C]`` bool) gradient to total norm ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` over that slot's parameters alone (the 2-norm of the
+        per-tensor norms; factor ``max_norm / (norm + 1e-6)`` when below 1). Each slot's norm is
+        computed from its own rows only, so a slot's clipping does not depend on the others.
+        Returns the per-slot norms before clipping (0 for slots not given)."""
+        norms = torch.zeros(self.num_slots, dtype=torch.float32)
+        grads = [p.grad for p, *_ in self.entries if p.grad is not None]
+        for c in torch.nonzero(slots.cpu()).flatten().tolist():
+            if not grads:
+                break
+            per = torch.stack([torch.linalg.vector_norm(g[c].float()) for g in grads])
+            norm = torch.linalg.vector_norm(per)
+            norms[c] = norm.cpu()
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g[c].mul_(coef.to(g.dtype))
+        return norms
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor, lr: float | list[float] | None = None) -> None:
+        """One step of the ``active`` slots; ``lr``: one learning rate, or one per slot (a
+        schedule at each slot's own step), default the optimizer's."""
         active = active.to(self.steps.device).bool()
         self.steps += active.long()
-        act = active[:, None]
+        lrs = [self.lr] * self.num_slots if lr is None else lr
+        if isinstance(lrs, (int, float)):
+            lrs = [float(lrs)] * self.num_slots
+        if len(lrs) != self.num_slots:
+            raise ValueError(f"lr: one value per slot ({self.num_slots}), got {len(lrs)}")
+        groups: dict[float, list[int]] = {}
+        for c in torch.nonzero(active.cpu()).flatten().tolist():
+            groups.setdefault(float(lrs[c]), []).append(c)
+        for value, members in groups.items():
+            act = torch.zeros_like(active)
+            act[members] = True
+            self._step(act[:, None], value)
+
+    def _step(self, act: torch.Tensor, lr: float) -> None:
         for (p, view, rank_dim, comp), (m, v) in zip(self.entries, self.state, strict=True):
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             mask = comp() & act
@@ -103,7 +138,7 @@ class SlotAdamW:
                 view(m),
                 view(v),
                 mask,
-                lr=self.lr,
+                lr=lr,
                 betas=self.betas,
                 eps=self.eps,
                 weight_decay=self.weight_decay,

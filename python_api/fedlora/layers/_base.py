@@ -189,7 +189,12 @@ class AdapterLayer(SegmentRouting, nn.Module):
     Subclasses provide :meth:`adapter_output` and :meth:`delta_weight`. The base layer's
     parameters are frozen. Batched simulation sets per-call segments with :meth:`set_segments`
     (rows ``seg_offsets[t]:seg_offsets[t+1]`` of the flattened input use slot ``seg_adapter[t]``).
+    ``lora_dropout``: dropout on the adapter's input (not the base's) while the layer is in
+    training mode, as PEFT's ``lora_dropout`` (``fedlora.local`` sets it for its loop).
     """
+
+    #: dropout probability on the adapter input in training mode (0: none)
+    lora_dropout: float = 0.0
 
     def __init__(self, base: nn.Module, num_clients: int = 1) -> None:
         super().__init__()
@@ -276,6 +281,8 @@ class AdapterLayer(SegmentRouting, nn.Module):
         y = self.base_layer(x)
         if self.merged:
             return y
+        if self.lora_dropout and self.training:
+            x = nn.functional.dropout(x, self.lora_dropout, training=True)
         return self.add_adapter(x, y)
 
     # ---------------------------------------------------------------- merging
@@ -290,6 +297,11 @@ class AdapterLayer(SegmentRouting, nn.Module):
 
     def _add_to_base(self, delta: torch.Tensor) -> None:
         w = self.base_layer.weight
+        if not w.is_floating_point():  # a bitsandbytes 4-/8-bit base: dequantize, add, requantize
+            from fedlora.quantize import dense_weight, set_dense_weight
+
+            set_dense_weight(self.base_layer, dense_weight(self.base_layer) + delta.float())
+            return
         if self.fan_in_fan_out:
             delta = delta.T
         with torch.no_grad():

@@ -38,10 +38,16 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 _LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
                  "max_generate": 16, "max_new_tokens": 32, "init_adapter": None,
                  "method_options": {}, "system_prompt": None, "data_split": None,
-                 "data_columns": None}  # fmt: skip
+                 "data_columns": None, "lr_scheduler": "constant", "warmup_steps": 0,
+                 "warmup_ratio": 0.0, "max_grad_norm": None, "grad_accum": 1,
+                 "lora_dropout": 0.0, "eval_every": 1, "quantize": "none"}  # fmt: skip
 #: method options that predate per-method options and stay config fields (their spec, checks and
 #: flags come from the owning method, :attr:`fedlora.methods.Method.options`)
 OPTION_FIELDS = ("heads", "head_score", "hafl_score_steps", "hafl_mode")
+#: fields that change how a run computes or logs, never what it computes (up to the last bits):
+#: left out of the fingerprint, so a run may resume under another memory budget or logger
+_HOW_FIELDS = ("device", "max_tokens_per_pass", "gradient_checkpointing", "report_to")
+REPORT_TO = ("none", "tensorboard")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
 MAX_SEED = 2**32 - 1  # numpy's and the per-round key's range
 MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
@@ -74,13 +80,20 @@ class SimConfig:
     (:mod:`fedlora.simulate.devices`); ``max_generate`` / ``max_new_tokens``: the SFT test
     prompts answered greedily each round and the answers' length limit. ``init_adapter``: a PEFT
     LoRA folder the run starts from (:func:`fedlora.export.peft_adapter_state`; None: the
-    method's own initialisation).
-    prompts answered greedily each round and the answers' length limit. ``system_prompt``
+    method's own initialisation). ``system_prompt``
     (sft) is a system message put first in every conversation, through the chat template, in
     training and in evaluation (examples with their own system turn keep it).
     ``data_split`` and ``data_columns`` (sft) read a local Hugging Face dataset or a user file:
     the split to use, and which column holds each field (``{"instruction": "question"}``;
     :data:`fedlora.data.COLUMN_FIELDS`).
+
+    Training knobs (:class:`fedlora.local.TrainOptions`): ``lr_scheduler`` with
+    ``warmup_steps`` / ``warmup_ratio`` (per client over its local steps of a round),
+    ``max_grad_norm`` (None: no clipping), ``grad_accum`` (micro-batches per batch),
+    ``lora_dropout``; ``max_tokens_per_pass`` (0: automatic) and ``gradient_checkpointing``
+    bound the memory. ``eval_every``: evaluate every N-th round (and the last); ``report_to``:
+    ``none`` or ``tensorboard`` (event files in ``OUT/tensorboard``). ``quantize``: ``none``,
+    ``4bit`` or ``8bit`` frozen base (QLoRA, :mod:`fedlora.quantize`; ``--task sft``).
     """
 
     task: str = "classify"
@@ -117,6 +130,17 @@ class SimConfig:
     system_prompt: str | None = None
     data_split: str | None = None
     data_columns: dict[str, str] | None = None
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    max_grad_norm: float | None = None
+    grad_accum: int = 1
+    lora_dropout: float = 0.0
+    max_tokens_per_pass: int = 0
+    gradient_checkpointing: bool = False
+    eval_every: int = 1
+    report_to: str = "none"
+    quantize: str = "none"
 
     def __post_init__(self) -> None:
         if self.lr is None and isinstance(self.method, str) and self.method in names():
@@ -124,6 +148,19 @@ class SimConfig:
         for name, value in TASK_DEFAULTS.get(self.task, {}).items():
             if getattr(self, name) is None:
                 setattr(self, name, list(value) if isinstance(value, list) else value)
+
+    def train_options(self) -> dict[str, Any]:
+        """The knobs of :func:`fedlora.local.train_slots` (keyword arguments)."""
+        return {
+            "lr_scheduler": self.lr_scheduler,
+            "warmup_steps": self.warmup_steps,
+            "warmup_ratio": float(self.warmup_ratio),
+            "max_grad_norm": None if self.max_grad_norm is None else float(self.max_grad_norm),
+            "grad_accum": self.grad_accum,
+            "lora_dropout": float(self.lora_dropout),
+            "max_tokens_per_pass": self.max_tokens_per_pass or None,
+            "gradient_checkpointing": self.gradient_checkpointing,
+        }
 
     def client_options(self) -> ClientOptions:
         """The settings the method's client side reads (:class:`fedlora.methods.ClientOptions`),
@@ -238,6 +275,7 @@ class SimConfig:
                     f"--{name.replace('_', '-')} {max(value)} exceeds the global rank --rank "
                     f"({self.rank})"
                 )
+        self._validate_knobs()
         parse_budgets(self)
         return self
 
@@ -283,6 +321,65 @@ class SimConfig:
             if given:
                 raise ConfigError(f"{_opt(given[0])} applies to --task sft only")
 
+    def _validate_knobs(self) -> None:
+        """The training knobs, logging and memory options (see the class docstring)."""
+        from fedlora.local import LR_SCHEDULERS
+
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(
+                f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}; "
+                f"got {self.lr_scheduler!r}"
+            )
+        _check_int("warmup_steps", self.warmup_steps, 0, MAX_COUNT)
+        _check_float("warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("--warmup-steps and --warmup-ratio: give one of them, not both")
+        if self.max_grad_norm is not None:
+            _check_float("max_grad_norm", self.max_grad_norm, 0.0, math.inf, low_open=True)
+        _check_int("grad_accum", self.grad_accum, 1, MAX_COUNT)
+        if isinstance(self.batch_size, int) and self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"--grad-accum {self.grad_accum} does not divide --batch-size {self.batch_size}: "
+                "each micro-batch must hold the same number of examples"
+            )
+        _check_float("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        if self.lora_dropout >= 1.0:
+            raise ConfigError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout:g}")
+        _check_int("max_tokens_per_pass", self.max_tokens_per_pass, 0)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(
+                f"--gradient-checkpointing must be true or false, got {self.gradient_checkpointing!r}"
+            )
+        _check_int("eval_every", self.eval_every, 1, MAX_COUNT)
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(
+                f"--report-to must be one of {', '.join(REPORT_TO)}; got {self.report_to!r}"
+            )
+        from fedlora.quantize import QUANTIZE
+
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(
+                f"--quantize must be one of {', '.join(QUANTIZE)}; got {self.quantize!r}"
+            )
+        if self.quantize != "none" and self.task != "sft":
+            raise ConfigError(f"--quantize {self.quantize}: only --task sft has a quantized base")
+        if self.quantize != "none":
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError(
+                    f"--quantize {self.quantize}: the bitsandbytes package is not installed "
+                    "(pip install 'fedlora-kernels[qlora]')"
+                )
+        if self.report_to == "tensorboard":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError(
+                    "--report-to tensorboard: the tensorboard package is not installed "
+                    "(pip install 'fedlora-kernels[tensorboard]')"
+                )
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -299,7 +396,8 @@ class SimConfig:
         a finished run may be resumed for more rounds)."""
         data = self.to_json()
         data.pop("rounds")
-        data.pop("device")  # a run may resume on another device (the last bits may differ)
+        for name in _HOW_FIELDS:  # e.g. another device: the last bits may differ
+            data.pop(name, None)
         for name, default in _LATER_FIELDS.items():
             if data.get(name) == default:
                 data.pop(name)

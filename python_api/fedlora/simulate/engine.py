@@ -112,6 +112,12 @@ class _Taken:
         return self.data.take(self.batches[i])
 
 
+class Uploads(list):
+    """``(state, meta)`` uploads of a group, with each client's per-step training losses."""
+
+    step_losses: list[list[float]]
+
+
 def train_group(
     model: nn.Module,
     rule: Client,
@@ -122,7 +128,9 @@ def train_group(
     task: Task | None = None,
 ) -> tuple[list[tuple[dict, dict]], list[float]]:
     """Train ``jobs`` together, client ``i`` in slot ``i`` (:func:`fedlora.local.train_slots`
-    with the task's loss); return ``(state, meta)`` uploads and each client's last loss."""
+    with the task's loss and the config's training knobs); return ``(state, meta)`` uploads
+    (an :class:`Uploads`, which also holds each client's per-step losses) and each client's
+    last loss."""
     task = task or get_task(cfg.task)
     results = local.train_slots(
         model,
@@ -133,8 +141,11 @@ def train_group(
         weight_decay=cfg.weight_decay,
         round_idx=round_idx,
         on_step=lambda done, total: tick(),
+        **cfg.train_options(),
     )
-    return [(r.state, r.meta) for r in results], [r.metrics["train_loss"] for r in results]
+    uploads = Uploads((r.state, r.meta) for r in results)
+    uploads.step_losses = [list(r.step_losses) for r in results]
+    return uploads, [r.metrics["train_loss"] for r in results]
 
 
 @torch.no_grad()
@@ -192,6 +203,8 @@ def run(
     cfg.validate()
     if out_dir is not None and not str(out_dir).strip():
         raise ConfigError("--out must name a directory, got ''")
+    if cfg.report_to != "none" and out_dir is None:
+        raise ConfigError(f"--report-to {cfg.report_to} needs an output folder (--out)")
     out = Path(out_dir).expanduser() if out_dir is not None else None
     result = RunResult(cfg)
     ckpt = None
@@ -247,13 +260,56 @@ def run(
         side=s.rule,
     )
     server.restore(global_state, result.rounds[-1] if result.rounds else None)
+    board = _board(cfg, out, result)
+    try:
+        _rounds(cfg, s, server, result, out, start_round, plot, progress, log, board, record)
+    finally:
+        if board is not None:
+            board[0].close()
+    return result
+
+
+def _board(cfg: SimConfig, out: Path | None, result: RunResult) -> list | None:
+    """``[TensorBoardLog, next global step]`` for ``--report-to tensorboard`` (None otherwise);
+    round 0 (and the rounds of a resumed run) logged."""
+    if cfg.report_to != "tensorboard" or out is None:
+        return None
+    from fedlora.simulate.steplog import TensorBoardLog
+
+    board = TensorBoardLog(out)
+    step = 0
+    for row in ([{"round": 0, **result.initial}] if result.initial else []) + result.rounds:
+        step = board.log_round(row, step)
+    return [board, step]
+
+
+def _rounds(
+    cfg: SimConfig,
+    s: _Setup,
+    server: rounds.Server,
+    result: RunResult,
+    out: Path | None,
+    start_round: int,
+    plot: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    board: list | None,
+    record: dict[str, Any],
+) -> None:
+    """Rounds ``start_round`` to the last: train, aggregate, evaluate, write the outputs
+    (``record``: what the checkpoint header keeps for ``fedlora export``)."""
+    from fedlora.simulate.steplog import write_steps
+
+    model = s.model
+    global_state = server.global_state
     bar = RunProgress(round_steps(cfg, s.rule, s.budgets), start_round, enabled=progress, log=log)
     for r in range(start_round, cfg.rounds):
         bar.round_start(r)
         global_state, row = _federated_round(r, cfg, s, server)
         result.rounds.append(row)
+        line = s.task.round_line(row) if evaluated(cfg, r) else "(not evaluated: --eval-every)"
         bar.write(
-            f"round {r + 1:3d}/{cfg.rounds}  {s.task.round_line(row)}  "
+            f"round {r + 1:3d}/{cfg.rounds}  {line}  "
             f"agg-err {row['aggregation_error']:.2e}  up {row['bytes_up'] / 2**20:.2f} MiB  "
             f"down {row['bytes_down'] / 2**20:.2f} MiB  {row['seconds']:.1f}s"
         )
@@ -268,9 +324,11 @@ def run(
                 data=result.data,
                 resolved=record,
             )
+            write_steps(out, result.rounds)
+        if board is not None:
+            board[1] = board[0].log_round(row, board[1])
     bar.close()
     result.global_state = global_state
-    return result
 
 
 def _federated_round(
@@ -291,11 +349,12 @@ def _federated_round(
         batches = client_batches(s.parts[k], cfg.batch_size, steps, cfg.seed, r, k)
         jobs.append(ClientJob(k, d.budget, batches, d.state, d.seed))
     groups = [jobs] if cfg.engine == "batched" else [[j] for j in jobs]
-    uploads, losses = [], []
+    uploads, losses, steps = [], [], []
     for group in groups:
         ups, ls = train_group(model, rule, group, s.train, cfg, r, s.task)
         uploads += ups
         losses += ls
+        steps += getattr(ups, "step_losses", None) or [[x] for x in ls]
     replies = [
         rounds.Reply(j.client, state, s.weights[j.client], meta)
         for j, (state, meta) in zip(jobs, uploads, strict=True)
@@ -308,7 +367,10 @@ def _federated_round(
         # FLoRA / FedEx-LoRA: fold the server's merge instructions into the shared frozen base
         server.global_state = apply_base_merges(model, outcome.state)
     global_state = server.global_state
-    metrics = evaluate_global(model, s.task, global_state, s.test, cfg)
+    if evaluated(cfg, r):
+        metrics = evaluate_global(model, s.task, global_state, s.test, cfg)
+    else:  # --eval-every: a round between evaluations
+        metrics = {c: float("nan") for c in s.task.columns}
     used = agg.get("clients_used", len(replies))
     states = [u[0] for u in uploads]
     row = {
@@ -321,6 +383,10 @@ def _federated_round(
         "clients_used": int(len(used) if isinstance(used, list) else used),
         "rejected": agg.get("rejected", []),
         "seconds": time.perf_counter() - t0,
+        # each client's training loss per local step (steps.csv, TensorBoard)
+        "step_losses": {
+            str(j.client): [float(x) for x in h] for j, h in zip(jobs, steps, strict=True)
+        },
     }
     if cfg.clients_per_round is not None:
         row["sampled"] = sampled
@@ -332,6 +398,12 @@ def _federated_round(
     return global_state, row
 
 
+def evaluated(cfg: SimConfig, r: int) -> bool:
+    """Whether round ``r`` (0-based) evaluates the global model: every ``--eval-every``-th round
+    and the last one."""
+    return (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
+
+
 BASE_SUFFIX = ".base_layer.weight"
 
 
@@ -339,8 +411,13 @@ def _changed_bases(model: nn.Module, cfg: SimConfig) -> dict[str, torch.Tensor]:
     """Frozen base weights that the run has changed (FLoRA, FedEx-LoRA), for the checkpoint."""
     if not get_method(cfg.method).changes_base:
         return {}
+    from fedlora.quantize import dense_weight, is_quantized
+
     return {
-        f"{p}{BASE_SUFFIX}": m.base_layer.weight.detach().clone() for p, m in adapter_layers(model)
+        f"{p}{BASE_SUFFIX}": dense_weight(m.base_layer).to(m.base_layer.weight.device)
+        if is_quantized(m.base_layer)
+        else m.base_layer.weight.detach().clone()
+        for p, m in adapter_layers(model)
     }
 
 
@@ -350,8 +427,14 @@ def _restore_bases(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     rest = {}
     for key, value in state.items():
         if key.endswith(BASE_SUFFIX):
+            base = layers[key[: -len(BASE_SUFFIX)]].base_layer
+            from fedlora.quantize import is_quantized, set_dense_weight
+
+            if is_quantized(base):
+                set_dense_weight(base, value)
+                continue
             with torch.no_grad():
-                layers[key[: -len(BASE_SUFFIX)]].base_layer.weight.copy_(value)
+                base.weight.copy_(value)
         else:
             rest[key] = value
     return rest

@@ -45,7 +45,7 @@ CKPT_DIGEST_KEY = "fedlora_sha256"
 CKPT_FORMAT = 2
 #: The two-file checkpoint of format 1 (tensors and JSON replaced one after the other).
 LEGACY_CKPT_JSON = "checkpoint.json"
-REPORTS = ("metrics.json", "metrics.csv", "curves.png", "samples.jsonl")
+REPORTS = ("metrics.json", "metrics.csv", "curves.png", "samples.jsonl", "steps.csv")
 OUTPUT_NAMES = (CKPT, *REPORTS)
 _PROBE = "fedlora-probe"
 _TMP_SUFFIX = ".tmp"
@@ -672,7 +672,7 @@ def write_reports(
     if samples:
         _atomic_write_bytes(out / "samples.jsonl", ("\n".join(samples) + "\n").encode())
     if plot:
-        plot_curves({cfg.method: rows}, out / "curves.png", task.panels)
+        plot_curves({cfg.method: rows}, out / "curves.png", (*task.panels, TRAIN_LOSS_PANEL))
 
 
 def write_outputs(
@@ -693,6 +693,8 @@ def write_outputs(
     write_reports(out, cfg, rounds, plot=plot, initial=initial, data=data)
 
 
+#: curves.png's last panel: the round mean of the clients' training loss (steps.csv has each step)
+TRAIN_LOSS_PANEL = (("train_loss", "train loss"),)
 CLASSIFY_PANELS = ((("test_accuracy", "test accuracy"),), (("test_loss", "test loss"),))
 
 

@@ -92,6 +92,8 @@ def setup_run(
         per_round = cfg.clients_per_round or cfg.clients
         num_slots = per_round if cfg.engine == "batched" else 1
     preloaded = shared.get("model") if shared else None
+    if cfg.quantize != "none":
+        preloaded = _quantized_model(cfg, preloaded, log)
     model, tokenizer = task.build_model(cfg, dataset, num_slots, rule, preloaded)
     train = task.encode(tokenizer, dataset.train, cfg)
     test = task.encode(tokenizer, dataset.test, cfg, test=True)
@@ -104,3 +106,28 @@ def setup_run(
         stats = getattr(enc, "stats", None)
         data[split] = dict(stats) if stats else {"examples": len(enc)}
     return RunSetup(task, method, rule, budgets, model, train, test, parts, weights, data)
+
+
+def _quantized_model(cfg: SimConfig, preloaded: Any, log: Callable[[str], None]) -> Any:
+    """``--quantize``: the causal LM (``preloaded`` or loaded) with its decoder blocks' linear
+    layers in 4/8 bits (:func:`fedlora.quantize.quantize_base`), for the task to inject into;
+    the backend is tried on a tiny layer before the model loads."""
+    from fedlora.models import load_causal_lm
+    from fedlora.quantize import check_backend, quantize_base
+    from fedlora.simulate.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    try:
+        check_backend(cfg.quantize, device, dtype)
+    except ValueError as err:
+        raise ConfigError(f"--quantize {cfg.quantize}: {err}") from None
+    if preloaded is None:
+        try:
+            preloaded = load_causal_lm(cfg.model or "smollm2", dtype=dtype)
+        except (ImportError, OSError, ValueError) as err:
+            raise ConfigError(f"--model: {err}") from None
+    lm, tokenizer = preloaded
+    n = quantize_base(lm, cfg.quantize, dtype, device)
+    log(f"quantize: {n} linear layers of the frozen base in {cfg.quantize} (bitsandbytes)")
+    return lm, tokenizer
