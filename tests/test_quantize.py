@@ -98,7 +98,7 @@ def test_the_model_is_quantized_under_the_adapters(tiny_llm_dir):
     _cpu_backend("4bit")
     from fedlora.layers._base import AdapterLayer
     from fedlora.models import load_causal_lm
-    from fedlora.simulate.engine import _quantized_model
+    from fedlora.simulate.setup import _quantized_model
 
     cfg = llm(tiny_llm_dir, quantize="4bit")
     lm, _ = _quantized_model(cfg, load_causal_lm(tiny_llm_dir), lambda s: None)

@@ -471,7 +471,7 @@ def _run_pass(
             torch.manual_seed(units[0].seed)
         route_segments(model, torch.tensor(offsets), slots, rank_mask)
         if segment:
-            segs = loss.segment_losses(model, loss.cat(parts).to(device), offsets)
+            segs = loss.segment_losses(model, _to(loss.cat(parts), device), offsets)
         else:
             segs = [loss(model, _to(parts[0], device))]
         segs = [_check_loss(s, first) for s in segs]
