@@ -39,13 +39,12 @@ from fedlora.methods import option_owners
 from fedlora.simulate.config import (
     ENGINES,
     OPTION_FIELDS,
-    TASK_DEFAULTS,
-    TASKS,
     ConfigError,
     SimConfig,
     parse_columns,
 )
 from fedlora.simulate.devices import DTYPES
+from fedlora.simulate.tasks import task_names, task_spec
 
 _DEFAULTS = SimConfig()
 
@@ -79,9 +78,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--task",
         default=d.task,
-        choices=list(TASKS),
-        help="classify (an encoder, a label head: the default) or sft (instruction tuning of "
-        "a causal LM)",
+        choices=list(task_names()),
+        help="; ".join(f"{t}: {task_spec(t).summary}" for t in task_names()),
     )
     p.add_argument(
         "--clients", type=int, default=d.clients, help="number of clients (default %(default)s)"
@@ -374,7 +372,7 @@ def _config(args: argparse.Namespace, method: str, options: dict | None = None) 
 
 def _task_defaults(name: str) -> str:
     """``"classify X, sft Y"``: a task-dependent default for the help text."""
-    return ", ".join(f"{task} {TASK_DEFAULTS[task][name]}" for task in TASKS)
+    return ", ".join(f"{t} {task_spec(t).defaults[name]}" for t in task_names())
 
 
 class _StreamHandler(logging.StreamHandler):
@@ -420,12 +418,9 @@ def _progress_logs() -> Iterator[None]:
 
 def _start_line(cfg: SimConfig, out: str) -> str:
     """What a run loads, said before it loads it."""
-    if cfg.task == "sft":
-        model = cfg.model or "smollm2 (the embedded SmolLM2-135M-Instruct)"
-        data = cfg.data or "arithmetic"
-    else:
-        model = cfg.model or "the embedded all-MiniLM-L6-v2"
-        data = cfg.data or "the standard-library topics"
+    spec = task_spec(cfg.task)
+    model = cfg.model or spec.embedded_model
+    data = cfg.data or spec.embedded_data
     return (
         f"fedlora: {cfg.method} on --task {cfg.task}: loading model {model} and data {data}; "
         f"{cfg.clients} clients, {cfg.rounds} rounds, outputs in {out}"
@@ -443,9 +438,8 @@ def _simulate(args: argparse.Namespace) -> int:
     print(_start_line(cfg, args.out), flush=True)
     result = run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     last = result.rounds[-1] if result.rounds else result.initial or {}
-    metric, label = (
-        ("test_accuracy", "test accuracy") if cfg.task == "classify" else ("rouge_l", "ROUGE-L")
-    )
+    spec = task_spec(cfg.task)
+    metric, label = spec.metric, spec.metric_label
     print(
         f"done: {cfg.method} final {label} {last.get(metric, float('nan')):.3f}"
         f"; outputs in {args.out}"

@@ -314,14 +314,14 @@ def _matched_compute(cfg: SimConfig) -> SimConfig:
 
 def _hidden_size(cfg: SimConfig) -> int:
     """The width of the target layers (the model's hidden size) without loading weights: the
-    ``--model`` folder's config, the embedded encoder's for ``classify``, and SmolLM2-135M's
-    (576, `fedlora.testing.SMOLLM2_135M`) for the embedded LLM of ``sft``."""
-    from fedlora.models import DEFAULT_LLM
+    ``--model`` folder's config, or the task's embedded model's (``TaskSpec.embedded_hidden_size``
+    where the task knows it without loading, e.g. SmolLM2-135M's 576; else its config)."""
+    from fedlora.simulate.tasks import task_spec
 
-    if cfg.task == "sft" and (cfg.model is None or str(cfg.model) == DEFAULT_LLM):
-        from fedlora.testing import SMOLLM2_135M
-
-        return int(SMOLLM2_135M["hidden_size"])
+    spec = task_spec(cfg.task)
+    embedded = cfg.model is None or str(cfg.model) in spec.model_names
+    if embedded and spec.embedded_hidden_size is not None:
+        return spec.embedded_hidden_size
     import transformers
 
     try:

@@ -22,17 +22,6 @@ from fedlora.methods import get as get_method
 from fedlora.simulate.errors import ConfigError
 
 ENGINES = ("sequential", "batched")
-TASKS = ("classify", "sft")
-#: per-task defaults of the fields left None (see :meth:`SimConfig.__post_init__`)
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classify": {
-        "lr": 5e-3,
-        "max_length": 32,
-        "max_test": 256,
-        "target_modules": ["query", "value"],
-    },
-    "sft": {"lr": 1e-3, "max_length": 256, "max_test": 64, "target_modules": None},
-}
 #: fields added after checkpoints were first written: left out of the fingerprint at these
 #: values, so runs checkpointed before they existed still resume
 _LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
@@ -54,6 +43,12 @@ MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("TASKS", "TASK_DEFAULTS"):  # views of the task registry
+        from fedlora.simulate.tasks import task_names, task_spec
+
+        if name == "TASKS":
+            return task_names()
+        return {t: dict(task_spec(t).defaults) for t in task_names()}
     if name == "METHODS":  # a view of the method registry (fedlora.methods.names)
         return names()
     if name in ("HEAD_SCORES", "HAFL_MODES"):  # views of the owning methods' option specs
@@ -68,7 +63,7 @@ class SimConfig:
 
     ``task`` is ``classify`` (an encoder and a label head) or ``sft`` (instruction tuning of a
     causal LM); ``lr``, ``max_length``, ``max_test`` and ``target_modules`` left None take the
-    task's defaults (:data:`TASK_DEFAULTS`; ``target_modules`` None for ``sft`` means the
+    task's defaults (:attr:`fedlora.simulate.tasks.TaskSpec.defaults`; ``target_modules`` None for ``sft`` means the
     model family's default projections). ``max_test`` 0 evaluates the whole test split.
     ``lr`` None takes the method's default for the task (:attr:`fedlora.methods.Method.default_lr`)
     before the task's. ``method_options``: the method's own options by name (PreLort's
@@ -145,7 +140,10 @@ class SimConfig:
     def __post_init__(self) -> None:
         if self.lr is None and isinstance(self.method, str) and self.method in names():
             self.lr = get_method(self.method).default_lr.get(self.task)
-        for name, value in TASK_DEFAULTS.get(self.task, {}).items():
+        from fedlora.simulate.tasks import task_names, task_spec
+
+        defaults = task_spec(self.task).defaults if self.task in task_names() else {}
+        for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, list(value) if isinstance(value, list) else value)
 
@@ -217,8 +215,11 @@ class SimConfig:
             v = getattr(self, name)
             if not isinstance(v, str):
                 raise ConfigError(f"{_opt(name)} must be a string, got {v!r}")
-        if self.task not in TASKS:
-            raise ConfigError(f"--task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        from fedlora.simulate.tasks import task_names, task_spec
+
+        if self.task not in task_names():
+            raise ConfigError(f"--task must be one of {', '.join(task_names())}; got {self.task!r}")
+        spec = task_spec(self.task)
         from fedlora.simulate.devices import DTYPES, check_device_name
 
         check_device_name(self.device)
@@ -256,8 +257,8 @@ class SimConfig:
             "dirichlet_alpha", self.dirichlet_alpha, 0.0, math.inf, low_open=True, allow_inf=True
         )
         tm = self.target_modules
-        if tm is None and self.task == "sft":
-            tm = ["(model default)"]
+        if tm is None and spec.defaults.get("target_modules", ()) is None:
+            tm = ["(model default)"]  # the model family's projections
         if isinstance(tm, str) or not isinstance(tm, (list, tuple)):
             raise ConfigError(f"--target-modules must be a list of module names, got {tm!r}")
         if not tm or not all(isinstance(t, str) and t.strip() for t in tm):
@@ -265,7 +266,7 @@ class SimConfig:
         dup = sorted({t for t in tm if list(tm).count(t) > 1})
         if dup:
             raise ConfigError(f"--target-modules names {', '.join(dup)} more than once")
-        _check_path("model", self.model, want_dir=True, names=("smollm2",) * (self.task == "sft"))
+        _check_path("model", self.model, want_dir=True, names=spec.model_names)
         self._check_data()
         _check_path("init_adapter", self.init_adapter, want_dir=True)
         values = self.option_values()
@@ -283,8 +284,9 @@ class SimConfig:
         """``data`` (a file, or for sft also a built-in set, a ``reasoning_gym:`` spec or a
         dataset folder), ``system_prompt``, ``data_split`` and ``data_columns``."""
         from fedlora.data import BUILTIN_SETS, COLUMN_FIELDS, REASONING_GYM_PREFIX
+        from fedlora.simulate.tasks import task_spec
 
-        sft = self.task == "sft"
+        sft = task_spec(self.task).causal_lm  # the LLM data forms and options
         if sft and isinstance(self.data, str) and self.data.startswith(REASONING_GYM_PREFIX):
             from fedlora.data import reasoning_gym_tasks
 
@@ -361,8 +363,13 @@ class SimConfig:
             raise ConfigError(
                 f"--quantize must be one of {', '.join(QUANTIZE)}; got {self.quantize!r}"
             )
-        if self.quantize != "none" and self.task != "sft":
-            raise ConfigError(f"--quantize {self.quantize}: only --task sft has a quantized base")
+        from fedlora.simulate.tasks import task_spec
+
+        if self.quantize != "none" and not task_spec(self.task).causal_lm:
+            raise ConfigError(
+                f"--quantize {self.quantize}: only a causal-LM task (--task sft) has a "
+                "quantized base"
+            )
         if self.quantize != "none":
             import importlib.util
 

@@ -13,12 +13,116 @@ branch on the task.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-TASKS: tuple[str, ...] = ("classify", "sft")
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What the command line, the configuration and ``fedlora compare`` need to know about a
+    task without importing it (the task object itself is made on demand by :func:`get_task`).
+
+    Attributes:
+        name: ``--task NAME``.
+        factory: ``"module:Class"`` of the task object.
+        summary: one line for the help.
+        defaults: values of the config fields left None (``lr``, ``max_length``, ``max_test``,
+            ``target_modules``; ``target_modules`` None: the model family's default).
+        metric, metric_label: the metric the done line reports.
+        embedded_model: what an unset ``--model`` loads (said in the start line).
+        embedded_data: what an unset ``--data`` loads.
+        model_names: names ``--model`` accepts besides folders (the embedded model's).
+        causal_lm: the task fine-tunes a causal language model: the LLM data forms
+            (built-in instruction sets, ``reasoning_gym:``, dataset folders), ``--system-prompt``,
+            ``--data-split``, ``--data-columns`` and ``--quantize`` apply.
+        embedded_hidden_size: the embedded model's hidden size when known without loading it
+            (``fedlora compare --match comm``), else None (read from the model's config).
+    """
+
+    name: str
+    factory: str
+    summary: str
+    defaults: Mapping[str, Any]
+    metric: str
+    metric_label: str
+    embedded_model: str
+    embedded_data: str
+    model_names: tuple[str, ...] = ()
+    causal_lm: bool = False
+    embedded_hidden_size: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, TaskSpec] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task to the registry (``--task spec.name``); returns it."""
+    if not isinstance(spec, TaskSpec):
+        raise TypeError(f"register_task takes a TaskSpec, got {type(spec).__name__}")
+    if ":" not in spec.factory:
+        raise ValueError(
+            f"task {spec.name!r}: factory must be 'module:Class', got {spec.factory!r}"
+        )
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def task_names() -> tuple[str, ...]:
+    """The registered task names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The :class:`TaskSpec` of ``name``; ValueError listing the known tasks otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"task must be one of {', '.join(_REGISTRY)}; got {name!r}")
+    return _REGISTRY[name]
+
+
+register_task(
+    TaskSpec(
+        name="classify",
+        factory="fedlora.simulate.tasks.classify:ClassifyTask",
+        summary="an encoder and a label head (the default)",
+        defaults={
+            "lr": 5e-3,
+            "max_length": 32,
+            "max_test": 256,
+            "target_modules": ["query", "value"],
+        },
+        metric="test_accuracy",
+        metric_label="test accuracy",
+        embedded_model="the embedded all-MiniLM-L6-v2",
+        embedded_data="the standard-library topics",
+    )
+)
+register_task(
+    TaskSpec(
+        name="sft",
+        factory="fedlora.simulate.tasks.sft:SFTTask",
+        summary="instruction tuning of a causal LM",
+        defaults={"lr": 1e-3, "max_length": 256, "max_test": 64, "target_modules": None},
+        metric="rouge_l",
+        metric_label="ROUGE-L",
+        embedded_model="smollm2 (the embedded SmolLM2-135M-Instruct)",
+        embedded_data="arithmetic",
+        model_names=("smollm2",),
+        causal_lm=True,
+        embedded_hidden_size=576,  # SmolLM2-135M (fedlora.testing.SMOLLM2_135M)
+    )
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TASKS":  # a view of the registry
+        return task_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @runtime_checkable
@@ -74,16 +178,9 @@ class Task(Protocol):
 
 
 def get_task(name: str) -> Task:
-    """The task named ``name`` (one of :data:`TASKS`)."""
-    if name == "classify":
-        from fedlora.simulate.tasks.classify import ClassifyTask
-
-        return ClassifyTask()
-    if name == "sft":
-        from fedlora.simulate.tasks.sft import SFTTask
-
-        return SFTTask()
-    raise ValueError(f"task must be one of {', '.join(TASKS)}; got {name!r}")
+    """The task object of ``name`` (a registered :class:`TaskSpec`), made on demand."""
+    module, cls = task_spec(name).factory.split(":")
+    return getattr(importlib.import_module(module), cls)()
 
 
 def model_device(model: nn.Module) -> torch.device:
