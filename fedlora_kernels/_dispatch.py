@@ -20,9 +20,12 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from fedlora_kernels.segments import RowSegments
 
 BACKENDS = ("triton", "torch", "c")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -301,8 +304,7 @@ class RowsInput(NamedTuple):
 
     x2: torch.Tensor  # [N, d_in]
     lead: torch.Size  # x.shape[:-1]
-    offsets: torch.Tensor  # int64 [S+1] on the device
-    adapter: torch.Tensor  # int64 [S] on the device
+    segs: RowSegments  # validated, planned once per batch (or the one-segment plan)
 
 
 def check_rows_input(x: object) -> torch.Tensor:
@@ -327,9 +329,11 @@ def flatten_rows(
     seg_adapter: torch.Tensor | None,
     num_slots: int,
     device: torch.device,
+    segments: RowSegments | None = None,
 ) -> RowsInput:
-    """``x`` as ``[N, d_in]`` rows with its validated segment description
-    (:func:`check_segments`)."""
+    """``x`` as ``[N, d_in]`` rows with its segment plan (:func:`fedlora_kernels.segments.row_segments`)."""
+    from fedlora_kernels.segments import row_segments
+
     x2 = x.reshape(-1, d_in)
-    offsets, adapter = check_segments(seg_offsets, seg_adapter, x2.shape[0], num_slots, device)
-    return RowsInput(x2, x.shape[:-1], offsets, adapter)
+    segs = row_segments(segments, seg_offsets, seg_adapter, x2.shape[0], num_slots, device)
+    return RowsInput(x2, x.shape[:-1], segs)
