@@ -129,8 +129,6 @@ class RowSegments:
 
     def _unchecked(self, offsets, slots, num_rows, one_slot) -> None:
         self.checked = False
-        if num_rows is None:
-            raise ValueError("num_rows is required for segments whose values cannot be read")
         self.num_segs = offsets.numel() - 1
         self.num_rows = num_rows
         self.offsets_list = self.slots_list = None
@@ -174,16 +172,18 @@ class RowSegments:
             self._slots_t = torch.tensor(self.slots_list, dtype=torch.int64, device=self.device)
         return self._slots_t
 
-    def scaled(self, factor: int) -> RowSegments:
+    def scaled(self, factor: int, *, num_rows: int | None = None) -> RowSegments:
         """The same segments over ``factor`` times as many rows (``[batch, seq, d]`` inputs:
-        offsets count sequences, the kernels count rows)."""
-        if factor == 1:
-            return self
+        offsets count sequences, the kernels count rows). ``num_rows`` is for segments whose
+        values are unknown (meta / traced): the rows they cover."""
         if not self.checked:
             out = RowSegments.__new__(RowSegments)
             out.device, out._tiles, out._owners = self.device, {}, {}
-            out._unchecked(self._offsets_t * factor, self._slots_t, self.num_rows * factor, False)
+            offsets = self._offsets_t * factor if factor != 1 else self._offsets_t
+            out._unchecked(offsets, self._slots_t, num_rows, False)
             return out
+        if factor == 1:
+            return self
         return RowSegments(
             [o * factor for o in self.offsets_list],
             self.slots_list,

@@ -87,15 +87,10 @@ class RavanLinear(AdapterLayer):
             self.lora_H,
             self.lora_s,
             scale=self.scale,
-            seg_offsets=self.row_offsets(x),
-            seg_adapter=self.seg_adapter,
+            segments=self.row_segments(x),
             head_mask=self.head_mask,
             base_out=base_out,
         )
-
-    def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + adapter(x)`` in one fused pass (no adapter-sized temporary on GPU)."""
-        return self.adapter_output(x, base_out=y)
 
     def delta_weight(self, slot: int = 0) -> torch.Tensor:
         """``scale · Σ_i s_i B_i H_i A_i`` of ``slot`` as ``[d_out, d_in]`` float32."""
