@@ -228,7 +228,9 @@ class SegmentRouting:
         plan = self.segment_plan
         if plan is None:
             return None
-        return plan.rows(x, one_slot=self.num_clients == 1)  # type: ignore[attr-defined]
+        segs = plan.rows(x, one_slot=self.num_clients == 1)  # type: ignore[attr-defined]
+        segs.check(x.numel() // x.shape[-1], self.num_clients)  # type: ignore[attr-defined]
+        return segs
 
     def row_offsets(self, x: torch.Tensor) -> torch.Tensor | None:
         """Segment offsets in rows of ``x`` flattened to ``[rows, d]``."""
