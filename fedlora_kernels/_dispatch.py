@@ -337,3 +337,36 @@ def flatten_rows(
     x2 = x.reshape(-1, d_in)
     segs = row_segments(segments, seg_offsets, seg_adapter, x2.shape[0], num_slots, device)
     return RowsInput(x2, x.shape[:-1], segs)
+
+
+def check_base_layer(
+    x: torch.Tensor,
+    d_in: int,
+    d_out: int,
+    base_out: torch.Tensor | None,
+    base_weight: torch.Tensor | None,
+    base_bias: torch.Tensor | None,
+) -> None:
+    """The base layer an adapter op may compute itself: ``base_weight`` ``[d_out, d_in]`` (frozen,
+    ``x``'s dtype) and optional ``base_bias`` ``[d_out]``, never together with ``base_out``."""
+    if base_weight is None:
+        if base_bias is not None:
+            raise ValueError("base_bias needs base_weight")
+        return
+    if base_out is not None:
+        raise ValueError("give base_out (the base layer's output) or base_weight, not both")
+    check_tensor("base_weight", base_weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_shape("base_weight", base_weight, [d_out, d_in])
+    if base_weight.dtype != x.dtype:
+        raise TypeError(
+            f"base_weight must have the dtype of x ({x.dtype}), got {base_weight.dtype}"
+        )
+    if base_weight.requires_grad:
+        raise ValueError(
+            "base_weight must be frozen (requires_grad=False): the op gives it no gradient"
+        )
+    if base_bias is not None:
+        check_tensor("base_bias", base_bias, ndim=1, dtypes=(x.dtype,))
+        check_shape("base_bias", base_bias, [d_out])
+        if base_bias.requires_grad:
+            raise ValueError("base_bias must be frozen (requires_grad=False)")

@@ -158,6 +158,49 @@ def test_fp32_layer_under_autocast_matches_the_reference_path(cls, monkeypatch):
         _close(a, b, torch.bfloat16)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["multihead_lora", "masked_lora"])
+@pytest.mark.parametrize("planned", [False, True], ids=["one-segment", "segments"])
+def test_base_weight_computes_the_whole_layer(op, planned, backend):
+    """With ``base_weight`` the op owns the base GEMM: ``x Wᵀ + b + adapter`` and the whole
+    input gradient ``dy W + adapter's`` (added in the kernel's pass), W and b frozen."""
+    n, d_in, d_out, C = 37, 24, 40, 3
+    x = torch.randn(n, d_in, requires_grad=True)
+    W, b = torch.randn(d_out, d_in) / d_in**0.5, torch.randn(d_out)
+    offs, slots = _segments(n) if planned else ([0, n], [1])
+    segs = fk.RowSegments(offs, slots)
+    if op == "multihead_lora":
+        A, B = torch.randn(2, 3, d_in) / 5, torch.randn(2, d_out, 3) / 2
+        H = torch.randn(C, 2, 3, 3, requires_grad=True)
+        s = (torch.rand(C, 2) + 0.5).requires_grad_(True)
+        params = (H, s)
+
+        def f(**kw):
+            return fk.multihead_lora(x, A, B, H, s, scale=0.5, segments=segs, **kw)
+    else:
+        A = (torch.randn(C, 5, d_in) / 5).requires_grad_(True)
+        B = (torch.randn(C, d_out, 5) / 2).requires_grad_(True)
+        params = (A, B)
+
+        def f(**kw):
+            return fk.masked_lora(x, A, B, scale=0.5, segments=segs, **kw)
+
+    y = f(base_weight=W, base_bias=b, backend=backend)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, *params), g)
+    y_sep = torch.nn.functional.linear(x, W, b) + f(backend="torch")
+    exp = torch.autograd.grad(y_sep, (x, *params), g)
+    _close(y, y_sep, torch.float32)
+    for a, e in zip(got, exp, strict=True):
+        _close(a, e, torch.float32)
+    with pytest.raises(ValueError, match="base_out .* or base_weight, not both"):
+        f(base_weight=W, base_out=y.detach(), backend=backend)
+    with pytest.raises(ValueError, match="base_weight must be frozen"):
+        f(base_weight=W.clone().requires_grad_(True), backend=backend)
+    with pytest.raises(ValueError, match=r"base_weight must have shape \[40, 24\]"):
+        f(base_weight=W.T, backend=backend)
+
+
 # ------------------------------------------------------------------------ the segment plan
 
 

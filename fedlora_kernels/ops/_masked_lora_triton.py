@@ -398,9 +398,15 @@ def _forward(
     slot0: int,
     scale: float,
     base_out: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: returns ``(y [N, d_out], T [N, R] float32)``; ``T = (x A_cᵀ) ⊙ m_t`` is saved
     for backward. ``grad_mask`` is unused here; it is an input so backward can see it.
+
+    With ``base_weight`` (and ``base_bias``) the op computes the frozen base layer itself
+    (cuBLAS) and accumulates the adapter into it in place; backward then adds the adapter's
+    input gradient into ``dy W`` in the kernel's pass over ``dx`` (no separate add).
 
     ``tiles`` (``[3, T]``, the row tiles'), ``tiles_red`` and ``owner_red`` (the gradient
     reduction's row chunks) come from the batch's :class:`fedlora_kernels.RowSegments`; all
@@ -411,7 +417,11 @@ def _forward(
     d_out = B.shape[1]
     rp = next_pow2(rank)
     out_dtype = base_out.dtype if base_out is not None else x.dtype
-    y = alloc_output((n, d_out), device=x.device, dtype=out_dtype)
+    if base_weight is not None:  # the base layer itself; the adapter is added in place
+        y = torch.nn.functional.linear(x, base_weight, base_bias)
+        base_out = y
+    else:
+        y = alloc_output((n, d_out), device=x.device, dtype=out_dtype)
     T = alloc_output((n, rank), device=x.device, dtype=torch.float32)
     if n == 0:
         return y, T
@@ -450,6 +460,7 @@ def _backward_kernels(
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
+    base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: returns ``(dx, dA, dB)``; a gradient that is not needed comes back empty.
 
@@ -463,7 +474,12 @@ def _backward_kernels(
     rp = next_pow2(rank)
     device = dy.device
     empty = torch.empty(0, device=device, dtype=x.dtype)
-    dx = alloc_output((n, d_in), device=device, dtype=x.dtype) if need_dx else empty
+    if not need_dx:
+        dx = empty
+    elif base_weight is not None:  # the whole input gradient: dy W (cuBLAS) += dS A_c (kernel)
+        dx = torch.mm(dy.to(base_weight.dtype), base_weight).to(x.dtype)
+    else:
+        dx = alloc_output((n, d_in), device=device, dtype=x.dtype)
     dA = torch.zeros_like(A) if need_dA else torch.empty(0, device=device, dtype=A.dtype)
     dB = torch.zeros_like(B) if need_dB else torch.empty(0, device=device, dtype=B.dtype)
     if n == 0:
@@ -482,7 +498,8 @@ def _backward_kernels(
             dy if single else offsets, dy if single else adapter, dy if single else tiles,
             n, num_tiles, d_in, d_out, *dy.stride(), *(dx.stride() if need_dx else (0, 0)),
             scale, R=rank, RP=rp, HAS_RM=rank_mask is not None, WRITE_DX=need_dx,
-            WRITE_DS=need_dA, UPCAST=upcast_dots(), ADD_DX=False, SINGLE=single,
+            WRITE_DS=need_dA, UPCAST=upcast_dots(), ADD_DX=base_weight is not None,
+            SINGLE=single,
             PREC=dot_precision(A.dtype), **cfg,
         )  # fmt: skip
     if need_dA or need_dB:
@@ -501,30 +518,33 @@ def _backward_kernels(
 
 def _setup_context(ctx, inputs, output):
     (x, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red, slot0, scale,
-     base_out) = inputs  # fmt: skip
+     base_out, base_weight, _bias) = inputs  # fmt: skip
     _, T = output
     ctx.save_for_backward(
-        x, T, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red
-    )
+        x, T, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red,
+        base_weight,
+    )  # fmt: skip
     ctx.scale, ctx.slot0, ctx.has_base = scale, slot0, base_out is not None
 
 
 def _backward(ctx, dy, _dT):
-    x, T, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red = (
-        ctx.saved_tensors
-    )
+    (x, T, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red,
+     base_weight) = ctx.saved_tensors  # fmt: skip
     need_dx, need_dA, need_dB = ctx.needs_input_grad[:3]
     dx, dA, dB = masked_lora_bwd(
         dy, x, T, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red,
-        ctx.slot0, ctx.scale, need_dx, need_dA, need_dB,
+        ctx.slot0, ctx.scale, need_dx, need_dA, need_dB, base_weight,
     )  # fmt: skip
     d_base = dy if ctx.has_base else None  # y = base_out + adapter: identity to base_out
+    # the frozen base weight and bias get no gradient (the public op refuses trainable ones)
     return (
         dx if need_dx else None,
         dA if need_dA else None,
         dB if need_dB else None,
         *([None] * 9),
         d_base,
+        None,
+        None,
     )
 
 

@@ -230,8 +230,15 @@ def _forward(
     head_mask: torch.Tensor | None,
     scale: float,
     base_out: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: returns ``(y [N, d_out], S [N, h·r] float32)``; S is saved for backward.
+
+    With ``base_weight`` (the frozen base layer, ``[d_out, d_in]``, and ``base_bias``) the op
+    computes the base layer itself (cuBLAS) and the kernel accumulates the adapter into that
+    output in place; its backward then adds the adapter's input gradient into the base's
+    (``dx = dy W`` by cuBLAS, ``+= dS A_cat`` in the kernel's pass): no separate add anywhere.
 
     ``tiles`` (``[3, T]`` for the forward row tiles), ``tiles_bwd`` and ``owner_bwd`` (the
     backward's) come from the batch's :class:`fedlora_kernels.RowSegments`; all None: one
@@ -243,7 +250,11 @@ def _forward(
     R = h * r
     rp = next_pow2(R)
     out_dtype = base_out.dtype if base_out is not None else x.dtype
-    y = alloc_output((n, d_out), device=x.device, dtype=out_dtype)
+    if base_weight is not None:  # the base layer itself; the adapter is added in place
+        y = torch.nn.functional.linear(x, base_weight, base_bias)
+        base_out = y
+    else:
+        y = alloc_output((n, d_out), device=x.device, dtype=out_dtype)
     S = alloc_output((n, R), device=x.device, dtype=torch.float32)
     if n == 0:
         return y, S
@@ -279,15 +290,21 @@ def _backward_kernels(
     head_mask: torch.Tensor | None,
     scale: float,
     dx_dtype: torch.dtype | None = None,
+    base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: returns ``(dx, dH, ds)``; ``dy`` may have any strides (even 0) and its own
-    dtype (``base_out``'s); ``dx`` comes in ``dx_dtype`` (x's; default dy's)."""
+    dtype (``base_out``'s); ``dx`` comes in ``dx_dtype`` (x's; default dy's). With
+    ``base_weight`` ``dx`` is the whole input gradient, ``dy W + dS A_cat``: cuBLAS writes the
+    base's part and the kernel adds the adapter's in its own pass over ``dx``."""
     n, R = S.shape
     h, r, d_in = A.shape
     d_out = B.shape[1]
     C = H.shape[0]
     rp = next_pow2(R)
-    dx = alloc_output((n, d_in), device=dy.device, dtype=dx_dtype or dy.dtype)
+    if base_weight is not None:
+        dx = torch.mm(dy.to(base_weight.dtype), base_weight).to(dx_dtype or dy.dtype)
+    else:
+        dx = alloc_output((n, d_in), device=dy.device, dtype=dx_dtype or dy.dtype)
     if n == 0:
         return dx, torch.zeros_like(H), torch.zeros_like(s)
     _, cfg = tile_configs(n, d_in, d_out, R)
@@ -303,7 +320,8 @@ def _backward_kernels(
         dy, S, A.contiguous(), B.contiguous(), Hk.contiguous(), sk.contiguous(), dx, dhp, dsp,
         dy if single else offsets, dy if single else adapter, dy if single else tiles,
         n, num_tiles, d_in, d_out, *dy.stride(), *dx.stride(), scale,
-        NH=h, RH=r, R=R, RP=rp, UPCAST=upcast_dots(), ADD_DX=False, SINGLE=single,
+        NH=h, RH=r, R=R, RP=rp, UPCAST=upcast_dots(), ADD_DX=base_weight is not None,
+        SINGLE=single,
         PREC=dot_precision(A.dtype), **cfg,
     )  # fmt: skip
     dH = sum_partials(dhp, owner, C, slot0)
@@ -315,22 +333,24 @@ def _backward_kernels(
 
 
 def _setup_context(ctx, inputs, output):
-    (x, A, B, H, s, offsets, adapter, _, tiles, owner, slot0, head_mask, scale, base_out) = inputs
+    (x, A, B, H, s, offsets, adapter, _, tiles, owner, slot0, head_mask, scale, base_out,
+     base_weight, _bias) = inputs  # fmt: skip
     ctx.has_base = base_out is not None
     ctx.x_dtype = x.dtype
     _, S = output
-    ctx.save_for_backward(S, A, B, H, s, offsets, adapter, tiles, owner, head_mask)
+    ctx.save_for_backward(S, A, B, H, s, offsets, adapter, tiles, owner, head_mask, base_weight)
     ctx.scale, ctx.slot0 = scale, slot0
 
 
 def _backward(ctx, dy, _dS):
-    S, A, B, H, s, offsets, adapter, tiles, owner, head_mask = ctx.saved_tensors
+    S, A, B, H, s, offsets, adapter, tiles, owner, head_mask, base_weight = ctx.saved_tensors
     dx, dH, ds = multihead_lora_bwd(
         dy, S, A, B, H, s, offsets, adapter, tiles, owner, ctx.slot0, head_mask, ctx.scale,
-        ctx.x_dtype,
+        ctx.x_dtype, base_weight,
     )  # fmt: skip
     d_base = dy if ctx.has_base else None  # y = base_out + adapter: identity to base_out
-    return dx, None, None, dH, ds, None, None, None, None, None, None, None, None, d_base
+    # the frozen base weight and bias get no gradient (the public op refuses trainable ones)
+    return (dx, None, None, dH, ds, *([None] * 8), d_base, None, None)
 
 
 multihead_lora_bwd = register("fedlora::multihead_lora_bwd", _backward_kernels)

@@ -36,6 +36,7 @@ from fedlora_kernels._dispatch import (
     FLOAT_DTYPES,
     MASK_DTYPES,
     RowsInput,
+    check_base_layer,
     check_binary_mask,
     check_factor_dtypes,
     check_finite_scalar,
@@ -64,6 +65,8 @@ def masked_lora(
     seg_offsets: torch.Tensor | None = None,
     seg_adapter: torch.Tensor | None = None,
     base_out: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
     segments: RowSegments | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -87,6 +90,12 @@ def masked_lora(
             the Triton path (no adapter-sized temporary, no separate add; the gradient to
             ``base_out`` is the identity). It may have another dtype than ``x`` (a bf16 base
             output of an fp32 layer under ``torch.autocast``).
+        base_weight: optional frozen base-layer weight ``[d_out, d_in]`` (``x``'s dtype; with
+            ``base_bias`` ``[d_out]``): the op then computes the whole layer, ``x Wᵀ + b +
+            adapter``, owning the base GEMM (cuBLAS) so that the adapter is accumulated into
+            its output in place and, in backward, the adapter's input gradient into ``dy W`` in
+            the kernel's own pass (no separate add of two ``[N, d_in]`` gradients). The weight
+            gets no gradient. Not together with ``base_out``.
         segments: the batch's :class:`fedlora_kernels.RowSegments` (validated and planned once
             for every layer: no host sync, no planning per call), instead of ``seg_offsets`` /
             ``seg_adapter``.
@@ -99,8 +108,9 @@ def masked_lora(
         with a device sync unless the mask is ``bool``).
     """
     p = _prepare_masked_lora(
-        x, A, B, scale, rank_mask, grad_mask, seg_offsets, seg_adapter, base_out, segments
-    )
+        x, A, B, scale, rank_mask, grad_mask, seg_offsets, seg_adapter, base_out, segments,
+        base_weight, base_bias,
+    )  # fmt: skip
     rows = p.rows
     segs = rows.segs
     d_out = p.B3.shape[1]
@@ -117,6 +127,8 @@ def masked_lora(
         )
         if base_out is not None:
             y = base_out.reshape(-1, d_out) + y.to(base_out.dtype)
+        elif base_weight is not None:
+            y = torch.nn.functional.linear(rows.x2, base_weight, base_bias) + y
     else:
         from fedlora_kernels.ops import _masked_lora_triton as impl
 
@@ -131,7 +143,7 @@ def masked_lora(
             owner = segs.owner(red_cfg["CH"], p.A3.shape[0])
         y, _ = impl.masked_lora_fwd(
             rows.x2, p.A3, p.B3, p.rank_mask, p.grad_mask, offsets, adapter, tiles, tiles_red,
-            owner, segs.slot0, p.scale, base2,
+            owner, segs.slot0, p.scale, base2, base_weight, base_bias,
         )  # fmt: skip
     return y.reshape(*rows.lead, d_out)
 
@@ -157,6 +169,8 @@ def _prepare_masked_lora(
     seg_adapter: torch.Tensor | None,
     base_out: torch.Tensor | None = None,
     segments: RowSegments | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> _MaskedLoRAArgs:
     """Validate the arguments of :func:`masked_lora` (``ValueError``/``TypeError`` naming the
     argument) and normalise them: factors 3-D, masks float32 with one row per segment / slot."""
@@ -191,8 +205,10 @@ def _prepare_masked_lora(
         check_tensor("base_out", base_out, dtypes=FLOAT_DTYPES)
         check_shape("base_out", base_out, [*x.shape[:-1], B3.shape[1]])
     device = check_same_device(
-        x=x, A=A, B=B, rank_mask=rank_mask, grad_mask=grad_mask, base_out=base_out
-    )
+        x=x, A=A, B=B, rank_mask=rank_mask, grad_mask=grad_mask, base_out=base_out,
+        base_weight=base_weight, base_bias=base_bias,
+    )  # fmt: skip
+    check_base_layer(x, d_in, B3.shape[1], base_out, base_weight, base_bias)
     rows = flatten_rows(x, d_in, seg_offsets, seg_adapter, num_slots, device, segments)
     if rank_mask is not None:
         rank_mask = _rank_mask_per_segment(rank_mask, rows.segs.num_segs, rank)

@@ -280,9 +280,14 @@ class AdapterLayer(SegmentRouting, nn.Module):
 
     # ---------------------------------------------------------------- forward
     def adapter_output(  # pragma: no cover - abstract
-        self, x: torch.Tensor, base_out: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The adapter's contribution for input ``x`` (plus ``base_out`` when given, fused)."""
+        """The adapter's contribution for input ``x``; plus ``base_out`` when given, or the
+        whole layer ``x Wᵀ + b + adapter`` with ``base_weight`` / ``base_bias`` (fused)."""
         raise NotImplementedError
 
     def delta_weight(self, slot: int = 0) -> torch.Tensor:  # pragma: no cover - abstract
@@ -323,12 +328,32 @@ class AdapterLayer(SegmentRouting, nn.Module):
             )
         return x
 
+    #: let the adapter op compute a plain ``nn.Linear`` base itself (see :meth:`_fusable_base`)
+    fuse_base: bool = True
+
+    def _fusable_base(self, x: torch.Tensor) -> bool:
+        """Whether the op may own the base GEMM (``base_weight``): a plain frozen ``nn.Linear``
+        without hooks, in ``x``'s dtype, outside autocast. The op then accumulates the adapter
+        into the base output in place and, in backward, its input gradient into ``dy W`` in the
+        same pass: no separate ``[N, d]`` add in either direction."""
+        base = self.base_layer
+        if not self.fuse_base or type(base) is not nn.Linear:
+            return False
+        if base._forward_hooks or base._forward_pre_hooks:
+            return False
+        w, b = base.weight, base.bias
+        if w.dtype != x.dtype or w.requires_grad or (b is not None and b.requires_grad):
+            return False
+        return not torch.is_autocast_enabled(x.device.type)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        y = self.base_layer(x)
         if self.merged:
-            return y
-        return self.add_adapter(x, y)
+            return self.base_layer(x)
+        if self._fusable_base(x):
+            base = self.base_layer
+            return self.adapter_output(x, base_weight=base.weight, base_bias=base.bias)
+        return self.add_adapter(x, self.base_layer(x))
 
     # ---------------------------------------------------------------- merging
     def _check_slot(self, slot: int) -> int:

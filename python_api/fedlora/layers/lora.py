@@ -149,8 +149,15 @@ class LoRALinear(AdapterLayer):
             return self.segment_plan.rank_mask
         return self.rank_mask[segs.slots]
 
-    def adapter_output(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
-        """The adapter's contribution for input ``x`` (plus ``base_out`` when given, fused)."""
+    def adapter_output(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The adapter's contribution for input ``x``; plus ``base_out`` when given, or the
+        whole layer with ``base_weight`` / ``base_bias`` (see :meth:`AdapterLayer._fusable_base`)."""
         segs = self.row_segments(x)
         return lora_forward(
             x,
@@ -161,6 +168,8 @@ class LoRALinear(AdapterLayer):
             grad_mask=self.grad_mask,
             segments=segs,
             base_out=base_out,
+            base_weight=base_weight,
+            base_bias=base_bias,
         )
 
     def delta_weight(self, slot: int = 0) -> torch.Tensor:

@@ -78,8 +78,15 @@ class RavanLinear(AdapterLayer):
         """Indices of the heads ``slot`` trains."""
         return mask_indices(self.head_mask[self._check_slot(slot)])
 
-    def adapter_output(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
-        """The adapter's contribution for input ``x`` (plus ``base_out`` when given, fused)."""
+    def adapter_output(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The adapter's contribution for input ``x``; plus ``base_out`` when given, or the
+        whole layer with ``base_weight`` / ``base_bias`` (see :meth:`AdapterLayer._fusable_base`)."""
         return ravan_forward(
             x,
             self.lora_A,
@@ -90,6 +97,8 @@ class RavanLinear(AdapterLayer):
             segments=self.row_segments(x),
             head_mask=self.head_mask,
             base_out=base_out,
+            base_weight=base_weight,
+            base_bias=base_bias,
         )
 
     def delta_weight(self, slot: int = 0) -> torch.Tensor:
