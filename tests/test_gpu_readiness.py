@@ -193,7 +193,7 @@ def test_base_weight_computes_the_whole_layer(op, planned, backend):
     _close(y, y_sep, torch.float32)
     for a, e in zip(got, exp, strict=True):
         _close(a, e, torch.float32)
-    with pytest.raises(ValueError, match="base_out .* or base_weight, not both"):
+    with pytest.raises(ValueError, match=r"base_out .* or base_weight, not both"):
         f(base_weight=W, base_out=y.detach(), backend=backend)
     with pytest.raises(ValueError, match="base_weight must be frozen"):
         f(base_weight=W.clone().requires_grad_(True), backend=backend)
