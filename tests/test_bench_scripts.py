@@ -50,7 +50,7 @@ def test_help_and_list():
     assert "--dry-run" in help_.stdout and "--list" in help_.stdout
     listed = _script("gpu.py", "--list")
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.split() == ["multihead:", "ok", "masked_mean:", "ok", "masked:", "ok"]
+    assert listed.stdout.split() == ["masked:", "ok", "multihead:", "ok", "masked_mean:", "ok"]
     assert _script("simulate_speed.py", "--help").returncode == 0
 
 
@@ -66,7 +66,11 @@ def test_dry_run_runs_every_suite_and_writes_results(tmp_path):
     assert benches == {"multihead_lora", "masked_weighted_mean", "masked_lora", "masked_adamw_"}
     masked = [r for r in results["rows"] if r["bench"] == "masked_lora"]
     assert masked[0]["impl"] == "F.linear" and masked[0]["fwd_x_floor"] == 1.0
-    assert "grad_x_all" in masked[-1]  # the backward-only rows ran too
+    impls = {r["impl"] for r in masked}
+    assert {"fedlora all-trainable", "fedlora half-frozen", "peft LoRA module"} <= impls
+    assert any("grad_x_all" in r for r in masked)  # the backward-only rows ran too
+    mh = {r["impl"] for r in results["rows"] if r["bench"] == "multihead_lora"}
+    assert {"F.linear", "fedlora", "fedlora (base_out)"} <= mh
 
 
 def test_a_suite_that_fails_to_import_fails_the_run(gpu, monkeypatch, tmp_path, capsys):
