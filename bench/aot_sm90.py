@@ -22,8 +22,15 @@ largest padded rank and the most optional features on (the most registers), so t
 (``tests/test_aot_sm90.py``) stays short; the default is the full set, written to
 ``bench/results/aot-sm90.json``.
 
-Run: ``python bench/aot_sm90.py [--subset] [--out PATH] [--jobs N]`` (any machine with
-triton >= 3.9; ``TRITON_INTERPRET`` is ignored: this script compiles for the real target).
+Run: ``python bench/aot_sm90.py [--subset] [--out PATH] [--jobs N] [--require-triton 3.6]``
+(any machine with triton 3.6 or newer: CI compiles the subset under its own triton 3.9 through
+``tests/test_aot_sm90.py`` and again under the GPU machine's triton 3.6, installed apart, in
+``.ci/run``; ``TRITON_INTERPRET`` is ignored: this script compiles for the real target).
+
+The variants come from the op table (:mod:`fedlora_kernels.ops.table`): every dtype case of each
+op (mixed ones included: a bf16 ``base_out`` with fp32 factors), both segment layouts (the
+one-segment fast path and the segmented loop), and the launchers' optional paths (``base_out``,
+``base_weight`` with the in-place input-gradient add, rank masks, every gradient subset).
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ from fedlora_kernels.ops import (
     _masked_lora_triton,
     _masked_mean_triton,
     _multihead_triton,
+    _triton_utils,
 )
 from fedlora_kernels.ops._triton_utils import Launch, record_launches
 from fedlora_kernels.ops.table import OPS as TABLE
@@ -74,7 +82,10 @@ from fedlora_kernels.ops.table import DtypeCase
 
 _CACHE = os.environ["TRITON_CACHE_DIR"]
 TARGET = GPUTarget("cuda", 90, 32)
-KERNEL_MODULES = (_multihead_triton, _masked_lora_triton, _masked_adamw_triton, _masked_mean_triton)
+KERNEL_MODULES = (
+    _multihead_triton, _masked_lora_triton, _masked_adamw_triton, _masked_mean_triton,
+    _triton_utils,
+)  # fmt: skip
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "aot-sm90.json"
 
 # the benchmark shapes of DESIGN §8
@@ -116,6 +127,19 @@ def _plan(n: int, layout: str, blocks: tuple[int, ...], slots: int) -> dict[str,
     )
 
 
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def _shapes(case: DtypeCase):
     ns = NS if case.name in FULL_CASES else REDUCED_NS
     return ns, DIMS
@@ -147,10 +171,12 @@ def multihead_launches(case: DtypeCase) -> list[tuple[str, Launch]]:
                 mh._forward(x, A, B, H, s, *seg, None, 0.5)
                 mh._backward_kernels(_meta(n, d_out, dtype=dt), S, A, B, H, s, *bseg, None, 0.5)
                 W = _meta(d_out, d_in, dtype=dt)
-                mh._forward(x, A, B, H, s, *seg, None, 0.5, None, W, _meta(d_out, dtype=dt))
-                mh._backward_kernels(
-                    _meta(n, d_out, dtype=dt), S, A, B, H, s, *bseg, None, 0.5, dt, W
-                )
+                for fused in ("0", "1"):  # cuBLAS + in-place adds; the fused GEMM variant
+                    with _env("FEDLORA_FUSED_GEMM", fused):
+                        mh._forward(x, A, B, H, s, *seg, None, 0.5, None, W, _meta(d_out, dtype=dt))
+                        mh._backward_kernels(
+                            _meta(n, d_out, dtype=dt), S, A, B, H, s, *bseg, None, 0.5, dt, W
+                        )
             else:
                 mh._forward(x, A, B, H, s, *seg, None, 0.5, _meta(n, d_out, dtype=bt))
                 mh._backward_kernels(_meta(n, d_out, dtype=bt), S, A, B, H, s, *bseg, None, 0.5, dt)
@@ -186,8 +212,12 @@ def masked_lora_launches(case: DtypeCase) -> list[tuple[str, Launch]]:
             if bt is None:
                 ml._forward(x, A, B, rm, None, *seg, 0.5)
                 W = _meta(d_out, d_in, dtype=dt)
-                ml._forward(x, A, B, rm, None, *seg, 0.5, None, W, _meta(d_out, dtype=dt))
-                ml._backward_kernels(dy, x, T, A, B, rm, None, *seg, 0.5, True, True, True, W)
+                for fused in ("0", "1"):  # cuBLAS + in-place adds; the fused GEMM variant
+                    with _env("FEDLORA_FUSED_GEMM", fused):
+                        ml._forward(x, A, B, rm, None, *seg, 0.5, None, W, _meta(d_out, dtype=dt))
+                        ml._backward_kernels(
+                            dy, x, T, A, B, rm, None, *seg, 0.5, True, True, True, W
+                        )
             else:
                 ml._forward(x, A, B, rm, None, *seg, 0.5, _meta(n, d_out, dtype=bt))
             for need in needs:
@@ -349,7 +379,7 @@ def _rerun_ptxas(ptx: str) -> str:
 
 
 _FEATURES = (
-    "ADD_BASE", "ADD_DX", "HAS_RM", "WRITE_DX", "WRITE_DS", "PER_SLOT", "HAS_IMP", "HAS_FB",
+    "ADD_BASE", "ADD_DX", "HAS_RM", "HAS_BIAS", "WRITE_DX", "WRITE_DS", "PER_SLOT", "HAS_IMP", "HAS_FB",
 )  # fmt: skip
 #: what makes a separate group in the subset: the tiles, and the segment layout (the one-segment
 #: fast path and the segmented loop are different code)
@@ -460,7 +490,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", action="store_true", help="one variant per tile config")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile workers")
+    parser.add_argument(
+        "--require-triton",
+        metavar="VERSION",
+        help="fail unless this triton version (prefix, e.g. 3.6) is the one imported (CI's "
+        "second compile, under the GPU machine's triton, must not silently use another)",
+    )
     args = parser.parse_args(argv)
+    if args.require_triton and not triton.__version__.startswith(args.require_triton):
+        print(
+            f"triton {triton.__version__} imported from {triton.__file__}, but "
+            f"--require-triton {args.require_triton}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         report = run(args.subset, max(1, args.jobs))
     finally:

@@ -161,9 +161,15 @@ def test_fp32_layer_under_autocast_matches_the_reference_path(cls, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["multihead_lora", "masked_lora"])
 @pytest.mark.parametrize("planned", [False, True], ids=["one-segment", "segments"])
-def test_base_weight_computes_the_whole_layer(op, planned, backend):
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["cublas+in-place", "fused-gemm"])
+def test_base_weight_computes_the_whole_layer(op, planned, backend, fused, monkeypatch):
     """With ``base_weight`` the op owns the base GEMM: ``x Wᵀ + b + adapter`` and the whole
-    input gradient ``dy W + adapter's`` (added in the kernel's pass), W and b frozen."""
+    input gradient ``dy W + adapter's``, W and b frozen; either cuBLAS plus the kernels'
+    in-place accumulation (default) or the fused variant (``FEDLORA_FUSED_GEMM=1``: the Triton
+    GEMM with the expand in its epilogue, forward and backward)."""
+    if backend == "torch" and fused == "1":
+        pytest.skip("the fused variant is a Triton path")
+    monkeypatch.setenv("FEDLORA_FUSED_GEMM", fused)
     n, d_in, d_out, C = 37, 24, 40, 3
     x = torch.randn(n, d_in, requires_grad=True)
     W, b = torch.randn(d_out, d_in) / d_in**0.5, torch.randn(d_out)

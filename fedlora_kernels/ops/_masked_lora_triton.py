@@ -27,7 +27,9 @@ from fedlora_kernels.ops._triton_utils import (
     alloc_output,
     dot_precision,
     expand_tile,
+    fused_gemm,
     launch,
+    launch_gemm_lora,
     next_pow2,
     register,
     row_tile,
@@ -87,6 +89,7 @@ def _ml_fwd_kernel(
     ADD_BASE: tl.constexpr,
     SINGLE: tl.constexpr,
     PREC: tl.constexpr,
+    EXPAND: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     rows, rmask = row_tile(N, BM)
@@ -115,13 +118,15 @@ def _ml_fwd_kernel(
     # T kept (unscaled, float32) for the dB reduction
     tl.store(t_ptr + rows64[:, None] * R + js[None, :], Tt, mask=rmask[:, None] & jmask[None, :])
 
-    # expand: y[n] = (base[n] +) scale · T[n] B_cᵀ, streamed over d_out (B_c [D_OUT, R])
-    for t in range(seg_lo, seg_hi + 1):
-        inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows, N, SINGLE)
-        expand_tile(
-            Tt * scale, rows64, rmask & inseg, b_ptr + c * D_OUT * R, js64, R, jmask, D_OUT,
-            y_ptr, sym, syn, base_ptr, sbm, sbn, ADD_BASE, BN, UPCAST, PREC,
-        )  # fmt: skip
+    # expand: y[n] = (base[n] +) scale · T[n] B_cᵀ, streamed over d_out (B_c [D_OUT, R]);
+    # EXPAND off: the fused variant adds it in the base GEMM's epilogue instead
+    if EXPAND:
+        for t in range(seg_lo, seg_hi + 1):
+            inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows, N, SINGLE)
+            expand_tile(
+                Tt * scale, rows64, rmask & inseg, b_ptr + c * D_OUT * R, js64, R, jmask, D_OUT,
+                y_ptr, sym, syn, base_ptr, sbm, sbn, ADD_BASE, BN, UPCAST, PREC,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -417,7 +422,10 @@ def _forward(
     d_out = B.shape[1]
     rp = next_pow2(rank)
     out_dtype = base_out.dtype if base_out is not None else x.dtype
-    if base_weight is not None:  # the base layer itself; the adapter is added in place
+    fused = base_weight is not None and fused_gemm()
+    if fused:  # the base GEMM with the expand in its epilogue (after the shrink below)
+        y = alloc_output((n, d_out), device=x.device, dtype=x.dtype)
+    elif base_weight is not None:  # the base layer itself; the adapter is added in place
         y = torch.nn.functional.linear(x, base_weight, base_bias)
         base_out = y
     else:
@@ -437,8 +445,14 @@ def _forward(
         base, x if single else offsets, x if single else adapter, x if single else tiles,
         n, num_tiles, d_in, d_out, *x.stride(), *y.stride(), *base.stride(), scale,
         R=rank, RP=rp, HAS_RM=rank_mask is not None, UPCAST=upcast_dots(),
-        ADD_BASE=base_out is not None, SINGLE=single, PREC=dot_precision(A.dtype), **cfg,
+        ADD_BASE=base_out is not None, SINGLE=single, PREC=dot_precision(A.dtype),
+        EXPAND=not fused, **cfg,
     )  # fmt: skip
+    if fused:  # y = x Wᵀ + b + scale · T B_cᵀ; B_c[n, j] -> V[j, n]: slot R·d_out, j 1, n R
+        launch_gemm_lora(
+            x, base_weight, False, base_bias, T, Bk.contiguous(), (d_out * rank, 0, 1, rank),
+            rank, y, offsets, adapter, tiles, cfg["BM"], scale,
+        )  # fmt: skip
     return y, T
 
 
@@ -474,8 +488,11 @@ def _backward_kernels(
     rp = next_pow2(rank)
     device = dy.device
     empty = torch.empty(0, device=device, dtype=x.dtype)
+    fused = need_dx and base_weight is not None and fused_gemm()
     if not need_dx:
         dx = empty
+    elif fused:  # dx = dy W + dS A_c, the adapter's part in the GEMM's epilogue
+        dx = alloc_output((n, d_in), device=device, dtype=x.dtype)
     elif base_weight is not None:  # the whole input gradient: dy W (cuBLAS) += dS A_c (kernel)
         dx = torch.mm(dy.to(base_weight.dtype), base_weight).to(x.dtype)
     else:
@@ -487,7 +504,8 @@ def _backward_kernels(
     single = tiles is None
     Ak, Bk = _single(A, B, slot0, tiles)
     Ak, Bk = Ak.contiguous(), Bk.contiguous()
-    dS = alloc_output((n, rank), device=device, dtype=torch.float32) if need_dA else T
+    write_ds = need_dA or fused
+    dS = alloc_output((n, rank), device=device, dtype=torch.float32) if write_ds else T
     if need_dx or need_dA:
         cfg, _ = tile_configs(n, d_in, d_out, rank)
         num_tiles = triton.cdiv(n, cfg["BM"])
@@ -497,11 +515,16 @@ def _backward_kernels(
             dy, Ak, Bk, rank_mask if rank_mask is not None else T, dx if need_dx else dy, dS,
             dy if single else offsets, dy if single else adapter, dy if single else tiles,
             n, num_tiles, d_in, d_out, *dy.stride(), *(dx.stride() if need_dx else (0, 0)),
-            scale, R=rank, RP=rp, HAS_RM=rank_mask is not None, WRITE_DX=need_dx,
-            WRITE_DS=need_dA, UPCAST=upcast_dots(), ADD_DX=base_weight is not None,
+            scale, R=rank, RP=rp, HAS_RM=rank_mask is not None, WRITE_DX=need_dx and not fused,
+            WRITE_DS=write_ds, UPCAST=upcast_dots(), ADD_DX=base_weight is not None,
             SINGLE=single,
             PREC=dot_precision(A.dtype), **cfg,
         )  # fmt: skip
+        if fused:  # dx = dy W + dS A_c: A_c[j, k] -> V[j, k]: slot R·d_in, j d_in, k 1
+            launch_gemm_lora(
+                dy, base_weight, True, None, dS, Ak, (rank * d_in, 0, d_in, 1), rank, dx,
+                offsets, adapter, tiles, cfg["BM"], 1.0,
+            )  # fmt: skip
     if need_dA or need_dB:
         if single:
             gm = grad_mask[slot0 : slot0 + 1] if grad_mask is not None else None

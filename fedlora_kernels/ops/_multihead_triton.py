@@ -19,7 +19,9 @@ from fedlora_kernels.ops._triton_utils import (
     alloc_output,
     dot_precision,
     expand_tile,
+    fused_gemm,
     launch,
+    launch_gemm_lora,
     next_pow2,
     register,
     row_tile,
@@ -53,6 +55,7 @@ def _mh_fwd_kernel(
     s_ptr,
     y_ptr,
     S_ptr,
+    t_ptr,
     base_ptr,
     off_ptr,
     segslot_ptr,
@@ -79,6 +82,7 @@ def _mh_fwd_kernel(
     ADD_BASE: tl.constexpr,
     SINGLE: tl.constexpr,
     PREC: tl.constexpr,
+    EXPAND: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     rows, rmask = row_tile(N, BM)
@@ -106,11 +110,19 @@ def _mh_fwd_kernel(
         u = tl.dot(acc, tl.trans(hbd), input_precision="ieee") * sv[None, :]
         Tt = tl.where(inseg[:, None], u, Tt)
 
-    # expand: y = (base +) scale · T B_catᵀ, streamed over d_out
-    expand_tile(
-        Tt * scale, rows64, rmask, b_ptr, b_col, RH, jmask, D_OUT, y_ptr, sym, syn, base_ptr,
-        sbm, sbn, ADD_BASE, BN, UPCAST, PREC,
-    )  # fmt: skip
+    # expand: y = (base +) scale · T B_catᵀ, streamed over d_out; EXPAND off (the fused
+    # variant): store scale · T for the base GEMM's epilogue instead
+    if EXPAND:
+        expand_tile(
+            Tt * scale, rows64, rmask, b_ptr, b_col, RH, jmask, D_OUT, y_ptr, sym, syn, base_ptr,
+            sbm, sbn, ADD_BASE, BN, UPCAST, PREC,
+        )  # fmt: skip
+    else:
+        tl.store(
+            t_ptr + rows64[:, None] * R + js[None, :],
+            Tt * scale,
+            mask=rmask[:, None] & jmask[None, :],
+        )
 
 
 @triton.jit
@@ -122,6 +134,7 @@ def _mh_bwd_kernel(
     h_ptr,
     s_ptr,
     dx_ptr,
+    dS_ptr,
     dhp_ptr,
     dsp_ptr,
     off_ptr,
@@ -147,6 +160,7 @@ def _mh_bwd_kernel(
     ADD_DX: tl.constexpr,
     SINGLE: tl.constexpr,
     PREC: tl.constexpr,
+    WRITE_DX: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     rows, rmask = row_tile(N, BM)
@@ -189,11 +203,17 @@ def _mh_bwd_kernel(
         # dS = (s ⊙ P) H_bd
         dS += tl.dot(Ps, hbd, input_precision="ieee")
 
-    # dx (+)= dS A_cat, streamed over d_in (ADD_DX: into the base layer's input gradient)
-    expand_tile(
-        dS, rows64, rmask, a_ptr, a_rows, 1, jmask, D_IN, dx_ptr, sdxm, sdxk, dx_ptr, sdxm, sdxk,
-        ADD_DX, BK, UPCAST, PREC,
-    )  # fmt: skip
+    # dx (+)= dS A_cat, streamed over d_in (ADD_DX: into the base layer's input gradient);
+    # WRITE_DX off (the fused variant): store dS for the dx GEMM's epilogue instead
+    if WRITE_DX:
+        expand_tile(
+            dS, rows64, rmask, a_ptr, a_rows, 1, jmask, D_IN, dx_ptr, sdxm, sdxk, dx_ptr, sdxm,
+            sdxk, ADD_DX, BK, UPCAST, PREC,
+        )  # fmt: skip
+    else:
+        tl.store(
+            dS_ptr + rows64[:, None] * R + js[None, :], dS, mask=rmask[:, None] & jmask[None, :]
+        )
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -250,7 +270,10 @@ def _forward(
     R = h * r
     rp = next_pow2(R)
     out_dtype = base_out.dtype if base_out is not None else x.dtype
-    if base_weight is not None:  # the base layer itself; the adapter is added in place
+    fused = base_weight is not None and fused_gemm()
+    if fused:  # the base GEMM with the expand in its epilogue (after the shrink below)
+        y = alloc_output((n, d_out), device=x.device, dtype=x.dtype)
+    elif base_weight is not None:  # the base layer itself; the adapter is added in place
         y = torch.nn.functional.linear(x, base_weight, base_bias)
         base_out = y
     else:
@@ -263,15 +286,22 @@ def _forward(
     Hk, sk = _single(H, s, slot0, tiles)
     single = tiles is None
     num_tiles = triton.cdiv(n, cfg["BM"])
+    Tbuf = alloc_output((n, R), device=x.device, dtype=torch.float32) if fused else S
+    Bc = B.contiguous()
     launch(
         _mh_fwd_kernel,
         (num_tiles,),
-        x, A.contiguous(), B.contiguous(), Hk.contiguous(), sk.contiguous(), y, S, base,
+        x, A.contiguous(), Bc, Hk.contiguous(), sk.contiguous(), y, S, Tbuf, base,
         x if single else offsets, x if single else adapter, x if single else tiles,
         n, num_tiles, d_in, d_out, *x.stride(), *y.stride(), *base.stride(), scale,
         NH=h, RH=r, R=R, RP=rp, UPCAST=upcast_dots(), ADD_BASE=base_out is not None,
-        SINGLE=single, PREC=dot_precision(A.dtype), **cfg,
+        SINGLE=single, PREC=dot_precision(A.dtype), EXPAND=not fused, **cfg,
     )  # fmt: skip
+    if fused:  # y = x Wᵀ + b + T B_catᵀ; B_cat[n, j] = B[j // r, n, j % r] (shared by slots)
+        launch_gemm_lora(
+            x, base_weight, False, base_bias, Tbuf, Bc, (0, d_out * r, 1, r), r, y,
+            None, None, None, cfg["BM"], 1.0,
+        )  # fmt: skip
     return y, S
 
 
@@ -301,7 +331,8 @@ def _backward_kernels(
     d_out = B.shape[1]
     C = H.shape[0]
     rp = next_pow2(R)
-    if base_weight is not None:
+    fused = base_weight is not None and fused_gemm()
+    if base_weight is not None and not fused:
         dx = torch.mm(dy.to(base_weight.dtype), base_weight).to(dx_dtype or dy.dtype)
     else:
         dx = alloc_output((n, d_in), device=dy.device, dtype=dx_dtype or dy.dtype)
@@ -314,16 +345,22 @@ def _backward_kernels(
     dhp = torch.zeros((pairs, h, r, r), device=dy.device, dtype=torch.float32)
     dsp = torch.zeros((pairs, rp), device=dy.device, dtype=torch.float32)
     Hk, sk = _single(H, s, slot0, tiles)
+    dS = alloc_output((n, R), device=dy.device, dtype=torch.float32) if fused else S
+    Ac = A.contiguous()
     launch(
         _mh_bwd_kernel,
         (num_tiles,),
-        dy, S, A.contiguous(), B.contiguous(), Hk.contiguous(), sk.contiguous(), dx, dhp, dsp,
+        dy, S, Ac, B.contiguous(), Hk.contiguous(), sk.contiguous(), dx, dS, dhp, dsp,
         dy if single else offsets, dy if single else adapter, dy if single else tiles,
         n, num_tiles, d_in, d_out, *dy.stride(), *dx.stride(), scale,
         NH=h, RH=r, R=R, RP=rp, UPCAST=upcast_dots(), ADD_DX=base_weight is not None,
-        SINGLE=single,
-        PREC=dot_precision(A.dtype), **cfg,
+        SINGLE=single, PREC=dot_precision(A.dtype), WRITE_DX=not fused, **cfg,
     )  # fmt: skip
+    if fused:  # dx = dy W + dS A_cat; A_cat[j, k] = A[j // r, j % r, k]
+        launch_gemm_lora(
+            dy, base_weight, True, None, dS, Ac, (0, r * d_in, d_in, 1), r, dx,
+            None, None, None, cfg["BM"], 1.0,
+        )  # fmt: skip
     dH = sum_partials(dhp, owner, C, slot0)
     ds = sum_partials(dsp, owner, C, slot0)[:, :R].reshape(C, h, r).sum(-1)
     if head_mask is not None:

@@ -176,6 +176,129 @@ def expand_tile(
         )
 
 
+@triton.jit
+def gemm_lora_kernel(
+    a_ptr,
+    w_ptr,
+    bias_ptr,
+    u_ptr,
+    v_ptr,
+    out_ptr,
+    off_ptr,
+    segslot_ptr,
+    tab_ptr,
+    M,
+    N,
+    K,
+    T,
+    sam,
+    sak,
+    swn,
+    swk,
+    som,
+    son,
+    svc,
+    svh,
+    svj,
+    svn,
+    scale,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    RH: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    TB: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+    SINGLE: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """The fused variant (``FEDLORA_FUSED_GEMM=1``): the base GEMM with the adapter's expand
+    in its epilogue, ``out = a wᵀ (+ bias) + scale · u V_c`` for ``a`` ``[M, K]``, ``w[n, k]``
+    at ``w_ptr + n·swn + k·swk`` (so ``W`` or ``Wᵀ``), ``u`` ``[M, R]`` float32 (the rank
+    tile: ``T`` forward, ``dS`` backward) and ``V_c[j, n]`` at ``v_ptr + c·svc + (j // RH)·svh
+    + (j % RH)·svj + n·svn`` (B_c, A_c, B_cat or A_cat), ``c`` the slot of the row's segment.
+
+    The adapter then costs no pass over ``[M, N]`` at all: the ``[BM, RP] @ [RP, BN]`` product
+    is added to the accumulator before the one store (LoRAFusion's design, DESIGN §8). Grouped
+    tile order (``GROUP_M``) keeps ``w`` tiles in L2.
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rmask = rows < M
+    cmask = cols < N
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    ks = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + ks
+        kmask = kk < K
+        at = tl.load(
+            a_ptr + rows64[:, None] * sam + kk[None, :] * sak,
+            mask=rmask[:, None] & kmask[None, :],
+            other=0.0,
+        )
+        wt = tl.load(
+            w_ptr + cols64[None, :] * swn + kk[:, None].to(tl.int64) * swk,
+            mask=cmask[None, :] & kmask[:, None],
+            other=0.0,
+        )
+        if UPCAST:
+            at = at.to(tl.float32)
+            wt = wt.to(tl.float32)
+        else:
+            at = at.to(wt.dtype)
+        acc = tl.dot(at, wt, acc, input_precision=PREC)
+
+    # epilogue: + scale · u V_c, per segment of the row tile (one dtype for both operands)
+    js = tl.arange(0, RP)
+    jmask = js < R
+    js64 = js.to(tl.int64)
+    vj = (js64 // RH) * svh + (js64 % RH) * svj
+    ut = tl.load(
+        u_ptr + rows64[:, None] * R + js[None, :], mask=rmask[:, None] & jmask[None, :], other=0.0
+    )
+    ut = ut * scale
+    if SINGLE:
+        seg_lo = 0
+        seg_hi = 0
+    else:  # the plan's table is for row tiles of TB rows: this tile covers BM // TB of them
+        first = pid_m * (BM // TB)
+        seg_lo = tl.load(tab_ptr + first)
+        seg_hi = tl.load(tab_ptr + T + tl.minimum(first + BM // TB - 1, T - 1))
+    for t in range(seg_lo, seg_hi + 1):
+        inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows, M, SINGLE)
+        vt = tl.load(
+            v_ptr + c * svc + vj[:, None] + cols64[None, :] * svn,
+            mask=jmask[:, None] & cmask[None, :],
+            other=0.0,
+        )
+        uu = tl.where(inseg[:, None], ut, 0.0)
+        if UPCAST:
+            vt = vt.to(tl.float32)
+        else:
+            uu = uu.to(vt.dtype)
+        acc = tl.dot(uu, vt, acc, input_precision=PREC)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + rows64[:, None] * som + cols[None, :] * son,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=rmask[:, None] & cmask[None, :],
+    )
+
+
 # ------------------------------------------------------------------------------ host helpers
 
 
@@ -246,6 +369,69 @@ def row_tile_config(n: int, d_in: int, d_out: int, rp: int, *, max_bm: int = 64)
     bn = 64 if rp <= 64 else 32
     warps = 8 if bm * rp >= 2048 else 4
     return dict(BM=bm, BK=min(bk, next_pow2(d_in)), BN=min(bn, next_pow2(d_out)), num_warps=warps)
+
+
+def fused_gemm() -> bool:
+    """Whether ops given ``base_weight`` run the fused variant (``FEDLORA_FUSED_GEMM=1``): the
+    base GEMM as :func:`gemm_lora_kernel` with the expand in its epilogue, instead of cuBLAS
+    plus the in-place accumulation. Off by default until a GPU has measured it against cuBLAS
+    (bench/README.md: the Triton GEMM must reach >= 95 % of cuBLAS for it to pay)."""
+    import os
+
+    return os.environ.get("FEDLORA_FUSED_GEMM", "0") not in ("", "0")
+
+
+def gemm_config(m: int, n: int, k: int, rp: int) -> dict[str, int]:
+    """Tiles of :func:`gemm_lora_kernel` (Hopper-friendly: 128x128x64, 4 stages, 8 warps; 64
+    rows when few tiles would fill the 132 SMs otherwise)."""
+    bm = 128 if -(-m // 128) * -(-n // 128) >= NUM_SMS else 64
+    return dict(
+        BM=bm, BN=min(128, max(16, next_pow2(n))),
+        BK=min(64, max(16, next_pow2(k))), GROUP_M=8, num_warps=8 if bm == 128 else 4,
+        num_stages=4 if rp <= 64 else 3,
+    )  # fmt: skip
+
+
+def launch_gemm_lora(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    w_transposed: bool,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    v_strides: tuple[int, int, int, int],
+    rh: int,
+    out: torch.Tensor,
+    offsets: torch.Tensor | None,
+    adapter: torch.Tensor | None,
+    tiles: torch.Tensor | None,
+    table_block: int,
+    scale: float,
+) -> torch.Tensor:
+    """``out = a wᵀ (+ bias) + scale · u V_c`` (``w_transposed``: ``a w`` instead) through
+    :func:`gemm_lora_kernel`; ``tiles`` is the segment plan's table for row tiles of
+    ``table_block`` rows (a divisor of the GEMM's ``BM``; None: one segment, ``v`` already the
+    slot's)."""
+    m, k = a.shape
+    n = out.shape[1]
+    rank = u.shape[1]
+    cfg = gemm_config(m, n, k, next_pow2(rank))
+    swn, swk = (w.stride(1), w.stride(0)) if w_transposed else (w.stride(0), w.stride(1))
+    single = tiles is None
+    tb = table_block
+    if cfg["BM"] % tb:
+        raise ValueError(f"table block {table_block} does not divide the GEMM's BM {cfg['BM']}")
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
+    launch(
+        gemm_lora_kernel,
+        grid,
+        a, w, bias if bias is not None else out, u, v, out, a if single else offsets,
+        a if single else adapter, a if single else tiles, m, n, k, triton.cdiv(m, tb),
+        *a.stride(), swn, swk, *out.stride(), *v_strides, scale,
+        R=rank, RP=next_pow2(rank), RH=rh, HAS_BIAS=bias is not None, TB=tb,
+        UPCAST=upcast_dots(), SINGLE=single, PREC=dot_precision(w.dtype), **cfg,
+    )  # fmt: skip
+    return out
 
 
 def sum_partials(
