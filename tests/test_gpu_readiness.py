@@ -325,8 +325,8 @@ def test_layer_call_launches_a_constant_small_number_of_ops(cls, monkeypatch):
     """Forward + backward of one adapter layer: the same torch ops and kernel launches for 2, 5
     and 17 segments (no per-segment or per-call planning), none of them a host sync
     (``_local_scalar_dense``: ``.item()``/``int()`` of a device value) or a host-to-device copy
-    (``lift_fresh``: ``torch.tensor(...)``). Measured at this commit: LoRALinear 55 torch ops
-    (64 on the one-segment path) and 4 kernels, RavanLinear 45 (53) and 2, views and the base
+    (``lift_fresh``: ``torch.tensor(...)``). Measured at this commit: LoRALinear 50 torch ops
+    (59 on the one-segment path) and 4 kernels, RavanLinear 40 (48) and 2, views and the base
     layer included; before the plan (issue 18) they were 181 and 120 with 5 host syncs per call.
     """
     counts = {s: _count_layer_call(cls, s, monkeypatch) for s in (0, 2, 5, 17)}

@@ -153,28 +153,6 @@ def check_slot(slot: object, num_clients: int) -> int:
     return slot
 
 
-def scale_offsets(
-    offsets: torch.Tensor | None, items: int | None, x: torch.Tensor
-) -> torch.Tensor | None:
-    """Offsets over ``items`` leading items turned into offsets over the rows of ``x``.
-
-    ``items=None`` (offsets whose values are unknown: meta / fake tensors) takes the items to be
-    ``x``'s leading dimension, which is what they count (rows of ``[N, d]``, sequences of
-    ``[batch, seq, d]``).
-    """
-    if offsets is None:
-        return None
-    if items is None:
-        items = x.shape[0] if x.dim() > 1 else 1
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if items == 0 or rows % items:
-        raise ValueError(
-            f"seg_offsets cover {items} items but the input has {rows} rows ({list(x.shape)}); "
-            "the rows must be a whole number of items"
-        )
-    return offsets * (rows // items) if rows != items else offsets
-
-
 class SegmentRouting:
     """Routing of input rows to slots, shared by the adapter layers and the slotted head: the
     batch's :class:`fedlora.layers.segments.SegmentPlan` (``None``: everything slot 0), given by
