@@ -322,7 +322,10 @@ class AdapterLayer(SegmentRouting, nn.Module):
         w, b = base.weight, base.bias
         if w.dtype != x.dtype or w.requires_grad or (b is not None and b.requires_grad):
             return False
-        return not torch.is_autocast_enabled(x.device.type)
+        try:
+            return not torch.is_autocast_enabled(x.device.type)
+        except RuntimeError:  # a device type without autocast (meta): nothing to cast
+            return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
