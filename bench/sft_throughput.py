@@ -12,7 +12,8 @@ noise hits every row alike:
 - ``ours``: ``fedlora.inject(model, "fedit", ...)``; the loss of ``fedlora simulate --task
   sft`` (``SFTTask.segment_losses`` over one client segment, i.e.
   ``response_token_losses``: the LM head only at the positions that predict a response token),
-  backward, one ``SlotAdamW`` step; the segments are routed as the simulator's engine does;
+  backward, one ``SlotAdamW`` step; the batch is routed with one ``SegmentPlan`` for every
+  layer (``fedlora.layers.route``), planned once per step;
 - ``peft``: ``peft.get_peft_model(model, LoraConfig(r=8, lora_alpha=16, ...))`` with the usual
   Hugging Face loss ``model(input_ids, attention_mask, labels=labels).loss`` (logits at every
   position), backward, ``torch.optim.AdamW`` on the LoRA parameters;
@@ -154,8 +155,8 @@ def head_only_loss(lm: Any, batch: Any) -> torch.Tensor:
 
 def ours_row(source: str, dtype: torch.dtype, device: torch.device, batch: Any):
     import fedlora
+    from fedlora.layers import SegmentPlan, route
     from fedlora.simulate.devices import adapters_to_float32
-    from fedlora.simulate.engine import set_segments
     from fedlora.simulate.optim import SlotAdamW
 
     lm, _ = load(source, dtype, device)
@@ -163,12 +164,12 @@ def ours_row(source: str, dtype: torch.dtype, device: torch.device, batch: Any):
     adapters_to_float32(lm)
     lm.to(device).eval()  # the simulator's mode (the model has no dropout)
     opt = SlotAdamW(lm, lr=LR)
-    offsets, slots = torch.tensor([0, len(batch)]), torch.tensor([0])
     rank_mask = torch.ones(1, RANK, dtype=torch.bool, device=device)
     active = torch.ones(1, dtype=torch.bool)
 
     def step() -> float:
-        set_segments(lm, offsets, slots, rank_mask)  # as train_group routes one client
+        # as the engine routes one client: one plan per batch, shared by every layer
+        route(lm, SegmentPlan([0, len(batch)], [0], rank_mask, device=device))
         loss = head_only_loss(lm, batch)
         opt.zero_grad()
         loss.backward()
