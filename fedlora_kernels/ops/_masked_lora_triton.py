@@ -422,7 +422,7 @@ def _forward(
     d_out = B.shape[1]
     rp = next_pow2(rank)
     out_dtype = base_out.dtype if base_out is not None else x.dtype
-    fused = base_weight is not None and fused_gemm()
+    fused = base_weight is not None and fused_gemm(base_weight.dtype)
     if fused:  # the base GEMM with the expand in its epilogue (after the shrink below)
         y = alloc_output((n, d_out), device=x.device, dtype=x.dtype)
     elif base_weight is not None:  # the base layer itself; the adapter is added in place
@@ -488,7 +488,7 @@ def _backward_kernels(
     rp = next_pow2(rank)
     device = dy.device
     empty = torch.empty(0, device=device, dtype=x.dtype)
-    fused = need_dx and base_weight is not None and fused_gemm()
+    fused = need_dx and base_weight is not None and fused_gemm(base_weight.dtype)
     if not need_dx:
         dx = empty
     elif fused:  # dx = dy W + dS A_c, the adapter's part in the GEMM's epilogue

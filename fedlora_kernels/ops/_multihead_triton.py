@@ -270,7 +270,7 @@ def _forward(
     R = h * r
     rp = next_pow2(R)
     out_dtype = base_out.dtype if base_out is not None else x.dtype
-    fused = base_weight is not None and fused_gemm()
+    fused = base_weight is not None and fused_gemm(base_weight.dtype)
     if fused:  # the base GEMM with the expand in its epilogue (after the shrink below)
         y = alloc_output((n, d_out), device=x.device, dtype=x.dtype)
     elif base_weight is not None:  # the base layer itself; the adapter is added in place
@@ -331,7 +331,7 @@ def _backward_kernels(
     d_out = B.shape[1]
     C = H.shape[0]
     rp = next_pow2(R)
-    fused = base_weight is not None and fused_gemm()
+    fused = base_weight is not None and fused_gemm(base_weight.dtype)
     if base_weight is not None and not fused:
         dx = torch.mm(dy.to(base_weight.dtype), base_weight).to(dx_dtype or dy.dtype)
     else:
