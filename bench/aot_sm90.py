@@ -22,8 +22,15 @@ largest padded rank and the most optional features on (the most registers), so t
 (``tests/test_aot_sm90.py``) stays short; the default is the full set, written to
 ``bench/results/aot-sm90.json``.
 
-Run: ``python bench/aot_sm90.py [--subset] [--out PATH] [--jobs N]`` (any machine with
-triton >= 3.9; ``TRITON_INTERPRET`` is ignored: this script compiles for the real target).
+Run: ``python bench/aot_sm90.py [--subset] [--out PATH] [--jobs N] [--require-triton 3.6]``
+(any machine with triton 3.6 or newer: CI compiles the subset under its own triton 3.9 through
+``tests/test_aot_sm90.py`` and again under the GPU machine's triton 3.6, installed apart, in
+``.ci/run``; ``TRITON_INTERPRET`` is ignored: this script compiles for the real target).
+
+The variants come from the op table (:mod:`fedlora_kernels.ops.table`): every dtype case of each
+op (mixed ones included: a bf16 ``base_out`` with fp32 factors), both segment layouts (the
+one-segment fast path and the segmented loop), and the launchers' optional paths (``base_out``,
+``base_weight`` with the in-place input-gradient add, rank masks, every gradient subset).
 """
 
 from __future__ import annotations
@@ -67,12 +74,18 @@ from fedlora_kernels.ops import (
     _masked_lora_triton,
     _masked_mean_triton,
     _multihead_triton,
+    _triton_utils,
 )
 from fedlora_kernels.ops._triton_utils import Launch, record_launches
+from fedlora_kernels.ops.table import OPS as TABLE
+from fedlora_kernels.ops.table import DtypeCase
 
 _CACHE = os.environ["TRITON_CACHE_DIR"]
 TARGET = GPUTarget("cuda", 90, 32)
-KERNEL_MODULES = (_multihead_triton, _masked_lora_triton, _masked_adamw_triton, _masked_mean_triton)
+KERNEL_MODULES = (
+    _multihead_triton, _masked_lora_triton, _masked_adamw_triton, _masked_mean_triton,
+    _triton_utils,
+)  # fmt: skip
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "aot-sm90.json"
 
 # the benchmark shapes of DESIGN §8
@@ -81,7 +94,6 @@ DIMS = ((4096, 4096), (4096, 14336))
 RANKS = (16, 64)
 HEADS = (1, 4, 8)
 CLIENTS = (10, 100)
-DTYPES = (torch.bfloat16, torch.float32)
 #: multi-head (h, r): total rank h·r ∈ RANKS, and bench/gpu.py's r = 16 per head (h·r up to 128)
 HEAD_RANKS = sorted({(h, R // h) for h in HEADS for R in RANKS} | {(h, 16) for h in HEADS})
 
@@ -90,56 +102,135 @@ def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-def _one_segment() -> tuple[torch.Tensor, torch.Tensor]:
-    """``(seg_offsets [2], seg_adapter [1])``: the whole batch one segment (the benchmark's)."""
-    return _meta(2, dtype=torch.int64), _meta(1, dtype=torch.int64)
+#: segment layouts compiled: the one-segment fast path (no table: SINGLE) and a segmented
+#: batch (3 segments over 2 slots, with its tile tables)
+LAYOUTS = ("one-segment", "segments")
+#: the dtype cases of the op table compiled at every benchmark shape; the others (mixed dtypes,
+#: fp32 base outputs) at the shapes that choose every tile config (N = 256 and 8192)
+FULL_CASES = ("fp32", "bf16", "bf16+base_bf16")
+REDUCED_NS = (256, 8192)
+
+
+def _plan(n: int, layout: str, blocks: tuple[int, ...], slots: int) -> dict[str, Any]:
+    """Meta stand-ins for a RowSegments' tables: offsets, slots, one ``[3, T]`` table per row
+    block and the ``[C, P]`` owner matrix of the last block (None for the one-segment path)."""
+    if layout == "one-segment":
+        return dict(offsets=None, adapter=None, tiles=[None] * len(blocks), owner=None)
+    segs = 3
+    tiles = [_meta(3, -(-n // b), dtype=torch.int32) for b in blocks]
+    pairs = -(-n // blocks[-1]) + segs - 1
+    return dict(
+        offsets=_meta(segs + 1, dtype=torch.int64),
+        adapter=_meta(segs, dtype=torch.int64),
+        tiles=tiles,
+        owner=_meta(slots, pairs),
+    )
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _shapes(case: DtypeCase):
+    ns = NS if case.name in FULL_CASES else REDUCED_NS
+    return ns, DIMS
 
 
 # ---------------------------------------------------------------- the launches, per op
 
 
-def multihead_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
-    """Forward (with and without the fused base add) and backward at every benchmark shape."""
+def multihead_launches(case: DtypeCase) -> list[tuple[str, Launch]]:
+    """Forward (alone, into ``base_out``, and owning the base GEMM: ``base_weight``) and backward
+    (with and without the in-place input-gradient add) at every benchmark shape, one-segment and
+    segmented, in the dtype case (``x``/factors, ``base_out``)."""
     out = []
     mh = _multihead_triton
-    for n, (d_in, d_out), (h, r) in itertools.product(NS, DIMS, HEAD_RANKS):
-        label = f"multihead N={n} d={d_in}->{d_out} h={h} r={r} {_dt_name(dtype)}"
-        x, dy = _meta(n, d_in, dtype=dtype), _meta(n, d_out, dtype=dtype)
-        A, B = _meta(h, r, d_in, dtype=dtype), _meta(h, d_out, r, dtype=dtype)
-        H, s = _meta(1, h, r, r), _meta(1, h)
-        off, ad = _one_segment()
+    dt, bt = case.x, case.base
+    ns, dims = _shapes(case)
+    for n, (d_in, d_out), (h, r), layout in itertools.product(ns, dims, HEAD_RANKS, LAYOUTS):
+        label = f"multihead N={n} d={d_in}->{d_out} h={h} r={r} {case.name} {layout}"
+        fwd_cfg, bwd_cfg = mh.tile_configs(n, d_in, d_out, h * r)
+        p = _plan(n, layout, (fwd_cfg["BM"], bwd_cfg["BM"]), 2)
+        seg = (p["offsets"], p["adapter"], p["tiles"][0], p["tiles"][1], p["owner"], 0)
+        bseg = (p["offsets"], p["adapter"], p["tiles"][1], p["owner"], 0)
+        x = _meta(n, d_in, dtype=dt)
+        A, B = _meta(h, r, d_in, dtype=dt), _meta(h, d_out, r, dtype=dt)
+        H, s = _meta(2, h, r, r), _meta(2, h)
+        S = _meta(n, h * r)
         with record_launches() as calls:
-            for base in (None, _meta(n, d_out, dtype=dtype)):
-                mh._forward(x, A, B, H, s, off, ad, None, 0.5, base)
-            mh._backward_kernels(dy, _meta(n, h * r), A, B, H, s, off, ad, None, 0.5)
+            if bt is None:
+                mh._forward(x, A, B, H, s, *seg, None, 0.5)
+                mh._backward_kernels(_meta(n, d_out, dtype=dt), S, A, B, H, s, *bseg, None, 0.5)
+                W = _meta(d_out, d_in, dtype=dt)
+                for fused in ("0", "1"):  # cuBLAS + in-place adds; the fused GEMM variant
+                    with _env("FEDLORA_FUSED_GEMM", fused):
+                        mh._forward(x, A, B, H, s, *seg, None, 0.5, None, W, _meta(d_out, dtype=dt))
+                        mh._backward_kernels(
+                            _meta(n, d_out, dtype=dt), S, A, B, H, s, *bseg, None, 0.5, dt, W
+                        )
+            else:
+                mh._forward(x, A, B, H, s, *seg, None, 0.5, _meta(n, d_out, dtype=bt))
+                mh._backward_kernels(_meta(n, d_out, dtype=bt), S, A, B, H, s, *bseg, None, 0.5, dt)
         out += [(label, c) for c in calls]
     return out
 
 
-def masked_lora_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
-    """Forward with and without a rank mask; backward for every non-empty subset of the
-    gradients (x, A, B) a caller can request."""
+def masked_lora_launches(case: DtypeCase) -> list[tuple[str, Launch]]:
+    """Forward with and without a rank mask (alone, into ``base_out``, owning the base GEMM);
+    backward for every non-empty subset of the gradients (x, A, B) a caller can request, one-
+    segment and segmented, in the dtype case."""
     out = []
     ml = _masked_lora_triton
+    dt, bt = case.x, case.base
+    ns, dims = _shapes(case)
     needs = [f for f in itertools.product((True, False), repeat=3) if any(f)]
-    for n, (d_in, d_out), rank, use_rm in itertools.product(NS, DIMS, RANKS, (False, True)):
-        label = f"masked_lora N={n} d={d_in}->{d_out} R={rank} rank_mask={use_rm} {_dt_name(dtype)}"
-        x, dy = _meta(n, d_in, dtype=dtype), _meta(n, d_out, dtype=dtype)
-        A, B = _meta(1, rank, d_in, dtype=dtype), _meta(1, d_out, rank, dtype=dtype)
-        rm = _meta(1, rank) if use_rm else None
-        off, ad = _one_segment()
+    for n, (d_in, d_out), rank, use_rm, layout in itertools.product(
+        ns, dims, RANKS, (False, True), LAYOUTS
+    ):
+        label = (
+            f"masked_lora N={n} d={d_in}->{d_out} R={rank} rank_mask={use_rm} {case.name} {layout}"
+        )
+        rows_cfg, red_cfg = ml.tile_configs(n, d_in, d_out, rank)
+        p = _plan(n, layout, (rows_cfg["BM"], red_cfg["CH"]), 2)
+        seg = (p["offsets"], p["adapter"], p["tiles"][0], p["tiles"][1], p["owner"], 0)
+        x = _meta(n, d_in, dtype=dt)
+        A, B = _meta(2, rank, d_in, dtype=dt), _meta(2, d_out, rank, dtype=dt)
+        segs = 1 if layout == "one-segment" else 3
+        rm = _meta(segs, rank) if use_rm else None
+        T = _meta(n, rank)
+        dy = _meta(n, d_out, dtype=bt or dt)
         with record_launches() as calls:
-            ml._forward(x, A, B, rm, None, off, ad, 0.5)
+            if bt is None:
+                ml._forward(x, A, B, rm, None, *seg, 0.5)
+                W = _meta(d_out, d_in, dtype=dt)
+                for fused in ("0", "1"):  # cuBLAS + in-place adds; the fused GEMM variant
+                    with _env("FEDLORA_FUSED_GEMM", fused):
+                        ml._forward(x, A, B, rm, None, *seg, 0.5, None, W, _meta(d_out, dtype=dt))
+                        ml._backward_kernels(
+                            dy, x, T, A, B, rm, None, *seg, 0.5, True, True, True, W
+                        )
+            else:
+                ml._forward(x, A, B, rm, None, *seg, 0.5, _meta(n, d_out, dtype=bt))
             for need in needs:
-                ml._backward_kernels(dy, x, _meta(n, rank), A, B, rm, None, off, ad, 0.5, *need)
+                ml._backward_kernels(dy, x, T, A, B, rm, None, *seg, 0.5, *need)
         out += [(label, c) for c in calls]
     return out
 
 
-def masked_adamw_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
+def masked_adamw_launches(case: DtypeCase) -> list[tuple[str, Launch]]:
     """The step on A ``[C, R, d_in]`` and B ``[C, d_out, R]`` factors, scalar and per-slot step
     numbers, with and without the importance update."""
     out = []
+    dtype = case.x
     for c, rank, (d_in, d_out) in itertools.product(CLIENTS, RANKS, DIMS):
         for rank_dim, per_slot, imp in itertools.product((0, 1), (False, True), (False, True)):
             shape = (c, rank, d_in) if rank_dim == 0 else (c, d_out, rank)
@@ -159,10 +250,11 @@ def masked_adamw_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
     return out
 
 
-def masked_mean_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
+def masked_mean_launches(case: DtypeCase) -> list[tuple[str, Launch]]:
     """The server reduction over C clients of A-like ``[R, d_in]`` (rank rows) and B-like
     ``[d_out, R]`` (rank columns) tensors, with and without a (float32) fallback."""
     out = []
+    dtype = case.x
     mm = _masked_mean_triton
     for c, rank, (d_in, d_out), fb in itertools.product(CLIENTS, RANKS, DIMS, (False, True)):
         for rank_dim in (0, 1):
@@ -178,7 +270,13 @@ def masked_mean_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
     return out
 
 
-OPS = (multihead_launches, masked_lora_launches, masked_adamw_launches, masked_mean_launches)
+#: the launch replay of each op of the table (fedlora_kernels.ops.table.OPS)
+LAUNCHES = {
+    "multihead_lora": multihead_launches,
+    "masked_lora": masked_lora_launches,
+    "masked_adamw_": masked_adamw_launches,
+    "masked_weighted_mean": masked_mean_launches,
+}
 
 
 def _dt_name(dtype: torch.dtype) -> str:
@@ -280,13 +378,18 @@ def _rerun_ptxas(ptx: str) -> str:
 # ---------------------------------------------------------------- selection, report
 
 
-_FEATURES = ("ADD_BASE", "HAS_RM", "WRITE_DX", "WRITE_DS", "PER_SLOT", "HAS_IMP", "HAS_FB")
-_TILES = ("BM", "BK", "BN", "RB", "BD", "BLOCK", "num_warps", "num_stages")
+_FEATURES = (
+    "ADD_BASE", "ADD_DX", "HAS_RM", "HAS_BIAS", "WRITE_DX", "WRITE_DS", "PER_SLOT", "HAS_IMP", "HAS_FB",
+)  # fmt: skip
+#: what makes a separate group in the subset: the tiles, and the segment layout (the one-segment
+#: fast path and the segmented loop are different code)
+_TILES = ("BM", "BK", "BN", "RB", "BD", "BLOCK", "num_warps", "num_stages", "SINGLE")
 
 
 def representatives(variants: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The subset rule: per (kernel, tile config, pointer dtypes), the variant with the largest
-    padded rank, then the most optional features on, i.e. the most register pressure."""
+    """The subset rule: per (kernel, tile config, segment layout, pointer dtypes: every dtype
+    case of the op table), the variant with the largest padded rank, then the most optional
+    features on, i.e. the most register pressure."""
     best: dict[str, tuple[tuple, str]] = {}
     for key, v in variants.items():
         cfg = v["config"]
@@ -302,8 +405,10 @@ def collect(subset: bool) -> dict[str, dict[str, Any]]:
     """Every distinct variant the launchers choose at the benchmark shapes, with the shapes that
     chose it."""
     variants: dict[str, dict[str, Any]] = {}
-    for op, dtype in itertools.product(OPS, DTYPES):
-        for label, call in op(dtype):
+    for entry in TABLE:
+        for label, call in itertools.chain.from_iterable(
+            LAUNCHES[entry.name](case) for case in entry.dtypes
+        ):
             v = specialise(call)
             key = variant_key(v)
             variants.setdefault(key, v).setdefault("chosen_by", []).append(label)
@@ -343,7 +448,10 @@ def run(subset: bool, jobs: int) -> dict[str, Any]:
             R=RANKS,
             heads_r=HEAD_RANKS,
             clients=CLIENTS,
-            dtypes=[_dt_name(d) for d in DTYPES],
+            dtype_cases={e.name: [c.name for c in e.dtypes] for e in TABLE},
+            full_cases=FULL_CASES,
+            reduced_N=REDUCED_NS,
+            layouts=LAYOUTS,
         ),
         compiled=len(rows),
         failed=sum("error" in r for r in rows),
@@ -382,7 +490,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subset", action="store_true", help="one variant per tile config")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON report path")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile workers")
+    parser.add_argument(
+        "--require-triton",
+        metavar="VERSION",
+        help="fail unless this triton version (prefix, e.g. 3.6) is the one imported (CI's "
+        "second compile, under the GPU machine's triton, must not silently use another)",
+    )
     args = parser.parse_args(argv)
+    if args.require_triton and not triton.__version__.startswith(args.require_triton):
+        print(
+            f"triton {triton.__version__} imported from {triton.__file__}, but "
+            f"--require-triton {args.require_triton}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         report = run(args.subset, max(1, args.jobs))
     finally:

@@ -3,10 +3,11 @@
 Protocol: bf16; median of ``triton.testing.do_bench`` (which flushes L2 between runs) over a
 rotation of 8 input sets so a 50 MB L2 cannot flatter memory-bound work; one run measures every
 baseline. Rows report milliseconds, overhead % over bare ``F.linear`` (the floor) and peak memory.
-Results go to ``bench/results/<device>.json`` with the date, versions and device name.
+Results go to ``bench/results/<device>.json`` (or ``--out``) with the date, versions and device
+name, rewritten after every row: a run cut short keeps every row measured before the cut.
 
     python bench/gpu.py                 # everything
-    python bench/gpu.py --quick         # a few shapes, to check the script
+    python bench/gpu.py --quick         # the goal shapes only (N=8192, d=4096, R=64): ~1 min
     python bench/gpu.py --only multihead
     python bench/gpu.py --list          # the suites and whether each imports
     python bench/gpu.py --dry-run       # every suite at tiny shapes (CPU without a GPU): a check
@@ -33,13 +34,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT.parent / "python_api"))
 
+from _rows import emit, sink  # noqa: E402
 from _timing import (  # noqa: E402
     ROTATE,
     RunConfig,
     Suite,
     copy_gbps,
     environment,
-    fmt_row,
     load_suites,
     rotated,
     skip_reason,
@@ -86,13 +87,17 @@ def multihead_rows(run: RunConfig) -> list[dict]:
             "fedlora (separate add)": lambda x: (
                 F.linear(x, W) + fk.multihead_lora(x, A, B, H, s, **kw)
             ),
-            "fedlora": lambda x: fk.multihead_lora(x, A, B, H, s, base_out=F.linear(x, W), **kw),
+            "fedlora (base_out)": lambda x: fk.multihead_lora(
+                x, A, B, H, s, base_out=F.linear(x, W), **kw
+            ),
+            # the layers' path: the op owns the frozen base GEMM, adds in place both ways
+            "fedlora": lambda x: fk.multihead_lora(x, A, B, H, s, base_weight=W, **kw),
         }
         shape = dict(N=n, d_in=d_in, d_out=d_out, heads=h, r=r)
         for case in time_cases(cases, xs, gs, run, params=(H, s)):
-            rows.append({"bench": "multihead_lora", "impl": case.pop("impl"), **shape, **case})
-            rows[-1]["fwd_tflops"] = 2 * n * d_in * d_out / case["fwd_ms"] / 1e9
-            print(fmt_row(rows[-1]), flush=True)
+            row = {"bench": "multihead_lora", "impl": case.pop("impl"), **shape, **case}
+            row["fwd_tflops"] = 2 * n * d_in * d_out / case["fwd_ms"] / 1e9
+            rows.append(emit(row))
     return rows
 
 
@@ -124,17 +129,18 @@ def masked_mean_rows(run: RunConfig) -> list[dict]:
             copy_gbps=copy_gbps(clients * numel, torch.float32, run),
         )
         row["x_copy_bw"] = row["gbps"] / row["copy_gbps"]
-        print(fmt_row(row), flush=True)
-        out.append(row)
+        out.append(emit(row))
     return out
 
 
 #: Every suite: a function here, or ``"module:function"`` of a file beside this one (imported
 #: when the run starts; a suite that fails to import fails the run).
+#: In run order: the goal shapes' suites first (masked LoRA and its optimizer step, then the
+#: multi-head adapter), the server's aggregation last.
 SUITES: dict[str, Suite | str] = {
+    "masked": "gpu_masked:suite",
     "multihead": multihead_rows,
     "masked_mean": masked_mean_rows,
-    "masked": "gpu_masked:suite",
 }
 
 
@@ -200,22 +206,33 @@ def main(argv: list[str] | None = None) -> int:
     save = not (run.dry_run and args.out is None)
     torch.manual_seed(0)
     results["complete"] = False
-    for name, suite in suites.items():
-        print(f"== {name}", flush=True)
-        try:
-            results["rows"] += suite(run)
-        except KeyboardInterrupt:  # gpu_all.sh's time limit: keep what the earlier suites measured
-            print(f"suite {name} interrupted; writing the suites before it", file=sys.stderr)
-            failures[name] = "interrupted (time limit)"
-            break
-        except Exception as exc:  # keep the other suites' numbers, then fail the run
-            traceback.print_exc()
-            print(f"suite {name} failed: {exc!r}", file=sys.stderr, flush=True)
-            failures[name] = repr(exc)
-        if save:  # after every suite: a run cut short by its time limit keeps these numbers
+
+    def save_now() -> None:
+        if save:  # a run cut short by its time limit keeps every row written so far
             write_results({**results, "failures": failures} if failures else results, args.out)
-    else:
-        results["complete"] = True
+
+    def on_row(row: dict) -> None:  # every row, as soon as it is measured
+        results["rows"].append(row)
+        save_now()
+
+    with sink(on_row):
+        for name, suite in suites.items():
+            print(f"== {name}", flush=True)
+            try:
+                returned = suite(run)
+                seen = {id(r) for r in results["rows"]}
+                results["rows"] += [r for r in returned if id(r) not in seen]
+            except KeyboardInterrupt:  # gpu_all.sh's time limit: keep what was measured
+                print(f"suite {name} interrupted; its earlier rows are saved", file=sys.stderr)
+                failures[name] = "interrupted (time limit)"
+                break
+            except Exception as exc:  # keep the other suites' numbers, then fail the run
+                traceback.print_exc()
+                print(f"suite {name} failed: {exc!r}", file=sys.stderr, flush=True)
+                failures[name] = repr(exc)
+            save_now()
+        else:
+            results["complete"] = True
     if failures:
         results["failures"] = failures
     if not save:

@@ -4,8 +4,10 @@
 
 * ``bench="masked_lora"``: per (N, R) at d_in = d_out = 4096, bf16, the base layer alone
   (``F.linear``, the floor), base + a PEFT-style eager adapter (``lora_B(lora_A(x)) * scale``),
-  base + ``fk.masked_lora`` with every component trainable, and with half of them frozen by
-  ``grad_mask`` (scattered, as HAFL picks them). Forward and forward+backward milliseconds, the
+  PEFT's own LoRA module (``peft.tuners.lora.Linear``, where peft is installed), base +
+  ``fk.masked_lora`` added separately, and ``fk.masked_lora`` owning the base GEMM
+  (``base_weight``: the layers' path) with every component trainable, and with half of them
+  frozen by ``grad_mask`` (scattered, as HAFL picks them). Forward and forward+backward milliseconds, the
   ratios to the floor, peak memory, and for our two rows the time of the adapter backward alone
   (``bwd_ms``: dx, dA, dB) and of the adapter-parameter gradients alone (``grad_ms``: dA, dB).
   The issue-3 goals read directly off these rows: ``fwd_x_floor <= 1.10`` at N=8192, R=64, and
@@ -28,7 +30,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from _timing import RunConfig, copy_gbps, fmt_row, rotated, time_cases
+from _rows import emit
+from _timing import RunConfig, copy_gbps, peft_lora_baseline, rotated, time_cases
 
 import fedlora_kernels as fk
 
@@ -73,30 +76,44 @@ def masked_lora_rows(ns: Sequence[int], d: int, ranks: Sequence[int], run: RunCo
             return F.linear(x, W) + F.linear(F.linear(x, A), B) * scale
 
         def ours(x, grad_mask=None):
-            return F.linear(x, W) + fk.masked_lora(
-                x, A, B, scale=scale, grad_mask=grad_mask, backend=backend
+            # the layers' path: the op owns the frozen base GEMM (base_weight), the adapter is
+            # accumulated into its output and its input gradient into dy W, in place
+            return fk.masked_lora(
+                x, A, B, scale=scale, grad_mask=grad_mask, base_weight=W, backend=backend
             )
 
+        peft_mod = peft_lora_baseline(W.float().cpu(), rank, alpha=16.0, A=A.cpu(), B=B.cpu())
         cases: dict[str, Callable] = {
             "F.linear": lambda x: F.linear(x, W),
             "peft-style eager": eager,
+            "fedlora separate add": lambda x: (
+                F.linear(x, W) + fk.masked_lora(x, A, B, scale=scale, backend=backend)
+            ),
             "fedlora all-trainable": ours,
             "fedlora half-frozen": lambda x: ours(x, half),
         }
+        params = [A, B]
+        if peft_mod is not None:  # PEFT's own LoRA module (peft.tuners.lora.Linear), eager
+            peft_mod = peft_mod.to(device=device, dtype=dtype)
+            cases["peft LoRA module"] = peft_mod
+            params += [p for p in peft_mod.parameters() if p.requires_grad]
         shape = dict(N=n, d_in=d, d_out=d, R=rank)
-        for case in time_cases(cases, xs, gs, run, params=(A, B)):
+        new = []
+        for case in time_cases(cases, xs, gs, run, params=params):
             name = case.pop("impl")
             row = {"bench": "masked_lora", "impl": name, **shape, **case}
-            if name.startswith("fedlora") and launchers is not None:
+            if name in ("fedlora all-trainable", "fedlora half-frozen") and launchers is not None:
                 gm = None if name.endswith("all-trainable") else half.float()
                 row.update(_backward_only(launchers, xs, gs, A, B, gm, scale, run))
-            rows.append(row)
+            new.append(row)
         if launchers is not None:
-            all_row = next(r for r in rows[-2:] if r["impl"] == "fedlora all-trainable")
-            rows[-1]["grad_x_all"] = rows[-1]["grad_ms"] / all_row["grad_ms"]
-            rows[-1]["bwd_x_all"] = rows[-1]["bwd_ms"] / all_row["bwd_ms"]
-        for row in rows[-4:]:
-            print(fmt_row(row), flush=True)
+            all_row = next(r for r in new if r["impl"] == "fedlora all-trainable")
+            half_row = next(r for r in new if r["impl"] == "fedlora half-frozen")
+            half_row["grad_x_all"] = half_row["grad_ms"] / all_row["grad_ms"]
+            half_row["bwd_x_all"] = half_row["bwd_ms"] / all_row["bwd_ms"]
+        for row in new:
+            emit(row)
+        rows += new
     return rows
 
 
@@ -104,15 +121,13 @@ def _backward_only(launchers, xs, gs, A, B, gm, scale, run: RunConfig) -> dict[s
     """The adapter backward alone (``bwd_ms``: dx, dA, dB; ``grad_ms``: dA, dB), from a saved
     forward (x, T) and the slot tables, through the Triton launchers."""
     fwd, bwd = launchers
-    n = xs[0].shape[0]
-    off = torch.tensor([0, n], device=run.device)
-    ad = torch.zeros(1, dtype=torch.int64, device=run.device)
     a3, b3 = A.detach()[None], B.detach()[None]
-    saved = [fwd(x.detach(), a3, b3, None, gm, off, ad, scale)[1] for x in xs]
+    one_segment = (None, None, None, None, None, 0)  # no table: the one-segment fast path
+    saved = [fwd(x.detach(), a3, b3, None, gm, *one_segment, scale)[1] for x in xs]
 
     def backward(i: int, need_dx: bool):
         return bwd(
-            gs[i], xs[i].detach(), saved[i], a3, b3, None, gm, off, ad, scale,
+            gs[i], xs[i].detach(), saved[i], a3, b3, None, gm, *one_segment, scale,
             need_dx, True, True,
         )  # fmt: skip
 
@@ -167,8 +182,7 @@ def masked_adamw_rows(shapes: Sequence[tuple[int, int, int]], run: RunConfig) ->
                 torch_adamw_ms=torch_ms,
             )
             row["x_copy_bw"] = row["gbps"] / ceiling
-            print(fmt_row(row), flush=True)
-            rows.append(row)
+            rows.append(emit(row))
     return rows
 
 

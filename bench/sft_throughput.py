@@ -12,7 +12,8 @@ noise hits every row alike:
 - ``ours``: ``fedlora.inject(model, "fedit", ...)``; the loss of ``fedlora simulate --task
   sft`` (``SFTTask.segment_losses`` over one client segment, i.e.
   ``response_token_losses``: the LM head only at the positions that predict a response token),
-  backward, one ``SlotAdamW`` step; the segments are routed as the simulator's engine does;
+  backward, one ``SlotAdamW`` step; the batch is routed with one ``SegmentPlan`` for every
+  layer (``fedlora.layers.route``), planned once per step;
 - ``peft``: ``peft.get_peft_model(model, LoraConfig(r=8, lora_alpha=16, ...))`` with the usual
   Hugging Face loss ``model(input_ids, attention_mask, labels=labels).loss`` (logits at every
   position), backward, ``torch.optim.AdamW`` on the LoRA parameters;
@@ -28,7 +29,9 @@ the real and response token counts are reported). Reported per row: median step 
 ``--warmup`` first steps excluded), tokens/s over the padded positions, the real (unpadded)
 tokens and the response tokens, peak CUDA memory, and the first step's loss (with B = 0 every row
 computes the same base-model loss: a check that they train the same objective). Results go to
-``bench/results/sft-throughput-<device>.json``.
+``bench/results/sft-throughput-<device>.json`` (or ``--out``), rewritten after every round of
+steps with ``"complete": false`` until the last: a run cut short by its time limit (SIGINT from
+``bench/gpu_all.sh``) keeps every step measured before the cut.
 """
 
 from __future__ import annotations
@@ -152,8 +155,8 @@ def head_only_loss(lm: Any, batch: Any) -> torch.Tensor:
 
 def ours_row(source: str, dtype: torch.dtype, device: torch.device, batch: Any):
     import fedlora
+    from fedlora.layers import SegmentPlan, route
     from fedlora.simulate.devices import adapters_to_float32
-    from fedlora.simulate.engine import set_segments
     from fedlora.simulate.optim import SlotAdamW
 
     lm, _ = load(source, dtype, device)
@@ -161,12 +164,12 @@ def ours_row(source: str, dtype: torch.dtype, device: torch.device, batch: Any):
     adapters_to_float32(lm)
     lm.to(device).eval()  # the simulator's mode (the model has no dropout)
     opt = SlotAdamW(lm, lr=LR)
-    offsets, slots = torch.tensor([0, len(batch)]), torch.tensor([0])
     rank_mask = torch.ones(1, RANK, dtype=torch.bool, device=device)
     active = torch.ones(1, dtype=torch.bool)
 
     def step() -> float:
-        set_segments(lm, offsets, slots, rank_mask)  # as train_group routes one client
+        # as the engine routes one client: one plan per batch, shared by every layer
+        route(lm, SegmentPlan([0, len(batch)], [0], rank_mask, device=device))
         loss = head_only_loss(lm, batch)
         opt.zero_grad()
         loss.backward()
@@ -240,12 +243,22 @@ def sync(device: torch.device) -> None:
 
 
 def time_rows(
-    steps: dict, device: torch.device, warmup: int, n: int
+    steps: dict,
+    device: torch.device,
+    warmup: int,
+    n: int,
+    on_round: Any = None,
+    out: dict[str, dict] | None = None,
+    loads: list[float] | None = None,
 ) -> tuple[dict[str, dict], list[float]]:
     """Every row's step, interleaved, ``warmup + n`` times: per row the seconds, losses and peak
-    memory; and the 1-minute load average after each round of steps (a shared CPU's noise)."""
-    out = {name: {"seconds": [], "losses": [], "peak_mib": None} for name in steps}
-    loads: list[float] = []
+    memory; and the 1-minute load average after each round of steps (a shared CPU's noise).
+    ``on_round()`` runs after every round (the caller saves the partial rows: a run cut short
+    by its time limit keeps every step measured); ``out`` / ``loads`` are filled in place."""
+    if out is None:
+        out = {}
+    out.update({name: {"seconds": [], "losses": [], "peak_mib": None} for name in steps})
+    loads = [] if loads is None else loads
     for i in range(warmup + n):
         this: dict[str, float] = {}
         for name, step in steps.items():
@@ -270,7 +283,106 @@ def time_rows(
             + "  ".join(f"{k} {v:.3f}s" for k, v in this.items()),
             flush=True,
         )
+        if on_round is not None:
+            on_round()
     return out, loads
+
+
+def summarise(
+    timed: dict[str, dict],
+    loads: list[float],
+    *,
+    complete: bool,
+    args: argparse.Namespace,
+    batch: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    label: str,
+    cuda: bool,
+    load_before: tuple,
+    trainable: dict,
+    warmup: int,
+    n: int,
+) -> tuple[dict, dict, dict, bool]:
+    """``(results, rows, ratios, same_first_loss)`` of the steps timed so far (rows with at
+    least one timed step; ``complete`` False marks a partial save)."""
+    timed = {k: t for k, t in timed.items() if t["seconds"]}
+    load_after = os.getloadavg()
+
+    positions = batch.input_ids.numel()
+    real = int(batch.attention_mask.sum())
+    response = int((batch.labels != -100).sum())
+    predicted = int((batch.labels[:, 1:] != -100).sum())
+    rows = {}
+    for name, t in timed.items():
+        med = statistics.median(t["seconds"])
+        rows[name] = {
+            "median_step_s": med,
+            "min_step_s": min(t["seconds"]),
+            "step_s": t["seconds"],
+            "positions_per_s": positions / med,
+            "tokens_per_s": real / med,
+            "response_tokens_per_s": response / med,
+            "first_loss": t["losses"][0],
+            "last_loss": t["losses"][-1],
+            "peak_mib": t["peak_mib"],
+        }
+    ratios = {}
+    if "ours" in rows:
+        for other in ("peft", "peft_head_only", "frozen_floor"):
+            if other in rows:
+                a, b = timed["ours"]["seconds"], timed[other]["seconds"]
+                ratios[f"ours_over_{other}"] = {
+                    "median_step_s": rows["ours"]["median_step_s"] / rows[other]["median_step_s"],
+                    "min_step_s": min(a) / min(b),
+                    # the steps are interleaved: step i of both rows ran side by side
+                    "paired_median": statistics.median(x / y for x, y in zip(a, b, strict=False)),
+                }
+    # rows whose first step is their model's first update (peft_head_only shares PEFT's model)
+    fresh = [k for k in rows if k != "peft_head_only" or "peft" not in rows]
+    first = [rows[k]["first_loss"] for k in fresh]
+    same_objective = max(first) - min(first) <= (2e-3 if dtype == torch.float32 else 5e-2) * max(
+        1.0, abs(first[0])
+    )
+    notes = list(args.note)
+    if not cuda and max(load_before[0], load_after[0]) > torch.get_num_threads():
+        notes.append(
+            f"shared CPU: 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} "
+            f"after on {os.cpu_count()} cores; timings are noisy, medians reported"
+        )
+    results = environment(
+        str(device),
+        model=label,
+        dtype=str(dtype).removeprefix("torch."),
+        lora={"rank": RANK, "alpha": ALPHA, "target_modules": TARGETS},
+        batch={
+            "rows": len(batch),
+            "max_length": args.max_length,
+            "positions": positions,
+            "real_tokens": real,
+            "response_tokens": response,
+            "head_positions_ours": predicted,
+            "data": list(DATA),
+            "real_tokens_per_row": batch.attention_mask.sum(1).tolist(),
+        },
+        trainable_params=trainable,
+        warmup_steps=warmup,
+        timed_steps=n,
+        rows=rows,
+        ratios=ratios,
+        same_first_loss=same_objective,
+        loadavg={"before": list(load_before), "after": list(load_after), "per_step": loads},
+        notes=notes,
+        complete=complete,
+    )
+    try:
+        import peft
+        import transformers
+
+        results["peft"], results["transformers"] = peft.__version__, transformers.__version__
+    except ImportError:
+        pass
+    return results, rows, ratios, same_objective
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,84 +426,29 @@ def main(argv: list[str] | None = None) -> int:
             keep.append(m)
         print(f"models loaded in {time.perf_counter() - t0:.1f}s ({label}, {dtype})", flush=True)
         steps = {k: steps[k] for k in names}
-        timed, loads = time_rows(steps, device, warmup, n)
-    load_after = os.getloadavg()
+        path = args.out or results_path(device_name(str(device)), prefix="sft-throughput-")
+        timed: dict[str, dict] = {}
+        loads: list[float] = []
+        meta = dict(args=args, batch=batch, dtype=dtype, device=device, label=label, cuda=cuda,
+                    load_before=load_before, trainable=trainable, warmup=warmup, n=n)  # fmt: skip
 
-    positions = batch.input_ids.numel()
-    real = int(batch.attention_mask.sum())
-    response = int((batch.labels != -100).sum())
-    predicted = int((batch.labels[:, 1:] != -100).sum())
-    rows = {}
-    for name, t in timed.items():
-        med = statistics.median(t["seconds"])
-        rows[name] = {
-            "median_step_s": med,
-            "min_step_s": min(t["seconds"]),
-            "step_s": t["seconds"],
-            "positions_per_s": positions / med,
-            "tokens_per_s": real / med,
-            "response_tokens_per_s": response / med,
-            "first_loss": t["losses"][0],
-            "last_loss": t["losses"][-1],
-            "peak_mib": t["peak_mib"],
-        }
-    ratios = {}
-    if "ours" in rows:
-        for other in ("peft", "peft_head_only", "frozen_floor"):
-            if other in rows:
-                a, b = timed["ours"]["seconds"], timed[other]["seconds"]
-                ratios[f"ours_over_{other}"] = {
-                    "median_step_s": rows["ours"]["median_step_s"] / rows[other]["median_step_s"],
-                    "min_step_s": min(a) / min(b),
-                    # the steps are interleaved: step i of both rows ran side by side
-                    "paired_median": statistics.median(x / y for x, y in zip(a, b, strict=True)),
-                }
-    # rows whose first step is their model's first update (peft_head_only shares PEFT's model)
-    fresh = [k for k in rows if k != "peft_head_only" or "peft" not in rows]
-    first = [rows[k]["first_loss"] for k in fresh]
-    same_objective = max(first) - min(first) <= (2e-3 if dtype == torch.float32 else 5e-2) * max(
-        1.0, abs(first[0])
-    )
-    notes = list(args.note)
-    if not cuda and max(load_before[0], load_after[0]) > torch.get_num_threads():
-        notes.append(
-            f"shared CPU: 1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} "
-            f"after on {os.cpu_count()} cores; timings are noisy, medians reported"
-        )
-    results = environment(
-        str(device),
-        model=label,
-        dtype=str(dtype).removeprefix("torch."),
-        lora={"rank": RANK, "alpha": ALPHA, "target_modules": TARGETS},
-        batch={
-            "rows": len(batch),
-            "max_length": args.max_length,
-            "positions": positions,
-            "real_tokens": real,
-            "response_tokens": response,
-            "head_positions_ours": predicted,
-            "data": list(DATA),
-            "real_tokens_per_row": batch.attention_mask.sum(1).tolist(),
-        },
-        trainable_params=trainable,
-        warmup_steps=warmup,
-        timed_steps=n,
-        rows=rows,
-        ratios=ratios,
-        same_first_loss=same_objective,
-        loadavg={"before": list(load_before), "after": list(load_after), "per_step": loads},
-        notes=notes,
-    )
-    try:
-        import peft
-        import transformers
+        def save_partial() -> None:
+            if any(t["seconds"] for t in timed.values()):
+                write_results(summarise(timed, loads, complete=False, **meta)[0], path)
 
-        results["peft"], results["transformers"] = peft.__version__, transformers.__version__
-    except ImportError:
-        pass
-    path = args.out or results_path(device_name(str(device)), prefix="sft-throughput-")
+        try:
+            time_rows(steps, device, warmup, n, save_partial, timed, loads)
+        except KeyboardInterrupt:  # gpu_all.sh's time limit: keep the steps measured so far
+            print("interrupted: writing the steps measured so far", file=sys.stderr, flush=True)
+            save_partial()
+            return 1
+    results, rows, ratios, same_objective = summarise(timed, loads, complete=True, **meta)
     write_results(results, path)
-    print(f"batch {len(batch)}x{args.max_length}: {real} real tokens, {response} response tokens")
+    b = results["batch"]
+    print(
+        f"batch {len(batch)}x{args.max_length}: {b['real_tokens']} real tokens, "
+        f"{b['response_tokens']} response tokens"
+    )
     for name, r in rows.items():
         print(
             f"{name:15s} median {r['median_step_s']:.4f}s (min {r['min_step_s']:.4f}s)  "

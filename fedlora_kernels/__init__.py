@@ -20,6 +20,7 @@ _EXPORTS = {
     "masked_adamw_": "fedlora_kernels.ops.masked_adamw",
     "masked_weighted_mean": "fedlora_kernels.ops.masked_mean",
     "resolve_backend": "fedlora_kernels._dispatch",
+    "RowSegments": "fedlora_kernels.segments",
 }
 
 __all__ = [*_EXPORTS, "__version__", "reference"]

@@ -20,9 +20,12 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from fedlora_kernels.segments import RowSegments
 
 BACKENDS = ("triton", "torch", "c")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -238,67 +241,6 @@ def check_segment_offsets_arg(seg_offsets: object) -> int | None:
     return None if values_unavailable(seg_offsets) else int(seg_offsets[-1])
 
 
-def check_segments(
-    seg_offsets: torch.Tensor | None,
-    seg_adapter: torch.Tensor | None,
-    num_rows: int,
-    num_slots: int,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate and normalise the segment description of a batched call.
-
-    ``seg_offsets`` (int, ``[S+1]``) must start at 0, never decrease and end at ``num_rows``;
-    ``seg_adapter`` (int, ``[S]``) holds slot indices in ``[0, num_slots)``. Omitted, the whole
-    input is one segment using slot 0. Returns int64 tensors on ``device``. Value checks are
-    skipped while ``torch.compile`` traces (they would need a device sync and a graph break).
-    """
-    if seg_offsets is None and seg_adapter is None:
-        offsets = torch.tensor([0, num_rows], dtype=torch.int64, device=device)
-        adapter = torch.zeros(1, dtype=torch.int64, device=device)
-        return offsets, adapter
-    int_types = (torch.int32, torch.int64)
-    if seg_offsets is None:
-        if num_rows and seg_adapter is not None and seg_adapter.numel() != 1:
-            raise ValueError("seg_offsets is required when seg_adapter has more than one segment")
-        offsets = torch.tensor([0, num_rows], dtype=torch.int64, device=device)
-    else:
-        check_tensor("seg_offsets", seg_offsets, ndim=1, dtypes=int_types)
-        if seg_offsets.numel() < 2:
-            raise ValueError(
-                "seg_offsets must have at least 2 entries ([S+1]), "
-                f"got shape {list(seg_offsets.shape)}"
-            )
-        offsets = seg_offsets.to(device=device, dtype=torch.int64)
-    num_segs = offsets.numel() - 1
-    if seg_adapter is None:
-        if num_slots != 1 and num_segs != num_slots:
-            raise ValueError(
-                f"seg_adapter is required when there are {num_slots} adapter slots and "
-                f"{num_segs} segments"
-            )
-        adapter = torch.arange(num_segs, dtype=torch.int64, device=device)
-        if num_slots == 1:
-            adapter = torch.zeros_like(adapter)
-    else:
-        check_tensor("seg_adapter", seg_adapter, ndim=1, dtypes=int_types)
-        check_shape("seg_adapter", seg_adapter, [num_segs])
-        adapter = seg_adapter.to(device=device, dtype=torch.int64)
-    if not values_unavailable(offsets, adapter):
-        if int(offsets[0]) != 0 or int(offsets[-1]) != num_rows:
-            raise ValueError(
-                f"seg_offsets must start at 0 and end at the number of rows {num_rows}, "
-                f"got {offsets.tolist()}"
-            )
-        if bool((offsets[1:] < offsets[:-1]).any()):
-            raise ValueError(f"seg_offsets must be non-decreasing, got {offsets.tolist()}")
-        if num_segs and (int(adapter.min()) < 0 or int(adapter.max()) >= num_slots):
-            raise ValueError(
-                f"seg_adapter entries must lie in [0, {num_slots}) (the number of adapter slots), "
-                f"got {adapter.tolist()}"
-            )
-    return offsets, adapter
-
-
 def row_slots(offsets: torch.Tensor, adapter: torch.Tensor, num_rows: int) -> torch.Tensor:
     """Slot index of every row, ``[num_rows]`` int64 (traceable: no data-dependent shapes)."""
     rows = torch.arange(num_rows, device=offsets.device)
@@ -312,8 +254,7 @@ class RowsInput(NamedTuple):
 
     x2: torch.Tensor  # [N, d_in]
     lead: torch.Size  # x.shape[:-1]
-    offsets: torch.Tensor  # int64 [S+1] on the device
-    adapter: torch.Tensor  # int64 [S] on the device
+    segs: RowSegments  # validated, planned once per batch (or the one-segment plan)
 
 
 def check_rows_input(x: object) -> torch.Tensor:
@@ -338,9 +279,44 @@ def flatten_rows(
     seg_adapter: torch.Tensor | None,
     num_slots: int,
     device: torch.device,
+    segments: RowSegments | None = None,
 ) -> RowsInput:
-    """``x`` as ``[N, d_in]`` rows with its validated segment description
-    (:func:`check_segments`)."""
+    """``x`` as ``[N, d_in]`` rows with its segment plan (:func:`fedlora_kernels.segments.row_segments`)."""
+    from fedlora_kernels.segments import row_segments
+
     x2 = x.reshape(-1, d_in)
-    offsets, adapter = check_segments(seg_offsets, seg_adapter, x2.shape[0], num_slots, device)
-    return RowsInput(x2, x.shape[:-1], offsets, adapter)
+    segs = row_segments(segments, seg_offsets, seg_adapter, x2.shape[0], num_slots, device)
+    return RowsInput(x2, x.shape[:-1], segs)
+
+
+def check_base_layer(
+    x: torch.Tensor,
+    d_in: int,
+    d_out: int,
+    base_out: torch.Tensor | None,
+    base_weight: torch.Tensor | None,
+    base_bias: torch.Tensor | None,
+) -> None:
+    """The base layer an adapter op may compute itself: ``base_weight`` ``[d_out, d_in]`` (frozen,
+    ``x``'s dtype) and optional ``base_bias`` ``[d_out]``, never together with ``base_out``."""
+    if base_weight is None:
+        if base_bias is not None:
+            raise ValueError("base_bias needs base_weight")
+        return
+    if base_out is not None:
+        raise ValueError("give base_out (the base layer's output) or base_weight, not both")
+    check_tensor("base_weight", base_weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_shape("base_weight", base_weight, [d_out, d_in])
+    if base_weight.dtype != x.dtype:
+        raise TypeError(
+            f"base_weight must have the dtype of x ({x.dtype}), got {base_weight.dtype}"
+        )
+    if base_weight.requires_grad:
+        raise ValueError(
+            "base_weight must be frozen (requires_grad=False): the op gives it no gradient"
+        )
+    if base_bias is not None:
+        check_tensor("base_bias", base_bias, ndim=1, dtypes=(x.dtype,))
+        check_shape("base_bias", base_bias, [d_out])
+        if base_bias.requires_grad:
+            raise ValueError("base_bias must be frozen (requires_grad=False)")

@@ -50,7 +50,7 @@ def test_help_and_list():
     assert "--dry-run" in help_.stdout and "--list" in help_.stdout
     listed = _script("gpu.py", "--list")
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.split() == ["multihead:", "ok", "masked_mean:", "ok", "masked:", "ok"]
+    assert listed.stdout.split() == ["masked:", "ok", "multihead:", "ok", "masked_mean:", "ok"]
     assert _script("simulate_speed.py", "--help").returncode == 0
 
 
@@ -66,7 +66,11 @@ def test_dry_run_runs_every_suite_and_writes_results(tmp_path):
     assert benches == {"multihead_lora", "masked_weighted_mean", "masked_lora", "masked_adamw_"}
     masked = [r for r in results["rows"] if r["bench"] == "masked_lora"]
     assert masked[0]["impl"] == "F.linear" and masked[0]["fwd_x_floor"] == 1.0
-    assert "grad_x_all" in masked[-1]  # the backward-only rows ran too
+    impls = {r["impl"] for r in masked}
+    assert {"fedlora all-trainable", "fedlora half-frozen", "peft LoRA module"} <= impls
+    assert any("grad_x_all" in r for r in masked)  # the backward-only rows ran too
+    mh = {r["impl"] for r in results["rows"] if r["bench"] == "multihead_lora"}
+    assert {"F.linear", "fedlora", "fedlora (base_out)"} <= mh
 
 
 def test_a_suite_that_fails_to_import_fails_the_run(gpu, monkeypatch, tmp_path, capsys):
@@ -159,3 +163,78 @@ def test_sft_speed_scripts_run_end_to_end_on_a_tiny_model(tmp_path):
     text = tp.read_text()
     for row in ("ours", "peft", "frozen_floor"):
         assert row in text, row
+
+
+def _gpu_all(tmp_path, **env):
+    out = tmp_path / "out"
+    full_env = {
+        **os.environ,
+        "DRY_RUN": "1",
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "TMPDIR": str(tmp_path),
+        **env,
+    }
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_all.sh")],
+        capture_output=True, text=True, env=full_env, timeout=600, cwd=ROOT,
+    )  # fmt: skip
+    return proc, out / "bench-results"
+
+
+@pytest.mark.slow
+def test_gpu_all_dry_run_runs_the_quick_pass_into_out(tmp_path):
+    """``DRY_RUN=1 bash bench/gpu_all.sh`` on the CPU: the quick pass (goal bench, readiness
+    tests, SFT step) runs at tiny sizes and every result lands in ``$OUT/bench-results``, the
+    folder the GPU tool brings back."""
+    proc, res = _gpu_all(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    goal = json.loads((res / "gpu-goal.json").read_text())
+    assert goal["rows"] and "dry run" in goal["protocol"] and goal["complete"] is True
+    assert {r["bench"] for r in goal["rows"]} >= {"masked_lora", "multihead_lora"}
+    assert "ours" in json.loads((res / "sft-throughput.json").read_text())["rows"]
+    for name in ("goal", "tests", "sft"):
+        assert (res / f"gpu_all-{name}.log").stat().st_size > 0, name
+    assert "gpu_all (quick): exit 0" in proc.stdout
+
+
+def test_gpu_all_plan_fits_the_device_budget():
+    """The step limits of each phase fit its TOTAL, and the plan (start + both calls) stays
+    within 10 minutes of device time."""
+    import re
+
+    text = (BENCH / "gpu_all.sh").read_text()
+    totals = dict(re.findall(r"^\s+(quick|full)\) TOTAL=\$\{TOTAL:-(\d+)\}", text, re.M))
+    assert int(totals["quick"]) <= 240  # the quick pass: at most 4 minutes
+    body = text.split('if [ "$PHASE" = quick ]; then', 1)[1]
+    quick_part, full_part = body.split("\nelse\n", 1)
+    for part, total in ((quick_part, totals["quick"]), (full_part, totals["full"])):
+        # simulate-classify runs only where the MiniLM wheel is installed (not on the GPU
+        # machine) and gets what is left of the budget
+        steps = re.findall(r"^\s+step ([\w-]+) (\d+) ", part, re.M)
+        limits = [int(s) for name, s in steps if name != "simulate-classify"]
+        assert limits and sum(limits) <= int(total), (limits, total)
+    start_s = 90
+    assert start_s + int(totals["quick"]) + int(totals["full"]) <= 600
+
+
+def test_gpu_all_refuses_an_unknown_phase(tmp_path):
+    proc, _ = _gpu_all(tmp_path, PHASE="everything")
+    assert proc.returncode == 2 and "PHASE must be quick or full" in proc.stderr
+
+
+def test_sft_throughput_saves_partial_rows_every_round(gpu):
+    """bench/sft_throughput.py hands every round of steps to a saver (partial rows survive a
+    time limit), filling the caller's dicts in place."""
+    spec = importlib.util.spec_from_file_location("bench_sft_tp", BENCH / "sft_throughput.py")
+    tp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp)
+    seen, timed, loads = [], {}, []
+
+    def on_round():
+        seen.append({k: len(v["seconds"]) for k, v in timed.items()})
+
+    steps = {"a": lambda: 1.0, "b": lambda: 2.0}
+    tp.time_rows(steps, torch.device("cpu"), 1, 3, on_round, timed, loads)
+    assert seen == [{"a": 0, "b": 0}, {"a": 1, "b": 1}, {"a": 2, "b": 2}, {"a": 3, "b": 3}]
+    assert timed["b"]["losses"] == [2.0] * 4 and len(loads) == 4

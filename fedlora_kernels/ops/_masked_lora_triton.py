@@ -26,17 +26,19 @@ import triton.language as tl
 from fedlora_kernels.ops._triton_utils import (
     alloc_output,
     dot_precision,
+    expand_tile,
+    fused_gemm,
     launch,
+    launch_gemm_lora,
     next_pow2,
-    pair_slots,
     register,
     row_tile,
     row_tile_config,
     segment,
     segment_rows,
-    segment_slot_dot,
-    segment_tiles,
-    sum_partials_by_slot,
+    shrink_tile,
+    sum_partials,
+    tile_segments,
     upcast_dots,
 )
 
@@ -55,20 +57,6 @@ def alloc_partials(shape: tuple[int, ...], *, device: torch.device) -> torch.Ten
 
 
 @triton.jit
-def _row_mask(
-    rm_ptr, off_ptr, slot_ptr, rows, js, seg_lo, seg_hi, R: tl.constexpr, BM: tl.constexpr,
-    RP: tl.constexpr,
-):  # fmt: skip
-    """Per-row rank mask ``[BM, RP]``: row n of segment t gets ``rank_mask[t]``."""
-    M = tl.zeros([BM, RP], dtype=tl.float32)
-    for t in range(seg_lo, seg_hi + 1):
-        inseg, _ = segment_rows(off_ptr, slot_ptr, t, rows)
-        mt = tl.load(rm_ptr + t * R + js, mask=js < R, other=0.0)
-        M = tl.where(inseg[:, None], mt[None, :], M)
-    return M
-
-
-@triton.jit
 def _ml_fwd_kernel(
     x_ptr,
     a_ptr,
@@ -76,17 +64,20 @@ def _ml_fwd_kernel(
     rm_ptr,
     y_ptr,
     t_ptr,
+    base_ptr,
     off_ptr,
     segslot_ptr,
-    tlo_ptr,
-    thi_ptr,
+    tab_ptr,
     N,
+    T,
     D_IN,
     D_OUT,
     sxm,
     sxk,
     sym,
     syn,
+    sbm,
+    sbn,
     scale,
     R: tl.constexpr,
     RP: tl.constexpr,
@@ -95,63 +86,47 @@ def _ml_fwd_kernel(
     BK: tl.constexpr,
     BN: tl.constexpr,
     UPCAST: tl.constexpr,
+    ADD_BASE: tl.constexpr,
+    SINGLE: tl.constexpr,
     PREC: tl.constexpr,
+    EXPAND: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     rows, rmask = row_tile(N, BM)
     rows64 = rows.to(tl.int64)
     js = tl.arange(0, RP)
     jmask = js < R
-    seg_lo = tl.load(tlo_ptr + pid)
-    seg_hi = tl.load(thi_ptr + pid)
+    js64 = js.to(tl.int64)
+    a_rows = js64 * D_IN  # A_c [R, D_IN]
+    seg_lo, seg_hi, _ = tile_segments(tab_ptr, T, pid, SINGLE)
 
-    # shrink: S[n] = x[n] A_cᵀ, c = slot of row n's segment (x tile loaded once per k step)
-    ks = tl.arange(0, BK)
-    acc = tl.zeros([BM, RP], dtype=tl.float32)
-    for k0 in range(0, D_IN, BK):
-        kk = k0 + ks
-        kmask = kk < D_IN
-        xt = tl.load(
-            x_ptr + rows64[:, None] * sxm + kk[None, :] * sxk,
-            mask=rmask[:, None] & kmask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            xt = xt.to(tl.float32)
-        a_off = js[None, :] * D_IN + kk[:, None]
-        a_mask = jmask[None, :] & kmask[:, None]
-        acc = segment_slot_dot(
-            acc, xt, rows, a_ptr, a_off, a_mask, D_IN, off_ptr, segslot_ptr, seg_lo, seg_hi,
-            R, UPCAST, PREC,
+    # shrink + mask, per segment of the tile: T[n] = (x[n] A_cᵀ) ⊙ m_t. The segment loop sits
+    # OUTSIDE the streaming loop (each pass of shrink_tile is a plain pipelined K loop); only a
+    # tile straddling a segment boundary runs it twice, each time over its own rows of x.
+    Tt = tl.zeros([BM, RP], dtype=tl.float32)
+    for t in range(seg_lo, seg_hi + 1):
+        inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows, N, SINGLE)
+        acc = tl.zeros([BM, RP], dtype=tl.float32)
+        acc = shrink_tile(
+            acc, x_ptr, sxm, sxk, rows64, rmask & inseg, a_ptr + c * R * D_IN, a_rows, 1, jmask,
+            D_IN, BK, UPCAST, PREC,
         )  # fmt: skip
+        if HAS_RM:
+            mt = tl.load(rm_ptr + t * R + js, mask=jmask, other=0.0)
+            acc = acc * mt[None, :]
+        Tt = tl.where(inseg[:, None], acc, Tt)
+    # T kept (unscaled, float32) for the dB reduction
+    tl.store(t_ptr + rows64[:, None] * R + js[None, :], Tt, mask=rmask[:, None] & jmask[None, :])
 
-    # mask: T = S ⊙ m_t, kept (unscaled, float32) for the dB reduction
-    T = acc
-    if HAS_RM:
-        T = T * _row_mask(rm_ptr, off_ptr, segslot_ptr, rows, js, seg_lo, seg_hi, R, BM, RP)
-    tl.store(t_ptr + rows64[:, None] * R + js[None, :], T, mask=rmask[:, None] & jmask[None, :])
-    T = T * scale
-    if UPCAST:
-        Tc = T
-    else:
-        Tc = T.to(y_ptr.dtype.element_ty)
-
-    # expand: y[n] = scale · T[n] B_cᵀ, streamed over d_out
-    ns = tl.arange(0, BN)
-    for n0 in range(0, D_OUT, BN):
-        nn = n0 + ns
-        nmask = nn < D_OUT
-        b_off = nn[None, :] * R + js[:, None]
-        b_mask = jmask[:, None] & nmask[None, :]
-        y = segment_slot_dot(
-            tl.zeros([BM, BN], dtype=tl.float32), Tc, rows, b_ptr, b_off, b_mask, D_OUT,
-            off_ptr, segslot_ptr, seg_lo, seg_hi, R, UPCAST, PREC,
-        )  # fmt: skip
-        tl.store(
-            y_ptr + rows64[:, None] * sym + nn[None, :] * syn,
-            y.to(y_ptr.dtype.element_ty),
-            mask=rmask[:, None] & nmask[None, :],
-        )
+    # expand: y[n] = (base[n] +) scale · T[n] B_cᵀ, streamed over d_out (B_c [D_OUT, R]);
+    # EXPAND off: the fused variant adds it in the base GEMM's epilogue instead
+    if EXPAND:
+        for t in range(seg_lo, seg_hi + 1):
+            inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows, N, SINGLE)
+            expand_tile(
+                Tt * scale, rows64, rmask & inseg, b_ptr + c * D_OUT * R, js64, R, jmask, D_OUT,
+                y_ptr, sym, syn, base_ptr, sbm, sbn, ADD_BASE, BN, UPCAST, PREC,
+            )  # fmt: skip
 
 
 @triton.jit
@@ -164,9 +139,9 @@ def _ml_bwd_rows_kernel(
     ds_ptr,
     off_ptr,
     segslot_ptr,
-    tlo_ptr,
-    thi_ptr,
+    tab_ptr,
     N,
+    T,
     D_IN,
     D_OUT,
     sdym,
@@ -183,6 +158,8 @@ def _ml_bwd_rows_kernel(
     BK: tl.constexpr,
     BN: tl.constexpr,
     UPCAST: tl.constexpr,
+    ADD_DX: tl.constexpr,
+    SINGLE: tl.constexpr,
     PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -190,59 +167,37 @@ def _ml_bwd_rows_kernel(
     rows64 = rows.to(tl.int64)
     js = tl.arange(0, RP)
     jmask = js < R
-    seg_lo = tl.load(tlo_ptr + pid)
-    seg_hi = tl.load(thi_ptr + pid)
+    js64 = js.to(tl.int64)
+    a_rows = js64 * D_IN
+    seg_lo, seg_hi, _ = tile_segments(tab_ptr, T, pid, SINGLE)
 
-    # P[n] = dy[n] B_c  (dy read once, any strides)
-    ns = tl.arange(0, BN)
-    P = tl.zeros([BM, RP], dtype=tl.float32)
-    for n0 in range(0, D_OUT, BN):
-        nn = n0 + ns
-        nmask = nn < D_OUT
-        dyt = tl.load(
-            dy_ptr + rows64[:, None] * sdym + nn[None, :] * sdyn,
-            mask=rmask[:, None] & nmask[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            dyt = dyt.to(tl.float32)
-        b_off = nn[:, None] * R + js[None, :]
-        b_mask = nmask[:, None] & jmask[None, :]
-        P = segment_slot_dot(
-            P, dyt, rows, b_ptr, b_off, b_mask, D_OUT, off_ptr, segslot_ptr, seg_lo, seg_hi,
-            R, UPCAST, PREC,
+    # dS[n] = scale · (dy[n] B_c) ⊙ m_t  (dy read once, any strides)
+    dS = tl.zeros([BM, RP], dtype=tl.float32)
+    for t in range(seg_lo, seg_hi + 1):
+        inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows, N, SINGLE)
+        P = tl.zeros([BM, RP], dtype=tl.float32)
+        P = shrink_tile(
+            P, dy_ptr, sdym, sdyn, rows64, rmask & inseg, b_ptr + c * D_OUT * R, js64, R, jmask,
+            D_OUT, BN, UPCAST, PREC,
         )  # fmt: skip
-
-    # dS = scale · P ⊙ m_t: kept for the dA reduction
-    dS = P * scale
-    if HAS_RM:
-        dS = dS * _row_mask(rm_ptr, off_ptr, segslot_ptr, rows, js, seg_lo, seg_hi, R, BM, RP)
-    if WRITE_DS:
+        P = P * scale
+        if HAS_RM:
+            mt = tl.load(rm_ptr + t * R + js, mask=jmask, other=0.0)
+            P = P * mt[None, :]
+        dS = tl.where(inseg[:, None], P, dS)
+    if WRITE_DS:  # kept for the dA reduction
         tl.store(
             ds_ptr + rows64[:, None] * R + js[None, :], dS, mask=rmask[:, None] & jmask[None, :]
         )
 
-    # dx[n] = dS[n] A_c, streamed over d_in
+    # dx[n] (+)= dS[n] A_c, streamed over d_in
     if WRITE_DX:
-        if UPCAST:
-            dSc = dS
-        else:
-            dSc = dS.to(dx_ptr.dtype.element_ty)
-        ks = tl.arange(0, BK)
-        for k0 in range(0, D_IN, BK):
-            kk = k0 + ks
-            kmask = kk < D_IN
-            a_off = js[:, None] * D_IN + kk[None, :]
-            a_mask = jmask[:, None] & kmask[None, :]
-            dx = segment_slot_dot(
-                tl.zeros([BM, BK], dtype=tl.float32), dSc, rows, a_ptr, a_off, a_mask, D_IN,
-                off_ptr, segslot_ptr, seg_lo, seg_hi, R, UPCAST, PREC,
+        for t in range(seg_lo, seg_hi + 1):
+            inseg, c = segment_rows(off_ptr, segslot_ptr, t, rows, N, SINGLE)
+            expand_tile(
+                dS, rows64, rmask & inseg, a_ptr + c * R * D_IN, a_rows, 1, jmask, D_IN, dx_ptr,
+                sdxm, sdxk, dx_ptr, sdxm, sdxk, ADD_DX, BK, UPCAST, PREC,
             )  # fmt: skip
-            tl.store(
-                dx_ptr + rows64[:, None] * sdxm + kk[None, :] * sdxk,
-                dx.to(dx_ptr.dtype.element_ty),
-                mask=rmask[:, None] & kmask[None, :],
-            )
 
 
 @triton.jit
@@ -254,10 +209,9 @@ def _ml_reduce_kernel(
     cnt_ptr,
     off_ptr,
     segslot_ptr,
-    clo_ptr,
-    chi_ptr,
-    cpair_ptr,
+    tab_ptr,
     N,
+    NCH,
     D,
     sum_,
     suk,
@@ -270,6 +224,7 @@ def _ml_reduce_kernel(
     BM: tl.constexpr,
     BD: tl.constexpr,
     UPCAST: tl.constexpr,
+    SINGLE: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """``part[pair, d, j] = Σ_{rows of (chunk, segment)} u[row, d] · v[row, j]`` for the trainable
@@ -286,19 +241,21 @@ def _ml_reduce_kernel(
     dmask = dd < D
     ch_lo = pc * CH
     ch_hi = tl.minimum(ch_lo + CH, N)
-    seg_lo = tl.load(clo_ptr + pc)
-    seg_hi = tl.load(chi_ptr + pc)
-    pair0 = tl.load(cpair_ptr + pc)
+    seg_lo, seg_hi, pair0 = tile_segments(tab_ptr, NCH, pc, SINGLE)
     jr = rb * RB + tl.arange(0, RB)
     ms = tl.arange(0, BM)
     for t in range(seg_lo, seg_hi + 1):
-        start, end, c = segment(off_ptr, segslot_ptr, t)
+        start, end, c = segment(off_ptr, segslot_ptr, t, N, SINGLE)
         K = tl.load(cnt_ptr + c)
         if rb * RB < K:
             jv = jr < K
             jj = tl.load(kidx_ptr + c * R + jr, mask=jv, other=0)
-            r_lo = tl.maximum(start.to(tl.int32), ch_lo)
-            r_hi = tl.minimum(end.to(tl.int32), ch_hi)
+            if SINGLE:
+                r_lo = ch_lo
+                r_hi = ch_hi
+            else:
+                r_lo = tl.maximum(start.to(tl.int32), ch_lo)
+                r_hi = tl.minimum(end.to(tl.int32), ch_hi)
             acc = tl.zeros([BD, RB], dtype=tl.float32)
             for m0 in range(r_lo, r_hi, BM):
                 rows = m0 + ms
@@ -316,7 +273,7 @@ def _ml_reduce_kernel(
                 )
                 if UPCAST:
                     ut = ut.to(tl.float32)
-                else:
+                else:  # one dtype for both operands: u's (dy's or x's, which may differ)
                     vt = vt.to(u_ptr.dtype.element_ty)
                 acc = tl.dot(ut, vt, acc, input_precision=PREC)
             pair = (pair0 + t - seg_lo).to(tl.int64)
@@ -348,9 +305,10 @@ def reduce_config(n: int, d: int, rp: int) -> dict[str, int]:
 def grad_plan(
     grad_mask: torch.Tensor | None,
     rank_mask: torch.Tensor | None,
-    adapter: torch.Tensor,
+    adapter: torch.Tensor | None,
     num_slots: int,
     rank: int,
+    device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which components of each slot need a gradient, as ``(kidx [C, R] int32, cnt [C] int32)``.
 
@@ -358,12 +316,20 @@ def grad_plan(
     (rank mask 1): a component truncated away everywhere, or a slot no segment uses, has a zero
     gradient and is skipped like a frozen one. ``kidx[c, :cnt[c]]`` lists those components in
     increasing order (the rest of the row is the others). Computed on device, no host sync.
+    ``adapter`` None is the one-segment path: ``grad_mask`` and ``rank_mask`` are then the one
+    slot's rows (``[1, R]``) and so is the plan.
     """
-    device = adapter.device
-    uses = rank_mask if rank_mask is not None else torch.ones(adapter.numel(), rank, device=device)
-    used = torch.zeros(num_slots, rank, device=device, dtype=torch.float32)
-    used = used.index_add(0, adapter, uses.to(torch.float32))
-    need = used > 0
+    if adapter is None:
+        need = torch.ones(1, rank, device=device, dtype=torch.bool)
+        if rank_mask is not None:
+            need = need & (rank_mask[:1] != 0)
+    else:
+        uses = (
+            rank_mask if rank_mask is not None else torch.ones(adapter.numel(), rank, device=device)
+        )
+        used = torch.zeros(num_slots, rank, device=device, dtype=torch.float32)
+        used = used.index_add(0, adapter, uses.to(torch.float32))
+        need = used > 0
     if grad_mask is not None:
         need = need & (grad_mask != 0)
     kidx = torch.argsort((~need).to(torch.int32), dim=1, stable=True).to(torch.int32)
@@ -371,13 +337,23 @@ def grad_plan(
     return kidx.contiguous(), cnt
 
 
+def tile_configs(n: int, d_in: int, d_out: int, rank: int) -> tuple[dict, dict]:
+    """``(row tiles, reduction)`` configs for ``n`` rows (pure functions of the shape: the op
+    asks its segment plan for the tables of exactly these row tiles and row chunks)."""
+    rp = next_pow2(rank)
+    return row_tile_config(n, d_in, d_out, rp), reduce_config(n, max(d_in, d_out), rp)
+
+
 def _reduce(
     u: torch.Tensor,
     v: torch.Tensor,
     kidx: torch.Tensor,
     cnt: torch.Tensor,
-    offsets: torch.Tensor,
-    adapter: torch.Tensor,
+    offsets: torch.Tensor | None,
+    adapter: torch.Tensor | None,
+    tiles: torch.Tensor | None,
+    owner: torch.Tensor | None,
+    slot0: int,
     num_slots: int,
     transpose_out: bool,
 ) -> torch.Tensor:
@@ -387,22 +363,30 @@ def _reduce(
     rank = v.shape[1]
     cfg = reduce_config(n, d, next_pow2(rank))
     chunk = cfg.pop("CH")
-    plan = segment_tiles(offsets, n, chunk)
+    n_chunks = max(1, -(-n // chunk))
+    single = tiles is None
+    pairs = n_chunks if single else owner.shape[1]
     if transpose_out:
-        part = alloc_partials((plan.max_pairs, rank, d), device=u.device)
+        part = alloc_partials((pairs, rank, d), device=u.device)
         spd, spj = 1, d
     else:
-        part = alloc_partials((plan.max_pairs, d, rank), device=u.device)
+        part = alloc_partials((pairs, d, rank), device=u.device)
         spd, spj = rank, 1
-    n_chunks = max(1, -(-n // chunk))
     launch(
         _ml_reduce_kernel,
         (triton.cdiv(rank, cfg["RB"]), triton.cdiv(d, cfg["BD"]), n_chunks),
-        u, v, part, kidx, cnt, offsets, adapter, plan.lo, plan.hi, plan.pair_start,
-        n, d, *u.stride(), part.stride(0), spd, spj, chunk,
-        R=rank, UPCAST=upcast_dots(), PREC=dot_precision(u.dtype), **cfg,
+        u, v, part, kidx, cnt, u if single else offsets, u if single else adapter,
+        u if single else tiles, n, n_chunks, d, *u.stride(), part.stride(0), spd, spj, chunk,
+        R=rank, UPCAST=upcast_dots(), SINGLE=single, PREC=dot_precision(u.dtype), **cfg,
     )  # fmt: skip
-    return sum_partials_by_slot(part, pair_slots(plan, adapter), num_slots)
+    return sum_partials(part, owner, num_slots, slot0)
+
+
+def _single(A: torch.Tensor, B: torch.Tensor, slot0: int, tiles: torch.Tensor | None):
+    """One-segment path: the slot's own factors (views), no table."""
+    if tiles is None:
+        return A[slot0], B[slot0]
+    return A, B
 
 
 def _forward(
@@ -411,30 +395,64 @@ def _forward(
     B: torch.Tensor,
     rank_mask: torch.Tensor | None,
     grad_mask: torch.Tensor | None,
-    offsets: torch.Tensor,
-    adapter: torch.Tensor,
+    offsets: torch.Tensor | None,
+    adapter: torch.Tensor | None,
+    tiles: torch.Tensor | None,
+    tiles_red: torch.Tensor | None,
+    owner_red: torch.Tensor | None,
+    slot0: int,
     scale: float,
+    base_out: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: returns ``(y [N, d_out], T [N, R] float32)``; ``T = (x A_cᵀ) ⊙ m_t`` is saved
-    for backward. ``grad_mask`` is unused here; it is an input so backward can see it."""
+    for backward. ``grad_mask`` is unused here; it is an input so backward can see it.
+
+    With ``base_weight`` (and ``base_bias``) the op computes the frozen base layer itself
+    (cuBLAS) and accumulates the adapter into it in place; backward then adds the adapter's
+    input gradient into ``dy W`` in the kernel's pass over ``dx`` (no separate add).
+
+    ``tiles`` (``[3, T]``, the row tiles'), ``tiles_red`` and ``owner_red`` (the gradient
+    reduction's row chunks) come from the batch's :class:`fedlora_kernels.RowSegments`; all
+    None: one segment using slot ``slot0`` (nothing planned, nothing read). With ``base_out``
+    the kernel returns ``base_out + adapter`` in ``base_out``'s dtype, in the same pass."""
     n, d_in = x.shape
     _, rank, _ = A.shape
     d_out = B.shape[1]
     rp = next_pow2(rank)
-    y = alloc_output((n, d_out), device=x.device, dtype=x.dtype)
+    out_dtype = base_out.dtype if base_out is not None else x.dtype
+    fused = base_weight is not None and fused_gemm(base_weight.dtype)
+    if fused:  # the base GEMM with the expand in its epilogue (after the shrink below)
+        y = alloc_output((n, d_out), device=x.device, dtype=x.dtype)
+    elif base_weight is not None:  # the base layer itself; the adapter is added in place
+        y = torch.nn.functional.linear(x, base_weight, base_bias)
+        base_out = y
+    else:
+        y = alloc_output((n, d_out), device=x.device, dtype=out_dtype)
     T = alloc_output((n, rank), device=x.device, dtype=torch.float32)
     if n == 0:
         return y, T
-    cfg = row_tile_config(n, d_in, d_out, rp)
-    plan = segment_tiles(offsets, n, cfg["BM"])
+    base = base_out if base_out is not None else y  # unread when ADD_BASE is off
+    cfg, _ = tile_configs(n, d_in, d_out, rank)
+    single = tiles is None
+    Ak, Bk = _single(A, B, slot0, tiles)
+    num_tiles = triton.cdiv(n, cfg["BM"])
     launch(
         _ml_fwd_kernel,
-        (triton.cdiv(n, cfg["BM"]),),
-        x, A.contiguous(), B.contiguous(), rank_mask if rank_mask is not None else T, y, T,
-        offsets, adapter, plan.lo, plan.hi, n, d_in, d_out, *x.stride(), *y.stride(), scale,
+        (num_tiles,),
+        x, Ak.contiguous(), Bk.contiguous(), rank_mask if rank_mask is not None else T, y, T,
+        base, x if single else offsets, x if single else adapter, x if single else tiles,
+        n, num_tiles, d_in, d_out, *x.stride(), *y.stride(), *base.stride(), scale,
         R=rank, RP=rp, HAS_RM=rank_mask is not None, UPCAST=upcast_dots(),
-        PREC=dot_precision(x.dtype), **cfg,
+        ADD_BASE=base_out is not None, SINGLE=single, PREC=dot_precision(A.dtype),
+        EXPAND=not fused, **cfg,
     )  # fmt: skip
+    if fused:  # y = x Wᵀ + b + scale · T B_cᵀ; B_c[n, j] -> V[j, n]: slot R·d_out, j 1, n R
+        launch_gemm_lora(
+            x, base_weight, False, base_bias, T, Bk.contiguous(), (d_out * rank, 0, 1, rank),
+            rank, y, offsets, adapter, tiles, cfg["BM"], scale,
+        )  # fmt: skip
     return y, T
 
 
@@ -446,74 +464,108 @@ def _backward_kernels(
     B: torch.Tensor,
     rank_mask: torch.Tensor | None,
     grad_mask: torch.Tensor | None,
-    offsets: torch.Tensor,
-    adapter: torch.Tensor,
+    offsets: torch.Tensor | None,
+    adapter: torch.Tensor | None,
+    tiles: torch.Tensor | None,
+    tiles_red: torch.Tensor | None,
+    owner_red: torch.Tensor | None,
+    slot0: int,
     scale: float,
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
+    base_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: returns ``(dx, dA, dB)``; a gradient that is not needed comes back empty.
 
-    ``dy`` may have any strides (even 0). ``dA``/``dB`` are exactly zero on the components
-    ``grad_mask`` freezes, and no work is spent on them.
+    ``dy`` may have any strides (even 0) and its own dtype (``base_out``'s); ``dx`` comes in
+    ``x``'s. ``dA``/``dB`` are exactly zero on the components ``grad_mask`` freezes, and no work
+    is spent on them.
     """
     n, d_in = x.shape
     num_slots, rank, _ = A.shape
     d_out = B.shape[1]
     rp = next_pow2(rank)
     device = dy.device
-    empty = torch.empty(0, device=device, dtype=dy.dtype)
-    dx = alloc_output((n, d_in), device=device, dtype=dy.dtype) if need_dx else empty
+    empty = torch.empty(0, device=device, dtype=x.dtype)
+    fused = need_dx and base_weight is not None and fused_gemm(base_weight.dtype)
+    if not need_dx:
+        dx = empty
+    elif fused:  # dx = dy W + dS A_c, the adapter's part in the GEMM's epilogue
+        dx = alloc_output((n, d_in), device=device, dtype=x.dtype)
+    elif base_weight is not None:  # the whole input gradient: dy W (cuBLAS) += dS A_c (kernel)
+        dx = torch.mm(dy.to(base_weight.dtype), base_weight).to(x.dtype)
+    else:
+        dx = alloc_output((n, d_in), device=device, dtype=x.dtype)
     dA = torch.zeros_like(A) if need_dA else torch.empty(0, device=device, dtype=A.dtype)
     dB = torch.zeros_like(B) if need_dB else torch.empty(0, device=device, dtype=B.dtype)
     if n == 0:
         return dx, dA, dB
-    A = A.contiguous()
-    B = B.contiguous()
-    dS = alloc_output((n, rank), device=device, dtype=torch.float32) if need_dA else T
+    single = tiles is None
+    Ak, Bk = _single(A, B, slot0, tiles)
+    Ak, Bk = Ak.contiguous(), Bk.contiguous()
+    write_ds = need_dA or fused
+    dS = alloc_output((n, rank), device=device, dtype=torch.float32) if write_ds else T
     if need_dx or need_dA:
-        cfg = row_tile_config(n, d_in, d_out, rp)
-        plan = segment_tiles(offsets, n, cfg["BM"])
+        cfg, _ = tile_configs(n, d_in, d_out, rank)
+        num_tiles = triton.cdiv(n, cfg["BM"])
         launch(
             _ml_bwd_rows_kernel,
-            (triton.cdiv(n, cfg["BM"]),),
-            dy, A, B, rank_mask if rank_mask is not None else T, dx if need_dx else dy, dS,
-            offsets, adapter, plan.lo, plan.hi, n, d_in, d_out, *dy.stride(),
-            *(dx.stride() if need_dx else (0, 0)), scale,
-            R=rank, RP=rp, HAS_RM=rank_mask is not None, WRITE_DX=need_dx, WRITE_DS=need_dA,
-            UPCAST=upcast_dots(), PREC=dot_precision(dy.dtype), **cfg,
+            (num_tiles,),
+            dy, Ak, Bk, rank_mask if rank_mask is not None else T, dx if need_dx else dy, dS,
+            dy if single else offsets, dy if single else adapter, dy if single else tiles,
+            n, num_tiles, d_in, d_out, *dy.stride(), *(dx.stride() if need_dx else (0, 0)),
+            scale, R=rank, RP=rp, HAS_RM=rank_mask is not None, WRITE_DX=need_dx and not fused,
+            WRITE_DS=write_ds, UPCAST=upcast_dots(), ADD_DX=base_weight is not None,
+            SINGLE=single,
+            PREC=dot_precision(A.dtype), **cfg,
         )  # fmt: skip
+        if fused:  # dx = dy W + dS A_c: A_c[j, k] -> V[j, k]: slot R·d_in, j d_in, k 1
+            launch_gemm_lora(
+                dy, base_weight, True, None, dS, Ak, (rank * d_in, 0, d_in, 1), rank, dx,
+                offsets, adapter, tiles, cfg["BM"], 1.0,
+            )  # fmt: skip
     if need_dA or need_dB:
-        kidx, cnt = grad_plan(grad_mask, rank_mask, adapter, num_slots, rank)
+        if single:
+            gm = grad_mask[slot0 : slot0 + 1] if grad_mask is not None else None
+            kidx, cnt = grad_plan(gm, rank_mask, None, 1, rank, device)
+        else:
+            kidx, cnt = grad_plan(grad_mask, rank_mask, adapter, num_slots, rank, device)
+        red = (offsets, adapter, tiles_red, owner_red, slot0, num_slots)
         if need_dB:
-            dB = (_reduce(dy, T, kidx, cnt, offsets, adapter, num_slots, False) * scale).to(B.dtype)
+            dB = (_reduce(dy, T, kidx, cnt, *red, False) * scale).to(B.dtype)
         if need_dA:
-            dA = _reduce(x, dS, kidx, cnt, offsets, adapter, num_slots, True).to(A.dtype)
+            dA = _reduce(x, dS, kidx, cnt, *red, True).to(A.dtype)
     return dx, dA, dB
 
 
 def _setup_context(ctx, inputs, output):
-    x, A, B, rank_mask, grad_mask, offsets, adapter, scale = inputs
+    (x, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red, slot0, scale,
+     base_out, base_weight, _bias) = inputs  # fmt: skip
     _, T = output
-    ctx.save_for_backward(x, T, A, B, rank_mask, grad_mask, offsets, adapter)
-    ctx.scale = scale
+    ctx.save_for_backward(
+        x, T, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red,
+        base_weight,
+    )  # fmt: skip
+    ctx.scale, ctx.slot0, ctx.has_base = scale, slot0, base_out is not None
 
 
 def _backward(ctx, dy, _dT):
-    x, T, A, B, rank_mask, grad_mask, offsets, adapter = ctx.saved_tensors
+    (x, T, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red,
+     base_weight) = ctx.saved_tensors  # fmt: skip
     need_dx, need_dA, need_dB = ctx.needs_input_grad[:3]
     dx, dA, dB = masked_lora_bwd(
-        dy, x, T, A, B, rank_mask, grad_mask, offsets, adapter, ctx.scale,
-        need_dx, need_dA, need_dB,
+        dy, x, T, A, B, rank_mask, grad_mask, offsets, adapter, tiles, tiles_red, owner_red,
+        ctx.slot0, ctx.scale, need_dx, need_dA, need_dB, base_weight,
     )  # fmt: skip
+    d_base = dy if ctx.has_base else None  # y = base_out + adapter: identity to base_out
+    # the frozen base weight and bias get no gradient (the public op refuses trainable ones)
     return (
         dx if need_dx else None,
         dA if need_dA else None,
         dB if need_dB else None,
-        None,
-        None,
-        None,
+        *([None] * 9),
+        d_base,
         None,
         None,
     )

@@ -33,8 +33,10 @@ import torch
 
 from fedlora_kernels import reference
 from fedlora_kernels._dispatch import (
+    FLOAT_DTYPES,
     MASK_DTYPES,
     RowsInput,
+    check_base_layer,
     check_binary_mask,
     check_factor_dtypes,
     check_finite_scalar,
@@ -45,6 +47,7 @@ from fedlora_kernels._dispatch import (
     flatten_rows,
     resolve_backend,
 )
+from fedlora_kernels.segments import RowSegments
 
 # check_binary_mask and MASK_DTYPES live in fedlora_kernels._dispatch (shared by every op);
 # they stay importable from here for existing callers
@@ -61,9 +64,13 @@ def masked_lora(
     grad_mask: torch.Tensor | None = None,
     seg_offsets: torch.Tensor | None = None,
     seg_adapter: torch.Tensor | None = None,
+    base_out: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
+    segments: RowSegments | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Adapter output of a (masked, multi-slot) LoRA layer: add it to the base layer's output.
+    """Adapter output of a (masked, multi-slot) LoRA layer, or ``base_out`` plus it in one pass.
 
     Args:
         x: input ``[..., d_in]``.
@@ -78,15 +85,35 @@ def masked_lora(
             input form segment ``t``. Omitted: one segment.
         seg_adapter: int ``[S]``, the slot of each segment; several segments may share one.
             Omitted: segment ``t`` uses slot ``t`` (or slot 0 when ``C == 1``).
+        base_out: optional ``[..., d_out]`` base-layer output; the result is then
+            ``base_out + adapter`` in ``base_out``'s dtype, accumulated in the expand's pass on
+            the Triton path (no adapter-sized temporary, no separate add; the gradient to
+            ``base_out`` is the identity). It may have another dtype than ``x`` (a bf16 base
+            output of an fp32 layer under ``torch.autocast``).
+        base_weight: optional frozen base-layer weight ``[d_out, d_in]`` (``x``'s dtype; with
+            ``base_bias`` ``[d_out]``): the op then computes the whole layer, ``x Wᵀ + b +
+            adapter``, owning the base GEMM (cuBLAS) so that the adapter is accumulated into
+            its output in place and, in backward, the adapter's input gradient into ``dy W`` in
+            the kernel's own pass (no separate add of two ``[N, d_in]`` gradients). The weight
+            gets no gradient. Not together with ``base_out``.
+        segments: the batch's :class:`fedlora_kernels.RowSegments` (validated and planned once
+            for every layer: no host sync, no planning per call), instead of ``seg_offsets`` /
+            ``seg_adapter``.
         backend: ``"triton"`` or ``"torch"``; default by device (see ``FEDLORA_BACKEND``).
 
     Returns:
-        ``[..., d_out]`` in ``x.dtype``, differentiable in ``x``, ``A`` and ``B``. Masks accept
+        ``[..., d_out]`` in ``x.dtype`` (``base_out.dtype`` when given), differentiable in
+        ``x``, ``A`` and ``B`` (and ``base_out``). Masks accept
         bool, integer or float dtypes; any value other than 0 and 1 is a ``ValueError`` (checked
         with a device sync unless the mask is ``bool``).
     """
-    p = _prepare_masked_lora(x, A, B, scale, rank_mask, grad_mask, seg_offsets, seg_adapter)
+    p = _prepare_masked_lora(
+        x, A, B, scale, rank_mask, grad_mask, seg_offsets, seg_adapter, base_out, segments,
+        base_weight, base_bias,
+    )  # fmt: skip
     rows = p.rows
+    segs = rows.segs
+    d_out = p.B3.shape[1]
     if resolve_backend(backend, p.device) == "torch":
         y = reference.masked_lora(
             rows.x2,
@@ -95,16 +122,30 @@ def masked_lora(
             scale=p.scale,
             rank_mask=p.rank_mask,
             grad_mask=p.grad_mask,
-            seg_offsets=rows.offsets,
-            seg_adapter=rows.adapter,
+            seg_offsets=segs.offsets,
+            seg_adapter=segs.slots,
         )
+        if base_out is not None:
+            y = base_out.reshape(-1, d_out) + y.to(base_out.dtype)
+        elif base_weight is not None:
+            y = torch.nn.functional.linear(rows.x2, base_weight, base_bias) + y
     else:
         from fedlora_kernels.ops import _masked_lora_triton as impl
 
+        base2 = base_out.reshape(-1, d_out) if base_out is not None else None
+        if segs.single and (p.rank_mask is None or segs.num_segs == 1):
+            offsets = adapter = tiles = tiles_red = owner = None  # the fast path
+        else:
+            n, d_in = rows.x2.shape
+            rows_cfg, red_cfg = impl.tile_configs(n, d_in, d_out, p.A3.shape[1])
+            offsets, adapter = segs.offsets, segs.slots
+            tiles, tiles_red = segs.tiles(rows_cfg["BM"]), segs.tiles(red_cfg["CH"])
+            owner = segs.owner(red_cfg["CH"], p.A3.shape[0])
         y, _ = impl.masked_lora_fwd(
-            rows.x2, p.A3, p.B3, p.rank_mask, p.grad_mask, rows.offsets, rows.adapter, p.scale
-        )
-    return y.reshape(*rows.lead, p.B3.shape[1])
+            rows.x2, p.A3, p.B3, p.rank_mask, p.grad_mask, offsets, adapter, tiles, tiles_red,
+            owner, segs.slot0, p.scale, base2, base_weight, base_bias,
+        )  # fmt: skip
+    return y.reshape(*rows.lead, d_out)
 
 
 class _MaskedLoRAArgs(NamedTuple):
@@ -126,6 +167,10 @@ def _prepare_masked_lora(
     grad_mask: torch.Tensor | None,
     seg_offsets: torch.Tensor | None,
     seg_adapter: torch.Tensor | None,
+    base_out: torch.Tensor | None = None,
+    segments: RowSegments | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> _MaskedLoRAArgs:
     """Validate the arguments of :func:`masked_lora` (``ValueError``/``TypeError`` naming the
     argument) and normalise them: factors 3-D, masks float32 with one row per segment / slot."""
@@ -156,10 +201,17 @@ def _prepare_masked_lora(
     for name, m in (("rank_mask", rank_mask), ("grad_mask", grad_mask)):
         if m is not None:
             check_tensor(name, m, ndim=(1, 2), dtypes=MASK_DTYPES)
-    device = check_same_device(x=x, A=A, B=B, rank_mask=rank_mask, grad_mask=grad_mask)
-    rows = flatten_rows(x, d_in, seg_offsets, seg_adapter, num_slots, device)
+    if base_out is not None:
+        check_tensor("base_out", base_out, dtypes=FLOAT_DTYPES)
+        check_shape("base_out", base_out, [*x.shape[:-1], B3.shape[1]])
+    device = check_same_device(
+        x=x, A=A, B=B, rank_mask=rank_mask, grad_mask=grad_mask, base_out=base_out,
+        base_weight=base_weight, base_bias=base_bias,
+    )  # fmt: skip
+    check_base_layer(x, d_in, B3.shape[1], base_out, base_weight, base_bias)
+    rows = flatten_rows(x, d_in, seg_offsets, seg_adapter, num_slots, device, segments)
     if rank_mask is not None:
-        rank_mask = _rank_mask_per_segment(rank_mask, rows.adapter.numel(), rank)
+        rank_mask = _rank_mask_per_segment(rank_mask, rows.segs.num_segs, rank)
     if grad_mask is not None:
         grad_mask = _grad_mask_per_slot(grad_mask, num_slots, rank, batched)
     return _MaskedLoRAArgs(rows, A3, B3, rank_mask, grad_mask, scale, device)

@@ -28,6 +28,7 @@ from fedlora_kernels._dispatch import (
     FLOAT_DTYPES,
     MASK_DTYPES,
     RowsInput,
+    check_base_layer,
     check_binary_mask,
     check_factor_dtypes,
     check_finite_scalar,
@@ -38,6 +39,7 @@ from fedlora_kernels._dispatch import (
     flatten_rows,
     resolve_backend,
 )
+from fedlora_kernels.segments import RowSegments
 
 __all__ = ["multihead_lora"]
 
@@ -54,6 +56,9 @@ def multihead_lora(
     seg_adapter: torch.Tensor | None = None,
     head_mask: torch.Tensor | None = None,
     base_out: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
+    segments: RowSegments | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """Adapter output of a multi-head LoRA layer, or ``base_out`` plus it in one fused pass.
@@ -75,14 +80,30 @@ def multihead_lora(
         base_out: optional ``[..., d_out]`` base-layer output; the result is then
             ``base_out + adapter`` in ``base_out``'s dtype, computed without an adapter-sized
             temporary on the Triton path (the gradient to ``base_out`` is the identity).
+            ``base_out`` may have another dtype than ``x`` (a bf16 base output of an fp32 layer
+            under ``torch.autocast``): the adapter is computed in the factors' dtype and added
+            in float32.
+        base_weight: optional frozen base-layer weight ``[d_out, d_in]`` (``x``'s dtype; with
+            ``base_bias`` ``[d_out]``): the op then computes the whole layer, ``x Wᵀ + b +
+            adapter``, owning the base GEMM (cuBLAS) so that the adapter is accumulated into
+            its output in place and, in backward, the adapter's input gradient into ``dy W`` in
+            the kernel's own pass (no separate add of two ``[N, d_in]`` gradients). The weight
+            gets no gradient. Not together with ``base_out``.
+        segments: the batch's :class:`fedlora_kernels.RowSegments` (validated and planned once
+            for every layer: no host sync, no planning per call), instead of ``seg_offsets`` /
+            ``seg_adapter``.
         backend: ``"triton"`` or ``"torch"``; default by device (see ``FEDLORA_BACKEND``).
 
     Returns:
         ``[..., d_out]`` in ``x.dtype`` (``base_out.dtype`` when given). Differentiable in
         ``x``, ``H``, ``s`` (and ``base_out``).
     """
-    p = _prepare_multihead_lora(x, A, B, H, s, scale, seg_offsets, seg_adapter, head_mask, base_out)
+    p = _prepare_multihead_lora(
+        x, A, B, H, s, scale, seg_offsets, seg_adapter, head_mask, base_out, segments,
+        base_weight, base_bias,
+    )  # fmt: skip
     rows = p.rows
+    segs = rows.segs
     d_out = B.shape[1]
     if resolve_backend(backend, p.device) == "torch":
         y = reference.multihead_lora(
@@ -92,19 +113,29 @@ def multihead_lora(
             H,
             s,
             scale=p.scale,
-            seg_offsets=rows.offsets,
-            seg_adapter=rows.adapter,
+            seg_offsets=segs.offsets,
+            seg_adapter=segs.slots,
             head_mask=p.head_mask,
         )
         if base_out is not None:
             y = base_out.reshape(-1, d_out) + y.to(base_out.dtype)
+        elif base_weight is not None:
+            y = torch.nn.functional.linear(rows.x2, base_weight, base_bias) + y
     else:
         from fedlora_kernels.ops import _multihead_triton as impl
 
         base2 = base_out.reshape(-1, d_out) if base_out is not None else None
+        if segs.single:  # the fast path: no table, nothing planned
+            offsets = adapter = tiles = tiles_bwd = owner = None
+        else:
+            n, d_in = rows.x2.shape
+            fwd, bwd = impl.tile_configs(n, d_in, d_out, A.shape[0] * A.shape[1])
+            offsets, adapter = segs.offsets, segs.slots
+            tiles, tiles_bwd = segs.tiles(fwd["BM"]), segs.tiles(bwd["BM"])
+            owner = segs.owner(bwd["BM"], H.shape[0])
         y, _ = impl.multihead_lora_fwd(
-            rows.x2, A.detach(), B.detach(), H, s, rows.offsets, rows.adapter, p.head_mask,
-            p.scale, base2,
+            rows.x2, A.detach(), B.detach(), H, s, offsets, adapter, tiles, tiles_bwd, owner,
+            segs.slot0, p.head_mask, p.scale, base2, base_weight, base_bias,
         )  # fmt: skip
     return y.reshape(*rows.lead, d_out)
 
@@ -127,6 +158,9 @@ def _prepare_multihead_lora(
     seg_adapter: torch.Tensor | None,
     head_mask: torch.Tensor | None,
     base_out: torch.Tensor | None,
+    segments: RowSegments | None = None,
+    base_weight: torch.Tensor | None = None,
+    base_bias: torch.Tensor | None = None,
 ) -> _MultiheadArgs:
     """Validate the arguments of :func:`multihead_lora` (``ValueError``/``TypeError`` naming
     the argument) and normalise them."""
@@ -161,8 +195,12 @@ def _prepare_multihead_lora(
     if base_out is not None:
         check_tensor("base_out", base_out, dtypes=FLOAT_DTYPES)
         check_shape("base_out", base_out, [*x.shape[:-1], d_out])
-    device = check_same_device(x=x, A=A, B=B, H=H, s=s, head_mask=head_mask, base_out=base_out)
-    rows = flatten_rows(x, d_in, seg_offsets, seg_adapter, num_slots, device)
+    device = check_same_device(
+        x=x, A=A, B=B, H=H, s=s, head_mask=head_mask, base_out=base_out,
+        base_weight=base_weight, base_bias=base_bias,
+    )  # fmt: skip
+    check_base_layer(x, d_in, d_out, base_out, base_weight, base_bias)
+    rows = flatten_rows(x, d_in, seg_offsets, seg_adapter, num_slots, device, segments)
     if head_mask is not None:
         head_mask = head_mask.to(torch.float32)
     return _MultiheadArgs(rows, head_mask, scale, device)

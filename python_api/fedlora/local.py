@@ -95,18 +95,17 @@ def route_segments(
     rank_mask: torch.Tensor | None = None,
 ) -> None:
     """Route the next forward's example segments to adapter slots in every slotted module
-    (``None``: everything to slot 0, no truncation). ``rank_mask`` ``[S, R]`` truncates LoRA
-    segments (PreLort's nested ranks); other layers ignore it."""
-    from fedlora.layers.lora import LoRALinear
-    from fedlora.state_dict import slotted_modules
+    (``None``: everything to slot 0, no truncation), through ONE
+    :class:`fedlora.layers.SegmentPlan` shared by every layer (validated, copied to the device
+    and planned once per batch). ``rank_mask`` ``[S, R]`` truncates LoRA segments (PreLort's
+    nested ranks); other layers ignore it."""
+    from fedlora.layers.segments import SegmentPlan, route
 
-    for _, module in slotted_modules(model):
-        if offsets is None:
-            module.set_segments(None)
-        elif isinstance(module, LoRALinear):
-            module.set_segments(offsets, slots, rank_mask)
-        else:
-            module.set_segments(offsets, slots)
+    if offsets is None:
+        route(model, None)
+        return
+    device = next(model.parameters()).device
+    route(model, SegmentPlan(offsets, slots, rank_mask, device=device))
 
 
 # ------------------------------------------------------------------------------------- losses

@@ -3,12 +3,15 @@
 from fedlora.layers._base import AdapterLayer, base_features
 from fedlora.layers.lora import LoRALinear, lora_init_A
 from fedlora.layers.ravan import RavanLinear, ravan_bases
+from fedlora.layers.segments import SegmentPlan, route
 
 __all__ = [
     "AdapterLayer",
     "LoRALinear",
     "RavanLinear",
+    "SegmentPlan",
     "base_features",
     "lora_init_A",
     "ravan_bases",
+    "route",
 ]

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fedlora_kernels._dispatch import check_finite_scalar, check_int, check_segment_offsets_arg
+
+if TYPE_CHECKING:
+    from fedlora.layers.segments import SegmentPlan
+    from fedlora_kernels.segments import RowSegments
 
 __all__ = [
     "AdapterLayer",
@@ -148,39 +153,67 @@ def check_slot(slot: object, num_clients: int) -> int:
     return slot
 
 
-def scale_offsets(
-    offsets: torch.Tensor | None, items: int | None, x: torch.Tensor
-) -> torch.Tensor | None:
-    """Offsets over ``items`` leading items turned into offsets over the rows of ``x``.
-
-    ``items=None`` (offsets whose values are unknown: meta / fake tensors) takes the items to be
-    ``x``'s leading dimension, which is what they count (rows of ``[N, d]``, sequences of
-    ``[batch, seq, d]``).
-    """
-    if offsets is None:
-        return None
-    if items is None:
-        items = x.shape[0] if x.dim() > 1 else 1
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if items == 0 or rows % items:
-        raise ValueError(
-            f"seg_offsets cover {items} items but the input has {rows} rows ({list(x.shape)}); "
-            "the rows must be a whole number of items"
-        )
-    return offsets * (rows // items) if rows != items else offsets
-
-
 class SegmentRouting:
-    """Per-call routing of input rows to slots, shared by the adapter layers and the slotted head:
-    ``seg_offsets`` / ``seg_adapter`` as set by ``set_segments`` (``None``: everything slot 0)."""
+    """Routing of input rows to slots, shared by the adapter layers and the slotted head: the
+    batch's :class:`fedlora.layers.segments.SegmentPlan` (``None``: everything slot 0), given by
+    :func:`fedlora.layers.segments.route` (one plan for every layer of a model) or built by the
+    layer's own ``set_segments``."""
 
-    def _route(self, seg_offsets: torch.Tensor | None, seg_adapter: torch.Tensor | None) -> None:
-        self._seg_items = check_segment_offsets_arg(seg_offsets) if seg_offsets is not None else 0
-        self.seg_offsets, self.seg_adapter = seg_offsets, seg_adapter
+    segment_plan: SegmentPlan | None = None
+
+    def use_plan(self, plan: SegmentPlan | None) -> None:
+        """Route the next calls with ``plan`` (shared with other layers; ``None`` clears)."""
+        self.segment_plan = plan
+
+    def _plan_device(self) -> torch.device | None:
+        """Where this module's tensors live (the plan's tables must live there too)."""
+        for t in self.parameters():  # type: ignore[attr-defined]
+            return t.device
+        return None
+
+    def _route(
+        self,
+        seg_offsets: torch.Tensor | None,
+        seg_adapter: torch.Tensor | None,
+        rank_mask: torch.Tensor | None = None,
+    ) -> None:
+        from fedlora.layers.segments import SegmentPlan
+
+        if seg_offsets is None:
+            if seg_adapter is not None:
+                raise ValueError("seg_offsets is required when seg_adapter is given")
+            self.segment_plan = None
+            return
+        check_segment_offsets_arg(seg_offsets)
+        self.segment_plan = SegmentPlan(
+            seg_offsets, seg_adapter, rank_mask, device=self._plan_device()
+        )
+
+    @property
+    def seg_offsets(self) -> torch.Tensor | None:
+        """Item offsets of the current plan (``None`` without one)."""
+        return self.segment_plan.offsets if self.segment_plan is not None else None
+
+    @property
+    def seg_adapter(self) -> torch.Tensor | None:
+        """Segment slots of the current plan, when it names them."""
+        plan = self.segment_plan
+        return plan.slots if plan is not None and plan.slots_given else None
+
+    def row_segments(self, x: torch.Tensor) -> RowSegments | None:
+        """The plan's kernel-level segments over the rows of ``x`` (cached in the plan), or
+        ``None`` (one segment, slot 0)."""
+        plan = self.segment_plan
+        if plan is None:
+            return None
+        segs = plan.rows(x, one_slot=self.num_clients == 1)  # type: ignore[attr-defined]
+        segs.check(x.numel() // x.shape[-1], self.num_clients)  # type: ignore[attr-defined]
+        return segs
 
     def row_offsets(self, x: torch.Tensor) -> torch.Tensor | None:
         """Segment offsets in rows of ``x`` flattened to ``[rows, d]``."""
-        return scale_offsets(self.seg_offsets, self._seg_items, x)
+        segs = self.row_segments(x)
+        return segs.offsets if segs is not None else None
 
 
 class AdapterLayer(SegmentRouting, nn.Module):
@@ -229,7 +262,15 @@ class AdapterLayer(SegmentRouting, nn.Module):
         self._route(seg_offsets, seg_adapter)
 
     # ---------------------------------------------------------------- forward
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def adapter_output(  # pragma: no cover - abstract
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The adapter's contribution for input ``x``; plus ``base_out`` when given, or the
+        whole layer ``x Wᵀ + b + adapter`` with ``base_weight`` / ``base_bias`` (fused)."""
         raise NotImplementedError
 
     def delta_weight(self, slot: int = 0) -> torch.Tensor:  # pragma: no cover - abstract
@@ -237,8 +278,9 @@ class AdapterLayer(SegmentRouting, nn.Module):
         raise NotImplementedError
 
     def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + adapter(x)``; layers whose op can accumulate into ``y`` in one pass override it."""
-        return y + self.adapter_output(x).to(y.dtype)
+        """``y + adapter(x)``, accumulated into ``y`` by the op in one pass (``base_out``): no
+        adapter-sized temporary, no separate add (DESIGN §8's roofline)."""
+        return self.adapter_output(x, base_out=y)
 
     def check_input(self, x: object) -> torch.Tensor:
         """Check the forward input against the layer (metadata only: no sync, traceable).
@@ -276,14 +318,38 @@ class AdapterLayer(SegmentRouting, nn.Module):
             )
         return x
 
+    #: let the adapter op compute a plain ``nn.Linear`` base itself (see :meth:`_fusable_base`)
+    fuse_base: bool = True
+
+    def _fusable_base(self, x: torch.Tensor) -> bool:
+        """Whether the op may own the base GEMM (``base_weight``): a plain frozen ``nn.Linear``
+        without hooks, in ``x``'s dtype, outside autocast. The op then accumulates the adapter
+        into the base output in place and, in backward, its input gradient into ``dy W`` in the
+        same pass: no separate ``[N, d]`` add in either direction."""
+        base = self.base_layer
+        if not self.fuse_base or type(base) is not nn.Linear:
+            return False
+        if base._forward_hooks or base._forward_pre_hooks:
+            return False
+        w, b = base.weight, base.bias
+        if w.dtype != x.dtype or w.requires_grad or (b is not None and b.requires_grad):
+            return False
+        try:
+            return not torch.is_autocast_enabled(x.device.type)
+        except RuntimeError:  # a device type without autocast (meta): nothing to cast
+            return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        y = self.base_layer(x)
         if self.merged:
-            return y
-        if self.lora_dropout and self.training:
-            x = nn.functional.dropout(x, self.lora_dropout, training=True)
-        return self.add_adapter(x, y)
+            return self.base_layer(x)
+        if self.lora_dropout and self.training:  # dropout on the adapter input only, as PEFT
+            y = self.base_layer(x)
+            return self.add_adapter(nn.functional.dropout(x, self.lora_dropout, training=True), y)
+        if self._fusable_base(x):
+            base = self.base_layer
+            return self.adapter_output(x, base_weight=base.weight, base_bias=base.bias)
+        return self.add_adapter(x, self.base_layer(x))
 
     # ---------------------------------------------------------------- merging
     def _check_slot(self, slot: int) -> int:

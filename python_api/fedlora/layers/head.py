@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from fedlora.layers._base import SegmentRouting, check_positive_int, check_slot, check_state_keys
-from fedlora_kernels._dispatch import check_segments, row_slots
 
 
 class SlottedLinear(SegmentRouting, nn.Module):
@@ -43,17 +42,12 @@ class SlottedLinear(SegmentRouting, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
-        if self.seg_offsets is None:
+        if self.segment_plan is None:
             y = x2 @ self.weight[0].T + self.bias[0]
         else:
-            offsets, adapter = check_segments(
-                self.row_offsets(x),
-                self.seg_adapter,
-                x2.shape[0],
-                self.num_clients,
-                x2.device,
-            )
-            slot = row_slots(offsets, adapter, x2.shape[0])
+            segs = self.row_segments(x)
+            segs.check(x2.shape[0], self.num_clients)
+            slot = segs.row_slots()
             y = torch.einsum("ni,noi->no", x2, self.weight[slot]) + self.bias[slot]
         return y.reshape(*x.shape[:-1], self.out_features)
 

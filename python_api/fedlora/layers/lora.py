@@ -74,7 +74,6 @@ class LoRALinear(AdapterLayer):
         ones = torch.ones(num_clients, rank, dtype=torch.bool, device=device)
         self.register_buffer("rank_mask", ones.clone(), persistent=False)
         self.register_buffer("grad_mask", ones.clone(), persistent=False)
-        self.seg_rank_mask: torch.Tensor | None = None
 
     def reset_adapter(self, slot: int | None = None) -> None:
         """Re-initialise ``A`` (as at construction, from ``seed``) and zero ``B``; all slots by default."""
@@ -127,34 +126,50 @@ class LoRALinear(AdapterLayer):
         """Route rows to slots; ``rank_mask`` ``[S, rank]`` overrides the slots' masks per segment.
 
         PreLort trains one slot under several truncations in one pass: give each truncation its
-        own segment with the same slot and its own prefix mask.
+        own segment with the same slot and its own prefix mask. Builds a
+        :class:`fedlora.layers.segments.SegmentPlan` for this layer; to route a whole model with
+        one plan, use :func:`fedlora.layers.segments.route`.
         """
-        super().set_segments(seg_offsets, seg_adapter)
-        self.seg_rank_mask = rank_mask
+        if seg_offsets is not None and self.merged:
+            raise RuntimeError("cannot serve several slots while slot 0 is merged: unmerge() first")
+        if seg_offsets is None and rank_mask is not None:
+            raise ValueError("rank_mask needs seg_offsets (one row per segment)")
+        self._route(seg_offsets, seg_adapter, rank_mask)
+
+    @property
+    def seg_rank_mask(self) -> torch.Tensor | None:
+        """The current plan's per-segment rank masks (``None``: the slots' own)."""
+        return self.segment_plan.rank_mask if self.segment_plan is not None else None
 
     # ---------------------------------------------------------------- forward
-    def _segment_rank_mask(self) -> torch.Tensor:
-        if self.seg_rank_mask is not None:
-            return self.seg_rank_mask
-        if self.seg_offsets is None:
+    def _segment_rank_mask(self, segs) -> torch.Tensor:
+        if segs is None:
             return self.rank_mask[:1]
-        adapter = self.seg_adapter
-        if adapter is None:
-            adapter = torch.arange(self.seg_offsets.numel() - 1, device=self.rank_mask.device)
-            if self.num_clients == 1:
-                adapter = torch.zeros_like(adapter)
-        return self.rank_mask[adapter.to(self.rank_mask.device)]
+        if self.segment_plan.rank_mask is not None:
+            return self.segment_plan.rank_mask
+        return self.rank_mask[segs.slots]
 
-    def adapter_output(self, x: torch.Tensor) -> torch.Tensor:
+    def adapter_output(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The adapter's contribution for input ``x``; plus ``base_out`` when given, or the
+        whole layer with ``base_weight`` / ``base_bias`` (see :meth:`AdapterLayer._fusable_base`)."""
+        segs = self.row_segments(x)
         return lora_forward(
             x,
             self.lora_A,
             self.lora_B,
             scale=self.scale,
-            rank_mask=self._segment_rank_mask(),
+            rank_mask=self._segment_rank_mask(segs),
             grad_mask=self.grad_mask,
-            seg_offsets=self.row_offsets(x),
-            seg_adapter=self.seg_adapter,
+            segments=segs,
+            base_out=base_out,
+            base_weight=base_weight,
+            base_bias=base_bias,
         )
 
     def delta_weight(self, slot: int = 0) -> torch.Tensor:

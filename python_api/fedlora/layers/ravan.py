@@ -78,8 +78,15 @@ class RavanLinear(AdapterLayer):
         """Indices of the heads ``slot`` trains."""
         return mask_indices(self.head_mask[self._check_slot(slot)])
 
-    def adapter_output(self, x: torch.Tensor, base_out: torch.Tensor | None = None) -> torch.Tensor:
-        """The adapter's contribution for input ``x`` (plus ``base_out`` when given, fused)."""
+    def adapter_output(
+        self,
+        x: torch.Tensor,
+        base_out: torch.Tensor | None = None,
+        base_weight: torch.Tensor | None = None,
+        base_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The adapter's contribution for input ``x``; plus ``base_out`` when given, or the
+        whole layer with ``base_weight`` / ``base_bias`` (see :meth:`AdapterLayer._fusable_base`)."""
         return ravan_forward(
             x,
             self.lora_A,
@@ -87,15 +94,12 @@ class RavanLinear(AdapterLayer):
             self.lora_H,
             self.lora_s,
             scale=self.scale,
-            seg_offsets=self.row_offsets(x),
-            seg_adapter=self.seg_adapter,
+            segments=self.row_segments(x),
             head_mask=self.head_mask,
             base_out=base_out,
+            base_weight=base_weight,
+            base_bias=base_bias,
         )
-
-    def add_adapter(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``y + adapter(x)`` in one fused pass (no adapter-sized temporary on GPU)."""
-        return self.adapter_output(x, base_out=y)
 
     def delta_weight(self, slot: int = 0) -> torch.Tensor:
         """``scale · Σ_i s_i B_i H_i A_i`` of ``slot`` as ``[d_out, d_in]`` float32."""
