@@ -116,7 +116,7 @@ def test_the_model_is_quantized_under_the_adapters(tiny_llm_dir):
 @pytest.mark.parametrize(
     "argv,words",
     [(["--quantize", "3bit"], "--quantize must be one of"),
-     (["--task", "classify", "--quantize", "4bit"], "only --task sft")],
+     (["--task", "classify", "--quantize", "4bit"], "only a causal-LM task (--task sft)")],
 )  # fmt: skip
 def test_bad_quantize_exits_2(tmp_path, capsys, argv, words):
     code = main(["simulate", "--out", str(tmp_path / "o"), *argv])
