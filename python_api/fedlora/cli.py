@@ -170,6 +170,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="sft: length limit of a generated answer",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from fedlora.simulate import privacy_run  # --- differential privacy
+
+    privacy_run.add_options(p)
 
 
 def _config(args: argparse.Namespace, method: str) -> SimConfig:

@@ -78,6 +78,7 @@ __all__ = [
     "MethodDP",
     "Population",
     "PrivacyAccountant",
+    "PrivateAggregator",
     "check_dp_compatible",
     "client_delta",
     "clip_delta",
@@ -1121,3 +1122,119 @@ def private_aggregate(
         metrics["epsilon"] = accountant.epsilon
         metrics["dp_rounds"] = accountant.rounds
     return out, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# the server path of a round loop (fedlora.rounds.Server(dp=...))
+# ------------------------------------------------------------------------------------------------
+
+#: purpose tag of the noise generator's seed rule (:func:`fedlora.seeding.key`)
+NOISE_TAG = 19
+
+
+class PrivateAggregator:
+    """The DP server step of :class:`fedlora.rounds.Server` (``Server(..., dp=aggregator)``):
+    :func:`private_aggregate` on the round's screened replies with each client's real download
+    and public budget, and one accountant for the whole run. Used by ``fedlora simulate``, the
+    Flower strategy and any other loop over :class:`fedlora.rounds.Server`.
+
+    Args:
+        method: a registered method name (:func:`check_dp_compatible` with ``options`` runs here).
+        dp: the settings; a target ε is resolved here for ``rounds`` rounds at ``sample_rate``.
+        sample_rate: ``q = clients_per_round / clients`` (the accountant's Poisson rate).
+        rounds: the run's rounds (only used to resolve a target ε).
+        population: every client's public facts (``denominator="expected"``).
+        options: the run's client / aggregate options (``head_score``, ``hafl_mode``,
+            ``weighting``).
+        seed: seeds the noise per round by ``(seed, round)`` (a reproducible simulation); None:
+            fresh OS entropy every round (a deployment should use that).
+        rounds_done: rounds already counted (a resumed run).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        dp: DPConfig,
+        *,
+        sample_rate: float,
+        rounds: int | None = None,
+        population: Population | None = None,
+        options: Mapping[str, Any] | ClientOptions | None = None,
+        seed: int | None = None,
+        rounds_done: int = 0,
+    ) -> None:
+        self.method = get_method(method).name
+        check_dp_compatible(self.method, options)
+        if not isinstance(dp, DPConfig):
+            raise TypeError(f"dp must be a fedlora.privacy.DPConfig, got {type(dp).__name__}")
+        if dp.noise_multiplier is None:
+            if rounds is None:
+                raise ValueError("a target epsilon needs rounds= to resolve the noise multiplier")
+            dp = dp.resolved(_check_rounds(rounds), sample_rate)
+        if dp.denominator == "expected" and population is None:
+            raise ValueError("denominator='expected' needs population= (every client's budget)")
+        self.dp, self.population, self.options = dp, population, options
+        self.seed = None if seed is None else int(seed)
+        self.accountant = PrivacyAccountant.for_config(dp, sample_rate)
+        self.accountant.step(rounds_done)
+
+    @property
+    def epsilon(self) -> float:
+        """ε after the rounds counted so far."""
+        return self.accountant.epsilon
+
+    def _generator(self, round_idx: int) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        from fedlora.seeding import key
+
+        return torch.Generator().manual_seed(key(self.seed, round_idx, NOISE_TAG))
+
+    def skip(self, round_idx: int) -> dict[str, Any]:
+        """A round in which no reply reached the aggregation: it still counts (a sampled round
+        spends privacy whatever its clients send). Returns the round's metrics."""
+        self.accountant.step()
+        return {
+            "epsilon": self.accountant.epsilon,
+            "dp_rounds": self.accountant.rounds,
+            "dp_noise_multiplier": self.dp.noise_multiplier,
+            "clients_used": 0,
+        }
+
+    def aggregate(
+        self, server: Any, round_idx: int, replies: Sequence[Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The round's new global state and metrics from ``server`` (a
+        :class:`fedlora.rounds.Server`, after :meth:`~fedlora.rounds.Server.configure`) and its
+        screened replies: each client's download is recomputed from the server's global state
+        and the client's budget (exactly what it was sent), the weights are the replies'
+        ``weight`` (example counts; only ``weights="capped"`` reads them). The metrics carry
+        ``rejected`` (``{"client": index into replies, "reason"}``) and ``clients_used`` as
+        :func:`fedlora.aggregate`'s do, plus :func:`private_aggregate`'s ``dp_*`` and
+        ``epsilon``."""
+        g = server.global_state
+        budgets = [server.asked.get(r.client) or server.budget(r.client) for r in replies]
+        cache: dict[Budget, dict[str, torch.Tensor]] = {}
+        downloads = []
+        for b in budgets:
+            if b not in cache:
+                cache[b] = server.side.download(g, b)
+            downloads.append(cache[b])
+        counts = [r.weight if r.weight is not None else 0 for r in replies]
+        new, metrics = private_aggregate(
+            self.method,
+            g,
+            downloads,
+            [r.state or {} for r in replies],
+            [r.meta for r in replies],
+            budgets,
+            self.dp,
+            self._generator(round_idx),
+            num_examples=counts if self.dp.weights == "capped" else None,
+            population=self.population,
+            options=self.options,
+            accountant=self.accountant,
+        )
+        metrics["rejected"] = [dict(e) for e in metrics["dp_rejected_clients"]]
+        metrics["clients_used"] = metrics["dp_accepted"]
+        return new, metrics

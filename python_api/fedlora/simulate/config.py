@@ -36,6 +36,10 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 #: values, so runs checkpointed before they existed still resume
 _LATER_FIELDS = {"task": "classify", "dtype": "auto", "clients_per_round": None,
                  "max_generate": 16, "max_new_tokens": 32}  # fmt: skip
+# --- differential privacy: its fields at their defaults stay out of the fingerprint
+_LATER_FIELDS |= {"dp_clip": None, "dp_noise": None, "dp_epsilon": None, "dp_delta": 1e-5,
+                  "dp_weights": "uniform", "dp_weight_cap": None, "dp_denominator": "expected",
+                  "dp_accountant": "rdp"}  # fmt: skip
 HEAD_SCORES = ("weight", "gradient", "random")
 HAFL_MODES = ("freeze", "truncate")
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
@@ -92,6 +96,15 @@ class SimConfig:
     dtype: str = "auto"
     max_generate: int = 16
     max_new_tokens: int = 32
+    # --- differential privacy (fedlora.simulate.privacy_run; off while dp_clip is None)
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_weights: str = "uniform"
+    dp_weight_cap: float | None = None
+    dp_denominator: str = "expected"
+    dp_accountant: str = "rdp"
 
     def __post_init__(self) -> None:
         for name, value in TASK_DEFAULTS.get(self.task, {}).items():
@@ -184,6 +197,9 @@ class SimConfig:
 
         _check_path("data", self.data, want_dir=False, names=BUILTIN_SETS * (self.task == "sft"))
         parse_budgets(self)
+        from fedlora.simulate import privacy_run  # --- differential privacy
+
+        privacy_run.check(self)
         return self
 
     def to_json(self) -> dict[str, Any]:

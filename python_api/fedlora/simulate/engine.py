@@ -26,6 +26,7 @@ from torch import nn
 from fedlora import local, rounds
 from fedlora.methods import Client
 from fedlora.methods import get as get_method
+from fedlora.simulate import privacy_run  # --- differential privacy
 from fedlora.simulate.config import Budget, ConfigError, SimConfig, parse_budgets
 from fedlora.simulate.outputs import (  # noqa: F401  (re-exported: compare, tests, examples)
     CKPT,
@@ -285,6 +286,7 @@ def run(
         seed=cfg.seed,
         error=True,
         side=s.rule,
+        dp=privacy_run.aggregator(cfg, s.budgets, s.weights, result.rounds),  # --- DP
     )
     server.restore(global_state, result.rounds[-1] if result.rounds else None)
     bar = _progress(cfg.rounds, start_round, progress)
@@ -296,6 +298,7 @@ def run(
             f"round {r + 1:3d}/{cfg.rounds}  {s.task.round_line(row)}  "
             f"agg-err {row['aggregation_error']:.2e}  up {row['bytes_up'] / 2**20:.2f} MiB  "
             f"down {row['bytes_down'] / 2**20:.2f} MiB  {row['seconds']:.1f}s"
+            + privacy_run.progress(row)  # --- differential privacy
         )
         if bar is not None:
             bar.update(1)
@@ -338,6 +341,7 @@ def _federated_round(
         ups, ls = train_group(model, rule, group, s.train, cfg, r, s.task)
         uploads += ups
         losses += ls
+    uploads = privacy_run.clip_uploads(cfg, [j.state for j in jobs], uploads)  # --- DP
     replies = [
         rounds.Reply(j.client, state, s.weights[j.client], meta)
         for j, (state, meta) in zip(jobs, uploads, strict=True)
@@ -366,6 +370,7 @@ def _federated_round(
     }
     if cfg.clients_per_round is not None:
         row["sampled"] = sampled
+    row.update(privacy_run.row_fields(agg))  # --- differential privacy: ε so far
     if isinstance(agg.get("scores"), dict):  # HAFL's averaged component scores (resume needs them)
         row["scores"] = {p: [float(x) for x in v.tolist()] for p, v in agg["scores"].items()}
     return global_state, row
