@@ -83,6 +83,7 @@ __all__ = [
     "client_delta",
     "clip_delta",
     "clip_update",
+    "combine_sums",
     "epsilon",
     "noise_for_epsilon",
     "private_aggregate",
@@ -921,6 +922,74 @@ def _reference(
     return ref
 
 
+def combine_sums(
+    method: str,
+    global_state: State,
+    reference: Mapping[str, torch.Tensor],
+    sums: Mapping[str, torch.Tensor],
+    denominators: Mapping[str, torch.Tensor],
+    total: float,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    keys: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The server's last step, shared by :func:`private_aggregate` and secure aggregation
+    (:mod:`fedlora.flower.secagg`): Gaussian noise of std ``noise_std`` added to every
+    coordinate of the weighted delta ``sums`` (0: none), division per index by
+    ``denominators`` (per key a 0-d total or a 1-D per-index count; an index with count 0
+    keeps the reference value), HetLoRA's zero-padded mean over ``total`` weight, Ravan's
+    ``s`` reset to 1, FlexLoRA's SVD post-processing. ``reference``: the values the deltas are
+    relative to, in the global's layout (float64; Ravan: ``s·H`` folded). Returns the new
+    global state in ``global_state``'s dtypes and devices. ``keys``: the keys of the delta
+    space in the order the noise is drawn (default: those of ``sums`` or ``denominators`` in
+    ``reference``'s order)."""
+    name, g, ref = method, global_state, reference
+    space = list(keys) if keys is not None else [k for k in ref if k in sums or k in denominators]
+    new: dict[str, torch.Tensor] = {}
+    std = float(noise_std)
+    dims = {key: (1 if key.endswith(B_SUFFIX) else 0) for key in space}
+    for key in space:
+        shape = ref[key].shape
+        s = sums.get(key, torch.zeros(shape, dtype=torch.float64))
+        noised = (
+            s + torch.randn(shape, generator=generator, dtype=torch.float64) * std if std else s
+        )
+        d = denominators.get(key, torch.zeros((), dtype=torch.float64))
+        if name == "hetlora" and key.endswith((A_SUFFIX, B_SUFFIX)):
+            # zero padding: (cov_j · ref[j] + noised sum[j]) / total weight
+            if total > 0:
+                share = _view(d / total, ref[key], dims[key])
+                value = ref[key] * share + noised / total
+            else:
+                value = ref[key]
+        elif d.dim() == 0:
+            value = ref[key] + noised / d if float(d) > 0 else ref[key]
+        else:
+            dv = _view(d, ref[key], dims[key])
+            value = torch.where(dv > 0, ref[key] + noised / torch.where(dv > 0, dv, 1.0), ref[key])
+        new[key] = value
+    out: dict[str, torch.Tensor] = {}
+    for key, gv in g.items():
+        if key in new:
+            val = new[key]
+            if name == "ravan" and key.endswith(H_SUFFIX):
+                val = val.reshape(gv.shape)
+            out[key] = val.to(dtype=gv.dtype, device=gv.device)
+        elif name == "ravan" and key.endswith(S_SUFFIX):
+            out[key] = torch.ones_like(gv)
+        else:
+            out[key] = gv.detach().clone()
+    if name == "flexlora":
+        from fedlora.methods.flexlora import balanced_factors, factored_svd
+
+        for path in lora_paths(g):
+            R = g[a_key(path)].shape[0]
+            Bn, An = balanced_factors(*factored_svd(new[b_key(path)], new[a_key(path)]), R)
+            out[a_key(path)] = An.to(dtype=g[a_key(path)].dtype, device=g[a_key(path)].device)
+            out[b_key(path)] = Bn.to(dtype=g[b_key(path)].dtype, device=g[b_key(path)].device)
+    return out
+
+
 def private_aggregate(
     method: str,
     global_state: State,
@@ -1059,46 +1128,8 @@ def private_aggregate(
                 den[key] = den[key] + add if key in den else add
     # --- noise on the sums, divide, post-process
     ref = _reference(name, g, downloads, accepted)
-    new: dict[str, torch.Tensor] = {}
     std = z * clip
-    dims = {key: (1 if key.endswith(B_SUFFIX) else 0) for key in space}
-    for key in space:
-        shape = ref[key].shape
-        s = sums.get(key, torch.zeros(shape, dtype=torch.float64))
-        noised = s + torch.randn(shape, generator=generator, dtype=torch.float64) * std
-        d = den.get(key, torch.zeros((), dtype=torch.float64))
-        if name == "hetlora" and key.endswith((A_SUFFIX, B_SUFFIX)):
-            # zero padding: (cov_j · ref[j] + noised sum[j]) / total weight
-            if total > 0:
-                share = _view(d / total, ref[key], dims[key])
-                value = ref[key] * share + noised / total
-            else:
-                value = ref[key]
-        elif d.dim() == 0:
-            value = ref[key] + noised / d if float(d) > 0 else ref[key]
-        else:
-            dv = _view(d, ref[key], dims[key])
-            value = torch.where(dv > 0, ref[key] + noised / torch.where(dv > 0, dv, 1.0), ref[key])
-        new[key] = value
-    out: dict[str, torch.Tensor] = {}
-    for key, gv in g.items():
-        if key in new:
-            val = new[key]
-            if name == "ravan" and key.endswith(H_SUFFIX):
-                val = val.reshape(gv.shape)
-            out[key] = val.to(dtype=gv.dtype, device=gv.device)
-        elif name == "ravan" and key.endswith(S_SUFFIX):
-            out[key] = torch.ones_like(gv)
-        else:
-            out[key] = gv.detach().clone()
-    if name == "flexlora":
-        from fedlora.methods.flexlora import balanced_factors, factored_svd
-
-        for path in lora_paths(g):
-            R = g[a_key(path)].shape[0]
-            Bn, An = balanced_factors(*factored_svd(new[b_key(path)], new[a_key(path)]), R)
-            out[a_key(path)] = An.to(dtype=g[a_key(path)].dtype, device=g[a_key(path)].device)
-            out[b_key(path)] = Bn.to(dtype=g[b_key(path)].dtype, device=g[b_key(path)].device)
+    out = combine_sums(name, g, ref, sums, den, total, std, generator, space)
     metrics: dict[str, Any] = {
         "dp_clients": n,
         "dp_accepted": len(accepted),
