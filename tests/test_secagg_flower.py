@@ -153,3 +153,72 @@ def test_two_secaggplus_rounds_equal_the_plain_aggregation(method):
             assert err <= bound, (rnd, k, err, bound)
         assert not torch.equal(got[keys[0]], g[keys[0]])  # the round changed the global
     np.testing.assert_equal(len(strategy.history), 3)
+
+
+def test_dp_and_secaggplus_together_noise_the_unmasked_sum_and_count_epsilon():
+    """DP with SecAgg+ (PreLort): clients clip to C before packing, the strategy adds N(0,
+    (z·C)²) to the unmasked sum (seeded per round) and steps the accountant: the round's
+    global is the layout's unpacking of the exact sum with the same noise, within the
+    quantisation bound; ε is the accountant library's after 2 rounds."""
+    from flwr.app import Context, RecordDict
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.server import ServerConfig
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    from fedlora import privacy
+    from fedlora.flower import LocalGrid
+    from fedlora.seeding import key
+
+    method, C, z = "prelort", 0.5, 0.8
+    g0 = initial(method)
+    keys = list(g0)
+
+    class Client(NumPyClient):
+        def __init__(self, pid):
+            self.pid = pid
+
+        def fit(self, parameters, config):
+            rnd = int(config["round"])
+            return sf.secagg_fit_reply(
+                method, keys, parameters, train(method, self.pid, rnd),
+                download(method, self.pid), clip=C,
+            )  # fmt: skip
+
+    app = ClientApp(
+        client_fn=lambda ctx: Client(int(ctx.node_config["partition-id"])).to_client(),
+        mods=[secaggplus_mod],
+    )
+    dp = privacy.DPConfig(clip=C, noise_multiplier=z, denominator="sampled")
+    acc = privacy.PrivacyAccountant.for_config(dp, 1.0)
+    strategy = sf.SecAggStrategy(
+        method, keys, initial_state=g0, dp=dp, accountant=acc, seed=7, fraction_fit=1.0,
+        min_fit_clients=NODES, min_available_clients=NODES, fraction_evaluate=0.0,
+        min_evaluate_clients=0, on_fit_config_fn=lambda r: {"round": r},
+    )  # fmt: skip
+    grid = LocalGrid(app, NODES)
+    grid.set_run(SimpleNamespace(run_id=1))
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    legacy = LegacyContext(ctx, config=ServerConfig(num_rounds=2), strategy=strategy)
+    DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=3, reconstruction_threshold=2))(
+        grid, legacy
+    )
+    assert len(strategy.history) == 3 and acc.rounds == 2
+    assert acc.epsilon == pytest.approx(privacy.epsilon(2, 1.0, z, 1e-5), rel=1e-12)
+    tol = secagg.tolerance(NODES, CLIP_RANGE, QUANT)
+    for rnd in (1, 2):
+        g = strategy.history[rnd - 1]
+        layout = secagg.Layout(method, g)
+        vecs = []
+        for pid in range(NODES):
+            down = download(method, pid)(g)
+            up, meta = train(method, pid, rnd)(down)
+            vecs.append(layout.pack(down, up, meta, clip=C))
+        gen = torch.Generator().manual_seed(key(7, rnd, 19))
+        want, _ = layout.unpack(np.sum(vecs, axis=0), noise_std=z * C, generator=gen)
+        for k, w in want.items():
+            big = float(g[k].abs().max()) + float(w.abs().max())
+            bound = tol * (1 + big) / (1 - tol) + 2**-23 * float(w.abs().max())
+            err = float((strategy.history[rnd][k].double() - w.double()).abs().max())
+            assert err <= bound, (rnd, k, err, bound)

@@ -96,9 +96,10 @@ class SecAggStrategy(FedAvg):
         if self.dp is not None:
             std = float(self.dp.noise_multiplier) * float(self.dp.clip)
             if self.seed is not None:
+                from fedlora.privacy import NOISE_TAG
                 from fedlora.seeding import key
 
-                gen = torch.Generator().manual_seed(key(self.seed, server_round, 19))
+                gen = torch.Generator().manual_seed(key(self.seed, server_round, NOISE_TAG))
         new, metrics = self.layout.unpack(summed, noise_std=std, generator=gen)
         if self.accountant is not None:
             self.accountant.step()
