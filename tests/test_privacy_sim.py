@@ -274,3 +274,33 @@ def test_local_client_clips_its_upload(tiny_bert_dir):
     delta = privacy.client_delta("fedit", down, down, res.state, res.meta)
     assert res.metrics["update_norm"] > 1e-3
     assert _norm(delta.values) <= 1e-3 + U32 * _norm(res.state)
+
+
+def test_dp_fields_at_their_defaults_keep_old_fingerprints_and_resume_counts_on(
+    tiny_bert_dir, tmp_path
+):
+    """A config without DP has the fingerprint it had before the DP fields existed (old
+    checkpoints still resume); a resumed DP run's accountant starts after the checkpointed
+    rounds (the same ε and the same numbers as one straight run), and a different noise
+    multiplier is refused."""
+    plain = tiny(tiny_bert_dir, dp_clip=None, dp_noise=None)
+    assert "dp_" not in plain.fingerprint()
+    assert "dp_clip" in tiny(tiny_bert_dir).fingerprint()
+    straight = run(tiny(tiny_bert_dir), tmp_path / "a", progress=False, log=lambda s: None)
+    run(tiny(tiny_bert_dir, rounds=1), tmp_path / "b", progress=False, log=lambda s: None)
+    resumed = run(
+        tiny(tiny_bert_dir), tmp_path / "b", resume=True, progress=False, log=lambda s: None
+    )
+    assert [r["epsilon"] for r in resumed.rounds] == [r["epsilon"] for r in straight.rounds]
+    for k, v in straight.global_state.items():
+        assert torch.equal(v, resumed.global_state[k]), k
+    with pytest.raises(ConfigError, match="different config"):
+        run(tiny(tiny_bert_dir, dp_noise=2.0, rounds=3), tmp_path / "b", resume=True,
+            progress=False, log=lambda s: None)  # fmt: skip
+    # a target ε resolved for another --rounds (left out of the fingerprint) changes z: refused
+    from fedlora.simulate import privacy_run
+    from fedlora.simulate.config import parse_budgets
+
+    cfg = tiny(tiny_bert_dir)
+    with pytest.raises(ConfigError, match="noise multiplier 2"):
+        privacy_run.aggregator(cfg, parse_budgets(cfg), [1.0] * 3, [{"dp_noise_multiplier": 2.0}])

@@ -941,10 +941,12 @@ def combine_sums(
     ``s`` reset to 1, FlexLoRA's SVD post-processing. ``reference``: the values the deltas are
     relative to, in the global's layout (float64; Ravan: ``s·H`` folded). Returns the new
     global state in ``global_state``'s dtypes and devices. ``keys``: the keys of the delta
-    space in the order the noise is drawn (default: those of ``sums`` or ``denominators`` in
-    ``reference``'s order)."""
+    space (default: those of ``sums`` or ``denominators``); the noise is drawn in their sorted
+    order."""
     name, g, ref = method, global_state, reference
-    space = list(keys) if keys is not None else [k for k in ref if k in sums or k in denominators]
+    # the noise is drawn key by key in sorted key order: the same numbers whatever the order of
+    # the state dict (a checkpointed global comes back in another order than the live one)
+    space = sorted(keys if keys is not None else [k for k in ref if k in sums or k in denominators])
     new: dict[str, torch.Tensor] = {}
     std = float(noise_std)
     dims = {key: (1 if key.endswith(B_SUFFIX) else 0) for key in space}
