@@ -44,8 +44,9 @@ Accounting assumes Poisson sampling (each client joins a round independently wit
 ``q``); a loop that samples exactly ``m`` clients uses it as the usual approximation at
 ``q = m / N``.
 
-A round loop (integration into ``fedlora simulate``, ``fedlora.local`` / ``fedlora.rounds`` and
-Flower is pending) does, before training: ``check_dp_compatible(method, options)`` (refuse with
+``fedlora simulate --dp-*`` (:mod:`fedlora.simulate.privacy_run`), ``fedlora.rounds.Server(dp=
+PrivateAggregator(...))``, ``fedlora.local.LocalClient.train(..., dp_clip=C)`` and SecAgg+ over
+Flower (:mod:`fedlora.flower.secagg`) use this module. By hand, a round loop does, before training: ``check_dp_compatible(method, options)`` (refuse with
 exit 2), ``dp = DPConfig(...).resolved(rounds, q)``, ``acc = PrivacyAccountant.for_config(dp, q)``,
 ``pop = Population(all_budgets, q)``; each round: every client ``clip_update`` after its upload;
 the server ``private_aggregate(method, global, downloads, uploads, metas, budgets, dp, gen,
