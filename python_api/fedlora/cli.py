@@ -223,6 +223,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print a complete configuration file (every option with its value) and exit",
     )
+    from fedlora.simulate import privacy_run  # --- differential privacy
+
+    privacy_run.add_options(p)
 
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:

@@ -768,6 +768,7 @@ class LocalClient:
         num_examples: int | None = None,
         handback: Mapping[str, Any] | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        dp_clip: float | None = None,
         **knobs: Any,
     ) -> LocalResult:
         """Train on ``batches`` from ``download`` under ``budget``; the upload.
@@ -777,8 +778,10 @@ class LocalClient:
         averaged scores, which say where the downloaded components belong). ``num_examples``:
         the client's weight (default: the examples in the batches used). The download's base
         merges (FLoRA, FedEx-LoRA) are folded into the model's frozen base first. Everything is
-        checked before the model is touched. ``knobs``: :class:`TrainOptions` fields that
-        override the client's for this call."""
+        checked before the model is touched. ``dp_clip``: client-level DP's clip norm ``C``:
+        the upload is :func:`fedlora.privacy.clip_update`'d (its pre-clip norm in
+        ``metrics["update_norm"]``). ``knobs``: :class:`TrainOptions` fields that override the
+        client's for this call."""
         from fedlora.state_dict import apply_base_merges
 
         settings = _knobs(self.knobs, knobs)
@@ -816,6 +819,13 @@ class LocalClient:
                 for b in taken.items[self.side.pre_steps(budget) :]
             )
         result.num_examples = int(num_examples)
+        if dp_clip is not None:  # --- differential privacy: clip the upload's delta jointly
+            from fedlora.privacy import clip_update
+
+            result.state, result.meta, norm = clip_update(
+                self.method.name, download, result.state, result.meta, dp_clip
+            )
+            result.metrics["update_norm"] = norm
         return result
 
 

@@ -44,8 +44,9 @@ Accounting assumes Poisson sampling (each client joins a round independently wit
 ``q``); a loop that samples exactly ``m`` clients uses it as the usual approximation at
 ``q = m / N``.
 
-A round loop (integration into ``fedlora simulate``, ``fedlora.local`` / ``fedlora.rounds`` and
-Flower is pending) does, before training: ``check_dp_compatible(method, options)`` (refuse with
+``fedlora simulate --dp-*`` (:mod:`fedlora.simulate.privacy_run`), ``fedlora.rounds.Server(dp=
+PrivateAggregator(...))``, ``fedlora.local.LocalClient.train(..., dp_clip=C)`` and SecAgg+ over
+Flower (:mod:`fedlora.flower.secagg`) use this module. By hand, a round loop does, before training: ``check_dp_compatible(method, options)`` (refuse with
 exit 2), ``dp = DPConfig(...).resolved(rounds, q)``, ``acc = PrivacyAccountant.for_config(dp, q)``,
 ``pop = Population(all_budgets, q)``; each round: every client ``clip_update`` after its upload;
 the server ``private_aggregate(method, global, downloads, uploads, metas, budgets, dp, gen,
@@ -78,10 +79,12 @@ __all__ = [
     "MethodDP",
     "Population",
     "PrivacyAccountant",
+    "PrivateAggregator",
     "check_dp_compatible",
     "client_delta",
     "clip_delta",
     "clip_update",
+    "combine_sums",
     "epsilon",
     "noise_for_epsilon",
     "private_aggregate",
@@ -920,6 +923,76 @@ def _reference(
     return ref
 
 
+def combine_sums(
+    method: str,
+    global_state: State,
+    reference: Mapping[str, torch.Tensor],
+    sums: Mapping[str, torch.Tensor],
+    denominators: Mapping[str, torch.Tensor],
+    total: float,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+    keys: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The server's last step, shared by :func:`private_aggregate` and secure aggregation
+    (:mod:`fedlora.flower.secagg`): Gaussian noise of std ``noise_std`` added to every
+    coordinate of the weighted delta ``sums`` (0: none), division per index by
+    ``denominators`` (per key a 0-d total or a 1-D per-index count; an index with count 0
+    keeps the reference value), HetLoRA's zero-padded mean over ``total`` weight, Ravan's
+    ``s`` reset to 1, FlexLoRA's SVD post-processing. ``reference``: the values the deltas are
+    relative to, in the global's layout (float64; Ravan: ``s·H`` folded). Returns the new
+    global state in ``global_state``'s dtypes and devices. ``keys``: the keys of the delta
+    space (default: those of ``sums`` or ``denominators``); the noise is drawn in their sorted
+    order."""
+    name, g, ref = method, global_state, reference
+    # the noise is drawn key by key in sorted key order: the same numbers whatever the order of
+    # the state dict (a checkpointed global comes back in another order than the live one)
+    space = sorted(keys if keys is not None else [k for k in ref if k in sums or k in denominators])
+    new: dict[str, torch.Tensor] = {}
+    std = float(noise_std)
+    dims = {key: (1 if key.endswith(B_SUFFIX) else 0) for key in space}
+    for key in space:
+        shape = ref[key].shape
+        s = sums.get(key, torch.zeros(shape, dtype=torch.float64))
+        noised = (
+            s + torch.randn(shape, generator=generator, dtype=torch.float64) * std if std else s
+        )
+        d = denominators.get(key, torch.zeros((), dtype=torch.float64))
+        if name == "hetlora" and key.endswith((A_SUFFIX, B_SUFFIX)):
+            # zero padding: (cov_j · ref[j] + noised sum[j]) / total weight
+            if total > 0:
+                share = _view(d / total, ref[key], dims[key])
+                value = ref[key] * share + noised / total
+            else:
+                value = ref[key]
+        elif d.dim() == 0:
+            value = ref[key] + noised / d if float(d) > 0 else ref[key]
+        else:
+            dv = _view(d, ref[key], dims[key])
+            value = torch.where(dv > 0, ref[key] + noised / torch.where(dv > 0, dv, 1.0), ref[key])
+        new[key] = value
+    out: dict[str, torch.Tensor] = {}
+    for key, gv in g.items():
+        if key in new:
+            val = new[key]
+            if name == "ravan" and key.endswith(H_SUFFIX):
+                val = val.reshape(gv.shape)
+            out[key] = val.to(dtype=gv.dtype, device=gv.device)
+        elif name == "ravan" and key.endswith(S_SUFFIX):
+            out[key] = torch.ones_like(gv)
+        else:
+            out[key] = gv.detach().clone()
+    if name == "flexlora":
+        from fedlora.methods.flexlora import balanced_factors, factored_svd
+
+        for path in lora_paths(g):
+            R = g[a_key(path)].shape[0]
+            Bn, An = balanced_factors(*factored_svd(new[b_key(path)], new[a_key(path)]), R)
+            out[a_key(path)] = An.to(dtype=g[a_key(path)].dtype, device=g[a_key(path)].device)
+            out[b_key(path)] = Bn.to(dtype=g[b_key(path)].dtype, device=g[b_key(path)].device)
+    return out
+
+
 def private_aggregate(
     method: str,
     global_state: State,
@@ -1058,46 +1131,8 @@ def private_aggregate(
                 den[key] = den[key] + add if key in den else add
     # --- noise on the sums, divide, post-process
     ref = _reference(name, g, downloads, accepted)
-    new: dict[str, torch.Tensor] = {}
     std = z * clip
-    dims = {key: (1 if key.endswith(B_SUFFIX) else 0) for key in space}
-    for key in space:
-        shape = ref[key].shape
-        s = sums.get(key, torch.zeros(shape, dtype=torch.float64))
-        noised = s + torch.randn(shape, generator=generator, dtype=torch.float64) * std
-        d = den.get(key, torch.zeros((), dtype=torch.float64))
-        if name == "hetlora" and key.endswith((A_SUFFIX, B_SUFFIX)):
-            # zero padding: (cov_j · ref[j] + noised sum[j]) / total weight
-            if total > 0:
-                share = _view(d / total, ref[key], dims[key])
-                value = ref[key] * share + noised / total
-            else:
-                value = ref[key]
-        elif d.dim() == 0:
-            value = ref[key] + noised / d if float(d) > 0 else ref[key]
-        else:
-            dv = _view(d, ref[key], dims[key])
-            value = torch.where(dv > 0, ref[key] + noised / torch.where(dv > 0, dv, 1.0), ref[key])
-        new[key] = value
-    out: dict[str, torch.Tensor] = {}
-    for key, gv in g.items():
-        if key in new:
-            val = new[key]
-            if name == "ravan" and key.endswith(H_SUFFIX):
-                val = val.reshape(gv.shape)
-            out[key] = val.to(dtype=gv.dtype, device=gv.device)
-        elif name == "ravan" and key.endswith(S_SUFFIX):
-            out[key] = torch.ones_like(gv)
-        else:
-            out[key] = gv.detach().clone()
-    if name == "flexlora":
-        from fedlora.methods.flexlora import balanced_factors, factored_svd
-
-        for path in lora_paths(g):
-            R = g[a_key(path)].shape[0]
-            Bn, An = balanced_factors(*factored_svd(new[b_key(path)], new[a_key(path)]), R)
-            out[a_key(path)] = An.to(dtype=g[a_key(path)].dtype, device=g[a_key(path)].device)
-            out[b_key(path)] = Bn.to(dtype=g[b_key(path)].dtype, device=g[b_key(path)].device)
+    out = combine_sums(name, g, ref, sums, den, total, std, generator, space)
     metrics: dict[str, Any] = {
         "dp_clients": n,
         "dp_accepted": len(accepted),
@@ -1121,3 +1156,119 @@ def private_aggregate(
         metrics["epsilon"] = accountant.epsilon
         metrics["dp_rounds"] = accountant.rounds
     return out, metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# the server path of a round loop (fedlora.rounds.Server(dp=...))
+# ------------------------------------------------------------------------------------------------
+
+#: purpose tag of the noise generator's seed rule (:func:`fedlora.seeding.key`)
+NOISE_TAG = 19
+
+
+class PrivateAggregator:
+    """The DP server step of :class:`fedlora.rounds.Server` (``Server(..., dp=aggregator)``):
+    :func:`private_aggregate` on the round's screened replies with each client's real download
+    and public budget, and one accountant for the whole run. Used by ``fedlora simulate``, the
+    Flower strategy and any other loop over :class:`fedlora.rounds.Server`.
+
+    Args:
+        method: a registered method name (:func:`check_dp_compatible` with ``options`` runs here).
+        dp: the settings; a target ε is resolved here for ``rounds`` rounds at ``sample_rate``.
+        sample_rate: ``q = clients_per_round / clients`` (the accountant's Poisson rate).
+        rounds: the run's rounds (only used to resolve a target ε).
+        population: every client's public facts (``denominator="expected"``).
+        options: the run's client / aggregate options (``head_score``, ``hafl_mode``,
+            ``weighting``).
+        seed: seeds the noise per round by ``(seed, round)`` (a reproducible simulation); None:
+            fresh OS entropy every round (a deployment should use that).
+        rounds_done: rounds already counted (a resumed run).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        dp: DPConfig,
+        *,
+        sample_rate: float,
+        rounds: int | None = None,
+        population: Population | None = None,
+        options: Mapping[str, Any] | ClientOptions | None = None,
+        seed: int | None = None,
+        rounds_done: int = 0,
+    ) -> None:
+        self.method = get_method(method).name
+        check_dp_compatible(self.method, options)
+        if not isinstance(dp, DPConfig):
+            raise TypeError(f"dp must be a fedlora.privacy.DPConfig, got {type(dp).__name__}")
+        if dp.noise_multiplier is None:
+            if rounds is None:
+                raise ValueError("a target epsilon needs rounds= to resolve the noise multiplier")
+            dp = dp.resolved(_check_rounds(rounds), sample_rate)
+        if dp.denominator == "expected" and population is None:
+            raise ValueError("denominator='expected' needs population= (every client's budget)")
+        self.dp, self.population, self.options = dp, population, options
+        self.seed = None if seed is None else int(seed)
+        self.accountant = PrivacyAccountant.for_config(dp, sample_rate)
+        self.accountant.step(rounds_done)
+
+    @property
+    def epsilon(self) -> float:
+        """ε after the rounds counted so far."""
+        return self.accountant.epsilon
+
+    def _generator(self, round_idx: int) -> torch.Generator | None:
+        if self.seed is None:
+            return None
+        from fedlora.seeding import key
+
+        return torch.Generator().manual_seed(key(self.seed, round_idx, NOISE_TAG))
+
+    def skip(self, round_idx: int) -> dict[str, Any]:
+        """A round in which no reply reached the aggregation: it still counts (a sampled round
+        spends privacy whatever its clients send). Returns the round's metrics."""
+        self.accountant.step()
+        return {
+            "epsilon": self.accountant.epsilon,
+            "dp_rounds": self.accountant.rounds,
+            "dp_noise_multiplier": self.dp.noise_multiplier,
+            "clients_used": 0,
+        }
+
+    def aggregate(
+        self, server: Any, round_idx: int, replies: Sequence[Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The round's new global state and metrics from ``server`` (a
+        :class:`fedlora.rounds.Server`, after :meth:`~fedlora.rounds.Server.configure`) and its
+        screened replies: each client's download is recomputed from the server's global state
+        and the client's budget (exactly what it was sent), the weights are the replies'
+        ``weight`` (example counts; only ``weights="capped"`` reads them). The metrics carry
+        ``rejected`` (``{"client": index into replies, "reason"}``) and ``clients_used`` as
+        :func:`fedlora.aggregate`'s do, plus :func:`private_aggregate`'s ``dp_*`` and
+        ``epsilon``."""
+        g = server.global_state
+        budgets = [server.asked.get(r.client) or server.budget(r.client) for r in replies]
+        cache: dict[Budget, dict[str, torch.Tensor]] = {}
+        downloads = []
+        for b in budgets:
+            if b not in cache:
+                cache[b] = server.side.download(g, b)
+            downloads.append(cache[b])
+        counts = [r.weight if r.weight is not None else 0 for r in replies]
+        new, metrics = private_aggregate(
+            self.method,
+            g,
+            downloads,
+            [r.state or {} for r in replies],
+            [r.meta for r in replies],
+            budgets,
+            self.dp,
+            self._generator(round_idx),
+            num_examples=counts if self.dp.weights == "capped" else None,
+            population=self.population,
+            options=self.options,
+            accountant=self.accountant,
+        )
+        metrics["rejected"] = [dict(e) for e in metrics["dp_rejected_clients"]]
+        metrics["clients_used"] = metrics["dp_accepted"]
+        return new, metrics

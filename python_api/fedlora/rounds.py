@@ -224,6 +224,8 @@ class Server:
         side: the method's client-side object for downloads (default: made here; the
             simulator shares the one its clients train with).
         aggregate_fn: replaces :func:`fedlora.aggregate` (same signature).
+        dp: a :class:`fedlora.privacy.PrivateAggregator`: client-level DP replaces the method's
+            rule (noised sums over public denominators, ε in the metrics every round).
     """
 
     def __init__(
@@ -239,6 +241,7 @@ class Server:
         aggregate_options: Mapping[str, Any] | None = None,
         side: Client | None = None,
         aggregate_fn: Callable[..., tuple[dict, dict]] | None = None,
+        dp: Any = None,
     ) -> None:
         self.method = get_method(method) if isinstance(method, str) else method
         if not isinstance(self.method, Method):
@@ -261,6 +264,7 @@ class Server:
         self.global_state = dict(global_state)
         self.aggregate_options = dict(aggregate_options or {})
         self.aggregate_fn = aggregate_fn
+        self.dp = dp  # --- differential privacy (fedlora.privacy.PrivateAggregator)
         known = []
         for c, b in budgets.items() if isinstance(budgets, Mapping) else ():
             if b is not None and not isinstance(b, (Budget, Mapping)):
@@ -373,6 +377,8 @@ class Server:
         out = Outcome()
         ok, out.rejected = self.screen(replies)
         if not ok:
+            if self.dp is not None:  # --- differential privacy: the round still counts
+                out.metrics = self.dp.skip(round_idx)
             out.error = (
                 f"round {round_idx + 1}: no usable client reply ({len(out.rejected)} rejected)"
                 if out.rejected
@@ -390,9 +396,12 @@ class Server:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "global state unchanged" is reported below
-                new_state, metrics = aggregate_fn(
-                    self.method.name, self.global_state, states, weights, metas, **options
-                )
+                if self.dp is not None:  # --- differential privacy
+                    new_state, metrics = self.dp.aggregate(self, round_idx, ok)
+                else:
+                    new_state, metrics = aggregate_fn(
+                        self.method.name, self.global_state, states, weights, metas, **options
+                    )
         except Exception as e:  # a failed round must not stop the server loop
             out.error = f"round {round_idx + 1}: aggregation failed: {type(e).__name__}: {e}"
             logger.error("%s; global state unchanged", out.error)

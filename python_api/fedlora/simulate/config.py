@@ -37,6 +37,10 @@ OPTION_FIELDS = ("heads", "head_score", "hafl_score_steps", "hafl_mode")
 #: left out of the fingerprint, so a run may resume under another memory budget or logger
 _HOW_FIELDS = ("device", "max_tokens_per_pass", "gradient_checkpointing", "report_to")
 REPORT_TO = ("none", "tensorboard")
+# --- differential privacy: its fields at their defaults stay out of the fingerprint
+_LATER_FIELDS |= {"dp_clip": None, "dp_noise": None, "dp_epsilon": None, "dp_delta": 1e-5,
+                  "dp_weights": "uniform", "dp_weight_cap": None, "dp_denominator": "expected",
+                  "dp_accountant": "rdp"}  # fmt: skip
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
 MAX_SEED = 2**32 - 1  # numpy's and the per-round key's range
 MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
@@ -136,6 +140,15 @@ class SimConfig:
     eval_every: int = 1
     report_to: str = "none"
     quantize: str = "none"
+    # --- differential privacy (fedlora.simulate.privacy_run; off while dp_clip is None)
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_weights: str = "uniform"
+    dp_weight_cap: float | None = None
+    dp_denominator: str = "expected"
+    dp_accountant: str = "rdp"
 
     def __post_init__(self) -> None:
         if self.lr is None and isinstance(self.method, str) and self.method in names():
@@ -278,6 +291,9 @@ class SimConfig:
                 )
         self._validate_knobs()
         parse_budgets(self)
+        from fedlora.simulate import privacy_run  # --- differential privacy
+
+        privacy_run.check(self)
         return self
 
     def _check_data(self) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 from fedlora import local, rounds
 from fedlora.methods import Client
 from fedlora.methods import get as get_method
+from fedlora.simulate import privacy_run  # --- differential privacy
 from fedlora.simulate.config import Budget, ConfigError, SimConfig
 from fedlora.simulate.outputs import (  # noqa: F401  (re-exported: compare, tests, examples)
     CKPT,
@@ -258,6 +259,7 @@ def run(
         seed=cfg.seed,
         error=True,
         side=s.rule,
+        dp=privacy_run.aggregator(cfg, s.budgets, s.weights, result.rounds),  # --- DP
     )
     server.restore(global_state, result.rounds[-1] if result.rounds else None)
     board = _board(cfg, out, result)
@@ -312,6 +314,7 @@ def _rounds(
             f"round {r + 1:3d}/{cfg.rounds}  {line}  "
             f"agg-err {row['aggregation_error']:.2e}  up {row['bytes_up'] / 2**20:.2f} MiB  "
             f"down {row['bytes_down'] / 2**20:.2f} MiB  {row['seconds']:.1f}s"
+            + privacy_run.progress(row)  # --- differential privacy
         )
         if out is not None:
             write_outputs(
@@ -355,6 +358,7 @@ def _federated_round(
         uploads += ups
         losses += ls
         steps += getattr(ups, "step_losses", None) or [[x] for x in ls]
+    uploads = privacy_run.clip_uploads(cfg, [j.state for j in jobs], uploads)  # --- DP
     replies = [
         rounds.Reply(j.client, state, s.weights[j.client], meta)
         for j, (state, meta) in zip(jobs, uploads, strict=True)
@@ -393,6 +397,7 @@ def _federated_round(
     for key in s.method.logged:  # per-round diagnostics the method asks to keep (segment norms)
         if key in agg:
             row[key] = agg[key]
+    row.update(privacy_run.row_fields(agg))  # --- differential privacy: ε so far
     if isinstance(agg.get("scores"), dict):  # HAFL's averaged component scores (resume needs them)
         row["scores"] = {p: [float(x) for x in v.tolist()] for p, v in agg["scores"].items()}
     return global_state, row

@@ -661,6 +661,7 @@ def write_reports(
         ).encode(),
     )
     cols = ["round", *task.columns, *TRAIN_COLUMNS]
+    cols += ["epsilon"] if any("epsilon" in r for r in rounds) else []  # --- DP: ε so far
     rows = ([{"round": 0, **initial}] if initial else []) + list(rounds)
     lines = [",".join(cols)] + [",".join(str(r.get(c, "")) for c in cols) for r in rows]
     _atomic_write_bytes(out / "metrics.csv", ("\n".join(lines) + "\n").encode())

@@ -1,0 +1,260 @@
+"""Secure aggregation of heterogeneous-rank LoRA updates: a fixed per-round layout (DESIGN §11).
+
+Flower's SecAgg+ (``SecAggPlusWorkflow`` on the server, ``secaggplus_mod`` on the ClientApp)
+sums integer vectors of the SAME length on every client: each client's ``FitRes`` arrays are
+multiplied by its weight ratio, clipped to ``[-clipping_range, clipping_range]``, stochastically
+quantised to ``[0, quantization_range)``, masked and summed; the server unmasks only the sum and
+passes the weighted MEAN of the clients' arrays to ``Strategy.aggregate_fit``. Heterogeneous
+ranks (PreLort's prefixes, Ravan's trained heads) do not fit that as they are, and zero-padding
+alone would dilute PreLort's segment-wise mean. This module makes them fit:
+
+- :class:`Layout` (one per round, from the global state): every key the method aggregates in
+  the GLOBAL's shape (rank prefixes padded to the global rank ``R``, Ravan's ``s·H`` rows of
+  every head), then a COVERAGE-COUNT vector: per rank index / head / whole key, the weight of
+  the clients that cover it, then the total weight and a rejected-client count.
+- :meth:`Layout.pack` (client): ``[w·δ (padded), w·coverage, w, rejected]`` where ``δ`` is the
+  update of exactly what the method aggregates (:func:`fedlora.privacy.client_delta`, jointly
+  clipped to ``clip`` under DP), ``w ∈ (0, 1]`` the client's bounded weight. A non-finite update
+  packs zeros and ``rejected = 1`` (the server cannot reject what it never sees).
+- :meth:`Layout.unpack` (server): from the SUM of the packed vectors, the per-index means
+  ``ref + Σ w·δ_j / Σ w·cover_j`` (PreLort's segment-wise and Ravan's per-head averages,
+  FedIT's / FFA-LoRA's weighted means, HetLoRA's zero-padded mean over the total weight)
+  through :func:`fedlora.privacy.combine_sums`, with Gaussian noise of std ``z·C`` added to the
+  sums under DP (DP and SecAgg together: the server sees only the sum, and publishes the noised
+  result; the clipping must then be the client's, since nobody can clip an update they never
+  see).
+
+Every client sends its vector with ``num_examples = max_weight`` of the workflow (ratio 1, so
+the workflow's mean is ``Σ_k v_k / n``), and the server multiplies the mean by the number of
+results ``n`` to get the sum (:func:`sum_from_workflow_mean`).
+
+Methods whose aggregate needs each client's own factors cannot run under SecAgg: FLoRA (stacks
+them), FLoRA-NA (fits per-client coefficients), FlexLoRA (per-client products for its SVD),
+FedEx-LoRA (per-client residuals). HAFL is refused as well (its components are placed by the
+server's per-client choice and its scores are per-client statistics). :func:`check_secagg`
+raises the one-line refusal.
+
+Quantisation error (see :func:`tolerance`): stochastic rounding moves each client's entry by less
+than one step ``Δ = 2·clipping_range / quantization_range``, so the sum of ``n`` clients is off by
+less than ``n·Δ`` per entry, and the workflow's mean by less than ``Δ`` (then times ``n``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedlora.keys import A_SUFFIX, B_SUFFIX, H_SUFFIX
+from fedlora.methods import get as get_method
+
+__all__ = [
+    "SECAGG_METHODS",
+    "SECAGG_REFUSED",
+    "Layout",
+    "check_secagg",
+    "sum_from_workflow_mean",
+    "tolerance",
+]
+
+#: the methods whose aggregate is a (segment-wise / per-head) weighted mean of the uploads
+SECAGG_METHODS = ("fedit", "ffa", "prelort", "hetlora", "ravan")
+#: the refused methods and why (one line each)
+SECAGG_REFUSED = {
+    "flora": "FLoRA stacks every client's own factors into the global (not a sum)",
+    "florana": "FLoRA-NA fits per-client coefficients to each client's own factors",
+    "flexlora": "FlexLoRA's SVD needs each client's own product B_k A_k (not a sum of factors)",
+    "fedex": "FedEx-LoRA's residual needs each client's own product B_k A_k",
+    "hafl": "HAFL's components are placed per client and its scores are per-client statistics",
+}
+
+
+def check_secagg(method: str, options: Mapping[str, Any] | None = None) -> str:
+    """``method``'s registered name if it can run under secure aggregation, else a one-line
+    ``ValueError`` with the reason. HetLoRA needs ``weighting='data'`` (the sparsity weight is
+    normalised over the clients' own updates)."""
+    name = get_method(method).name
+    if name in SECAGG_REFUSED:
+        raise ValueError(f"secure aggregation with {name!r} is refused: {SECAGG_REFUSED[name]}")
+    if name not in SECAGG_METHODS:
+        raise ValueError(f"secure aggregation with {name!r} is refused: no fixed layout for it")
+    weighting = (options or {}).get("weighting", "data")
+    if name == "hetlora" and weighting != "data":
+        raise ValueError(
+            "secure aggregation with hetlora needs weighting='data': the sparsity weight is "
+            "normalised over every client's own update"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class _Slot:
+    key: str
+    shape: tuple[int, ...]
+    offset: int
+    dim: int  # the index dimension of the coverage counts (-1: one count for the whole key)
+    count_offset: int
+    counts: int
+
+
+class Layout:
+    """The fixed layout of one round (see the module docstring).
+
+    Args:
+        method: a method of :data:`SECAGG_METHODS`.
+        global_state: the round's global state (every client's download comes from it).
+        options: the run's options (``weighting`` for HetLoRA).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        global_state: Mapping[str, torch.Tensor],
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        from fedlora import privacy
+
+        self.method = check_secagg(method, options)
+        if not isinstance(global_state, Mapping) or not global_state:
+            raise ValueError("global_state must be a non-empty dict of tensors")
+        self.global_state = dict(global_state)
+        ref = privacy._reference(self.method, self.global_state, [], [])
+        space = [k for k in privacy._other_keys(self.method, self.global_state)]
+        if self.method == "ravan":
+            space += [p + H_SUFFIX for p in privacy._ravan_paths(self.global_state)]
+        else:
+            for path in privacy.lora_paths(self.global_state):
+                if self.method != "ffa":
+                    space.append(path + A_SUFFIX)
+                space.append(path + B_SUFFIX)
+        slots, offset = [], 0
+        for key in space:
+            shape = tuple(ref[key].shape)
+            if key.endswith(A_SUFFIX) or key.endswith(H_SUFFIX):
+                dim = 0
+            elif key.endswith(B_SUFFIX):
+                dim = 1
+            else:
+                dim = -1
+            slots.append([key, shape, offset, dim])
+            offset += math.prod(shape)
+        self.values_size = offset
+        self.slots: list[_Slot] = []
+        for key, shape, off, dim in slots:
+            counts = shape[dim] if dim >= 0 else 1
+            self.slots.append(_Slot(key, shape, off, dim, offset, counts))
+            offset += counts
+        self.total_index, self.rejected_index = offset, offset + 1
+        self.size = offset + 2
+        self.reference = {s.key: ref[s.key] for s in self.slots}
+
+    # ------------------------------------------------------------------------------ client
+    def pack(
+        self,
+        download: Mapping[str, torch.Tensor],
+        upload: Mapping[str, torch.Tensor],
+        meta: Mapping[str, Any] | None = None,
+        *,
+        weight: float = 1.0,
+        clip: float | None = None,
+    ) -> np.ndarray:
+        """One client's vector (float64, length :attr:`size`): ``[w·δ, w·coverage, w,
+        rejected]``. ``weight``: the client's bounded weight in (0, 1] (e.g. ``min(n_k, cap) /
+        cap``); ``clip``: the DP clip norm (None: no clipping). A malformed upload raises
+        ``ValueError``; a non-finite one packs zeros with ``rejected = 1``."""
+        from fedlora import privacy
+
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {weight!r}")
+        meta = dict(meta or {})
+        delta = privacy.client_delta(self.method, self.global_state, download, upload, meta)
+        values = delta.values
+        if clip is not None:
+            values, norm = privacy.clip_delta(values, clip)
+        else:
+            norm = privacy._norm(values)
+        out = np.zeros(self.size, dtype=np.float64)
+        if not math.isfinite(norm):
+            out[self.rejected_index] = 1.0
+            return out
+        for s in self.slots:
+            v = values[s.key].reshape(-1).numpy()
+            out[s.offset : s.offset + v.size] = weight * v
+            cover = delta.cover.get(s.key)
+            c = np.ones(s.counts) if cover is None else cover.numpy()
+            out[s.count_offset : s.count_offset + s.counts] = weight * c
+        out[self.total_index] = weight
+        return out
+
+    # ------------------------------------------------------------------------------ server
+    def unpack(
+        self,
+        summed: np.ndarray | Sequence[float],
+        *,
+        noise_std: float = 0.0,
+        generator: torch.Generator | None = None,
+        denominators: Mapping[str, torch.Tensor] | None = None,
+        total: float | None = None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The new global state from the SUM of the clients' packed vectors: per index,
+        ``reference + (Σ w·δ + noise) / Σ w·cover`` (HetLoRA: the zero-padded mean over the
+        total weight). ``noise_std``: DP's ``z·C`` (0 without DP); ``denominators`` /
+        ``total``: public ones (DP's expected denominators) instead of the securely summed
+        coverage counts. Returns ``(state, metrics)`` with ``secagg_clients`` (the summed
+        total weight) and ``secagg_rejected`` (the summed rejected count)."""
+        from fedlora import privacy
+
+        v = np.asarray(summed, dtype=np.float64).reshape(-1)
+        if v.size != self.size:
+            raise ValueError(f"summed vector has length {v.size}, the layout {self.size}")
+        if not np.isfinite(v).all():
+            raise ValueError("summed vector is not finite")
+        sums, den = {}, {}
+        for s in self.slots:
+            sums[s.key] = torch.from_numpy(
+                v[s.offset : s.offset + math.prod(s.shape)].reshape(s.shape).copy()
+            )
+            c = torch.from_numpy(v[s.count_offset : s.count_offset + s.counts].copy())
+            den[s.key] = c.reshape(()) if s.dim < 0 else c
+        tot = float(v[self.total_index]) if total is None else float(total)
+        if denominators is not None:
+            den = {k: torch.as_tensor(d, dtype=torch.float64) for k, d in denominators.items()}
+        state = privacy.combine_sums(
+            self.method,
+            self.global_state,
+            self.reference,
+            sums,
+            den,
+            tot,
+            noise_std,
+            generator,
+            [s.key for s in self.slots],
+        )
+        metrics = {
+            "secagg_weight": float(v[self.total_index]),
+            "secagg_rejected": round(float(v[self.rejected_index])),
+        }
+        return state, metrics
+
+
+def sum_from_workflow_mean(arrays: Sequence[np.ndarray], num_results: int) -> np.ndarray:
+    """The SUM of the clients' packed vectors from what ``SecAggPlusWorkflow`` hands to
+    ``Strategy.aggregate_fit`` (the mean over ``num_results`` clients, every client having sent
+    ``num_examples = max_weight``)."""
+    if isinstance(num_results, bool) or not isinstance(num_results, int) or num_results < 1:
+        raise ValueError(f"num_results must be a positive int, got {num_results!r}")
+    flat = np.concatenate([np.asarray(a, dtype=np.float64).reshape(-1) for a in arrays])
+    return flat * num_results
+
+
+def tolerance(
+    num_clients: int, clipping_range: float = 8.0, quantization_range: int = 2**22
+) -> float:
+    """The bound on the error of each entry of the securely computed SUM: each client's entry
+    is stochastically rounded to a step ``Δ = 2·clipping_range / quantization_range`` (error
+    below ``Δ``), so ``n`` clients' sum is off by less than ``n·Δ``."""
+    return num_clients * 2.0 * clipping_range / quantization_range
