@@ -205,7 +205,7 @@ def file_defaults(
 
 
 def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else toml_value(key)
+    return key if _BARE_KEY.fullmatch(key) else toml_value(key)
 
 
 def toml_value(value: Any) -> str:
