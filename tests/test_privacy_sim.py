@@ -304,3 +304,46 @@ def test_dp_fields_at_their_defaults_keep_old_fingerprints_and_resume_counts_on(
     cfg = tiny(tiny_bert_dir)
     with pytest.raises(ConfigError, match="noise multiplier 2"):
         privacy_run.aggregator(cfg, parse_budgets(cfg), [1.0] * 3, [{"dp_noise_multiplier": 2.0}])
+
+
+def test_flower_strategy_runs_client_level_dp_and_reports_epsilon():
+    """FedLoRAStrategy(dp=PrivateAggregator): the Message-API strategy aggregates through
+    Server(dp=): a NaN reply is rejected and counted, ε is in the round's MetricRecord."""
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Message
+    from flwr.clientapp import ClientApp
+
+    import fedlora.flower as ff
+
+    g0 = _state(0)
+    budgets = [Budget(rank=R, heads=1, components=R, steps=1)] * 3
+    agg = privacy.PrivateAggregator(
+        "fedit",
+        privacy.DPConfig(clip=1.0, noise_multiplier=0.8),
+        sample_rate=1.0,
+        population=privacy.Population(budgets, 1.0),
+        seed=3,
+    )
+    strategy = ff.FedLoRAStrategy(
+        "fedit", initial_state=g0, client_options=ClientOptions(rank=R), dp=agg,
+        fraction_evaluate=0.0, min_available_nodes=3,
+    )  # fmt: skip
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        state = ff.from_arrayrecord(msg.content["arrays"])
+        up = {k: v + 0.05 * (pid + 1) for k, v in state.items()}
+        if pid == 2:
+            up["x.lora_A.weight"][0, 0] = float("nan")
+        return ff.train_reply(msg, up, 1, meta={})
+
+    grid = ff.LocalGrid(app, 3)
+    messages = strategy.configure_train(1, ff.to_arrayrecord(g0), ConfigRecord(), grid)
+    arrays, metrics = strategy.aggregate_train(1, grid.send_and_receive(messages))
+    assert arrays is not None
+    assert metrics["epsilon"] == pytest.approx(privacy.epsilon(1, 1.0, 0.8, 1e-5))
+    assert metrics["num_rejected"] == 1 and metrics["dp_rejected"] == 1
+    with pytest.raises(TypeError, match=r"dp must be a fedlora\.privacy\.PrivateAggregator"):
+        ff.FedLoRAStrategy("fedit", dp=privacy.DPConfig(clip=1.0, noise_multiplier=1.0))

@@ -76,6 +76,10 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         meta_key: name of the reply ConfigRecord holding the client meta.
         seed: the run seed of the per-round rule options (FLoRA's restart seed), as
             ``fedlora simulate --seed`` (:meth:`fedlora.rounds.Server.round_options`).
+        dp: a :class:`fedlora.privacy.PrivateAggregator`: client-level DP on the server (each
+            reply clipped again, Gaussian noise on the sums, public denominators, ε in the
+            round's metrics); the ClientApps clip their own uploads too
+            (``LocalClient.train(..., dp_clip=C)``).
         **kwargs: ``FedAvg`` arguments (``fraction_train``, ``min_train_nodes``,
             ``weighted_by_key``, ...).
 
@@ -100,12 +104,20 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         aggregate_options: Mapping[str, Any] | None = None,
         meta_key: str = META_KEY,
         seed: int = 0,
+        dp: Any = None,
         **kwargs: Any,
     ) -> None:
         from fedlora import methods
 
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if dp is not None:
+            from fedlora.privacy import PrivateAggregator
+
+            if not isinstance(dp, PrivateAggregator):
+                raise TypeError(
+                    f"dp must be a fedlora.privacy.PrivateAggregator, got {type(dp).__name__}"
+                )
         if aggregate_fn is None or method in methods.names():
             methods.get(method)  # ValueError listing the known names
         if budgets is not None and not (
@@ -128,6 +140,7 @@ class FedLoRAStrategy(RoundCore, FedAvg):
         self.payload_fn = payload_fn
         self.declared_budgets: dict[int, dict[str, int]] = {}
         self._node_ids: list[int] = []
+        self.dp = dp
         self.seed = seed
 
     def summary(self) -> None:
@@ -185,6 +198,7 @@ class FedLoRAStrategy(RoundCore, FedAvg):
                 aggregate_options=self.aggregate_options,
                 side=cls(options, budgets),
                 seed=self.seed,
+                dp=self.dp,
             )
         return self.round_server()
 
