@@ -79,7 +79,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
         help="expected (population expectation, default) or sampled (the sampled clients' "
         "public counts)",
     )
-    g.add_argument("--dp-accountant", default=DP_FIELDS["dp_accountant"], choices=list(ACCOUNTANTS))
+    g.add_argument(
+        "--dp-accountant",
+        default=DP_FIELDS["dp_accountant"],
+        choices=list(ACCOUNTANTS),
+        help="dp-accounting's accountant of ε: rdp (Rényi DP) or pld (privacy loss distributions)",
+    )
 
 
 def enabled(cfg: Any) -> bool:
