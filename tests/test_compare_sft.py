@@ -41,12 +41,12 @@ def _jsonl(path) -> list[dict]:
 
 def test_validation_of_instruction_data_is_carved_from_train_by_prompt():
     from fedlora.data import InstructionDataset, build_arithmetic
-    from fedlora.data.instructions import _prompt_key
+    from fedlora.data.instructions import prompt_key
 
     ds = build_arithmetic(per_category=40)
     tune, final = split_validation(ds, 0.2)
     assert isinstance(tune, InstructionDataset) and isinstance(final, InstructionDataset)
-    key = lambda split: {_prompt_key(ex) for ex in split}
+    key = lambda split: {prompt_key(ex) for ex in split}
     val = key(tune.test)
     assert val and val <= key(ds.train) and not val & key(ds.test)
     assert not val & key(final.train) and key(final.test) == key(ds.test)

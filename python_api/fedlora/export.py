@@ -300,7 +300,7 @@ def peft_adapter(
     two files (``tensors`` keyed ``base_model.model.<path>.lora_A.weight`` / ``.lora_B.weight``,
     float32). ``lora_alpha / r`` of every layer equals its fedlora scale; layers whose rank or
     alpha differ from the most common go to ``rank_pattern`` / ``alpha_pattern``."""
-    from fedlora.layers._base import _is_conv1d
+    from fedlora.layers import is_conv1d
     from fedlora.state_dict import adapter_layers
 
     tensors: dict[str, torch.Tensor] = {}
@@ -313,7 +313,7 @@ def peft_adapter(
         tensors[PEFT_PREFIX + keys.b_key(path)] = B.contiguous()
         ranks[path] = int(A.shape[0])
         alphas[path] = scale * A.shape[0]
-        conv1d = conv1d or _is_conv1d(layer.base_layer)
+        conv1d = conv1d or is_conv1d(layer.base_layer)
     if not tensors:
         raise ValueError("model has no adapter layers")
     r = Counter(ranks.values()).most_common(1)[0][0]

@@ -353,7 +353,7 @@ def _training_knobs(model: nn.Module, options: TrainOptions) -> Iterator[None]:
     blocks checkpointed, for the duration of the loop; everything restored after."""
     from torch.utils.checkpoint import checkpoint
 
-    from fedlora.layers._base import AdapterLayer
+    from fedlora.layers import AdapterLayer
 
     changed: list[tuple[nn.Module, float, bool]] = []
     wrapped: list[nn.Module] = []

@@ -57,7 +57,8 @@ from fedlora import keys
 from fedlora import methods as _methods
 from fedlora.injection import layer_seed
 from fedlora.layers import _core as core
-from fedlora.layers._base import _is_conv1d, check_int, check_positive_int
+from fedlora.layers import is_conv1d
+from fedlora.layers._base import check_int, check_positive_int
 
 # built on first access (they subclass peft's LoraLayer): see __getattr__
 _LAZY = ("PeftLoRALinear", "PeftRavanLinear")
@@ -206,7 +207,7 @@ class _PeftLayerMixin:
         LoraLayer.__init__(self, base_layer)
         base = self.get_base_layer()
         self.fan_in_fan_out = bool(
-            _setting(config, kwargs, "fan_in_fan_out", False) or _is_conv1d(base)
+            _setting(config, kwargs, "fan_in_fan_out", False) or is_conv1d(base)
         )
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)

@@ -68,9 +68,8 @@ from typing import Any, Literal
 import torch
 
 from fedlora.keys import A_SUFFIX, B_SUFFIX, H_SUFFIX, S_SUFFIX, a_key, b_key, lora_paths
-from fedlora.methods import Budget, ClientOptions
+from fedlora.methods import Budget, ClientOptions, ClientRejected
 from fedlora.methods import get as get_method
-from fedlora.methods._common import ClientRejected
 
 __all__ = [
     "DP_SEMANTICS",

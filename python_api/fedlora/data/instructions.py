@@ -110,7 +110,7 @@ _FORMS_TEXT = (
 # ----------------------------------------------------------------------------- the data set
 
 
-def _prompt_key(example: Mapping[str, Any]) -> str:
+def prompt_key(example: Mapping[str, Any]) -> str:
     """The text the split hash and deduplication see: the whole prompt, not the answer."""
     if "messages" in example:
         return json.dumps(list(example["messages"]), ensure_ascii=False, sort_keys=True)
@@ -269,11 +269,11 @@ def _finish(
     seen: set[str] = set()
     unique = []
     for ex in examples:
-        key = _prompt_key(ex)
+        key = prompt_key(ex)
         if key not in seen:
             seen.add(key)
             unique.append(ex)
-    keys = [_prompt_key(ex) for ex in unique]
+    keys = [prompt_key(ex) for ex in unique]
     order = sorted(range(len(unique)), key=lambda i: (stable_unit(keys[i], f"order-{seed}"), i))
     return InstructionDataset(
         examples=[unique[i] for i in order],
@@ -976,7 +976,7 @@ def records_to_dataset(
         splits = [s or "train" for _, s, _ in rows]
         how = "from file"
     else:
-        splits = [hash_split(_prompt_key(ex), test_fraction) for ex, _, _ in rows]
+        splits = [hash_split(prompt_key(ex), test_fraction) for ex, _, _ in rows]
         how = f"hash, test_fraction={test_fraction}"
     if "train" not in splits:
         raise _fail(path, "no example is in the train split")

@@ -25,11 +25,12 @@ __all__ = [
     "check_positive_int",
     "check_slot",
     "check_state_keys",
+    "is_conv1d",
     "selection_mask",
 ]
 
 
-def _is_conv1d(layer: nn.Module) -> bool:
+def is_conv1d(layer: nn.Module) -> bool:
     """True for transformers' ``Conv1D`` (GPT-2 style: weight stored ``[d_in, d_out]``)."""
     return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf") and hasattr(layer, "weight")
 
@@ -38,7 +39,7 @@ def base_features(layer: nn.Module) -> tuple[int, int]:
     """``(d_in, d_out)`` of an ``nn.Linear`` or transformers ``Conv1D``; TypeError otherwise."""
     if isinstance(layer, nn.Linear):
         return layer.in_features, layer.out_features
-    if _is_conv1d(layer):
+    if is_conv1d(layer):
         d_in, d_out = layer.weight.shape
         return int(d_in), int(d_out)
     raise TypeError(
@@ -239,7 +240,7 @@ class AdapterLayer(SegmentRouting, nn.Module):
             )
         check_positive_int("num_clients", num_clients)
         self.base_layer = base
-        self.fan_in_fan_out = _is_conv1d(base)
+        self.fan_in_fan_out = is_conv1d(base)
         self.num_clients = num_clients
         for p in base.parameters():
             p.requires_grad_(False)

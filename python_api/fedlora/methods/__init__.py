@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 
+from fedlora.methods._common import ClientRejected
 from fedlora.methods._protocol import (
     Budget,
     Client,
@@ -29,6 +30,7 @@ __all__ = [
     "Budget",
     "Client",
     "ClientOptions",
+    "ClientRejected",
     "Method",
     "Option",
     "get",

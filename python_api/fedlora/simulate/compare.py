@@ -198,9 +198,9 @@ def _example_keys(dataset: Any) -> list[str]:
         return list(texts)
     examples = getattr(dataset, "examples", None)
     if examples is not None:
-        from fedlora.data.instructions import _prompt_key
+        from fedlora.data.instructions import prompt_key
 
-        return [_prompt_key(ex) for ex in examples]
+        return [prompt_key(ex) for ex in examples]
     raise ConfigError(
         f"--lr-grid: cannot carve a validation split from a {type(dataset).__name__} data set"
     )
