@@ -24,7 +24,7 @@ pytest.importorskip("dp_accounting")
 RUNS = {
     "fedit": {},
     "ffa": {},
-    "hetlora": {"budgets": "rank=1,2,4"},
+    "hetlora": {"budgets": "rank=1,2,4", "method_options": {"hetlora_weighting": "data"}},
     "prelort": {"budgets": "rank=1,2,4"},
     "flexlora": {"budgets": "rank=1,2,4"},
     "ravan": {"budgets": "heads=1,2", "head_score": "random"},
@@ -73,6 +73,17 @@ def test_every_method_runs_under_dp_with_epsilon_or_refuses(tiny_bert_dir, tmp_p
     assert [float(line.split(",")[col]) for line in lines[2:]] == pytest.approx(eps)
     for state in result.global_state.values():
         assert bool(torch.isfinite(state).all())
+
+
+def test_hetlora_default_sparsity_weighting_is_refused_under_dp_and_secagg(tiny_bert_dir):
+    """HetLoRA's default weighting (``sparsity``, the paper's) is data-dependent: DP and
+    SecAgg refuse it in one line naming the flag, rather than silently running data weights."""
+    for extra in ({}, {"secagg": True, "dp_clip": None, "dp_noise": None}):
+        with pytest.raises(ConfigError) as err:
+            tiny(tiny_bert_dir, method="hetlora", budgets="rank=1,2,4", **extra).validate()
+        msg = str(err.value)
+        assert "weighting='data'" in msg and "--hetlora-weighting data" in msg and "\n" not in msg
+    tiny(tiny_bert_dir, method="hetlora", method_options={"hetlora_weighting": "data"}).validate()
 
 
 def test_target_epsilon_is_reached_and_the_progress_line_shows_it(tiny_bert_dir, tmp_path, capsys):

@@ -87,6 +87,7 @@ __all__ = [
     "epsilon",
     "noise_for_epsilon",
     "private_aggregate",
+    "public_denominators",
     "ravan_head_probabilities",
 ]
 
@@ -229,6 +230,24 @@ def _option(options: Any, name: str, default: Any) -> Any:
     raise TypeError(f"options must be a mapping or a ClientOptions, got {type(options).__name__}")
 
 
+def _hetlora_weighting(options: Mapping[str, Any] | ClientOptions | None) -> str:
+    """HetLoRA's aggregation weighting in ``options`` (``weighting``, or the method option
+    ``hetlora_weighting`` of a ClientOptions / simulate config); missing: the method's default
+    (``sparsity``, the paper's), never silently ``data``."""
+    given = _option(options, "weighting", None)
+    if given is None:
+        own = _option(options, "method_options", None) or {}
+        if isinstance(own, Mapping):
+            given = own.get("hetlora_weighting")
+    if given is None and isinstance(options, Mapping):
+        given = options.get("hetlora_weighting")
+    return (
+        str(given)
+        if given is not None
+        else get_method("hetlora").option("hetlora_weighting").default
+    )
+
+
 def check_dp_compatible(
     method: str, options: Mapping[str, Any] | ClientOptions | None = None
 ) -> MethodDP:
@@ -245,7 +264,7 @@ def check_dp_compatible(
         )
     if entry.status == "refused":
         raise ValueError(f"DP with method {impl.name!r} is refused: {entry.reason}")
-    if impl.name == "hetlora" and _option(options, "weighting", "data") != "data":
+    if impl.name == "hetlora" and _hetlora_weighting(options) != "data":
         raise ValueError(
             "DP with hetlora needs weighting='data': the sparsity weight ‖B_k A_k‖ is computed "
             "from the client's own update (data-dependent, unbounded)"
@@ -992,6 +1011,62 @@ def combine_sums(
     return out
 
 
+def public_denominators(
+    method: str,
+    global_state: State,
+    dp: DPConfig,
+    budgets: Sequence[Budget],
+    metas: Sequence[Mapping[str, Any] | None],
+    weights: Sequence[float],
+    *,
+    population: Population | None = None,
+    head_score: str = ClientOptions.head_score,
+) -> tuple[list[str], dict[str, torch.Tensor], float]:
+    """The denominators of a DP round that depend on no client's data (module docstring):
+    ``(keys, {key: per-index denominator}, total weight)``. ``dp.denominator == "sampled"``:
+    the sampled clients' public coverage (``budgets``, ``metas``' public head choices) times
+    their bounded ``weights``; ``"expected"``: ``q · Σ_c w_c · P(c covers j)`` over
+    ``population``. Every sampled client counts, rejected or not. Used by
+    :func:`private_aggregate` and by secure aggregation with DP
+    (:class:`fedlora.flower.secagg.SecAggAggregator`)."""
+    name, g, n = get_method(method).name, global_state, len(budgets)
+    probe = _public_cover(name, g, budgets[0], None, head_score, False) if n else None
+    space = (
+        list(probe)
+        if probe is not None
+        else list(
+            _public_cover(
+                name, g, Budget(rank=1, heads=1, components=1, steps=1), None, head_score, False
+            )
+        )
+    )
+    den: dict[str, torch.Tensor] = {}
+    total = 0.0
+    if dp.denominator == "sampled":
+        for k in range(n):
+            cov = _public_cover(name, g, budgets[k], metas[k], head_score, True)
+            total += weights[k]
+            for key, c in cov.items():
+                add = (
+                    torch.ones((), dtype=torch.float64) * weights[k]
+                    if c is None
+                    else c * weights[k]
+                )
+                den[key] = den[key] + add if key in den else add
+    else:
+        if population is None:
+            raise ValueError("denominator='expected' needs the population (its public budgets)")
+        pw = _weights(dp, population.num_examples, len(population.budgets), "population")
+        q = population.sample_rate
+        for b, wc in zip(population.budgets, pw, strict=True):
+            cov = _public_cover(name, g, b, None, head_score, False)
+            total += q * wc
+            for key, c in cov.items():
+                add = torch.ones((), dtype=torch.float64) * (q * wc) if c is None else c * (q * wc)
+                den[key] = den[key] + add if key in den else add
+    return space, den, total
+
+
 def private_aggregate(
     method: str,
     global_state: State,
@@ -1098,36 +1173,9 @@ def private_aggregate(
             else:
                 acc.add_(v, alpha=w[k])
     # --- public denominators (every sampled client counts, rejected or not)
-    probe = _public_cover(name, g, budgets[0], None, head_score, False) if n else None
-    space = (
-        list(probe)
-        if probe is not None
-        else list(
-            _public_cover(
-                name, g, Budget(rank=1, heads=1, components=1, steps=1), None, head_score, False
-            )
-        )
+    space, den, total = public_denominators(
+        name, g, dp, budgets, metas_all, w, population=population, head_score=head_score
     )
-    den: dict[str, torch.Tensor] = {}
-    total = 0.0
-    if dp.denominator == "sampled":
-        for k in range(n):
-            cov = _public_cover(name, g, budgets[k], metas_all[k], head_score, True)
-            total += w[k]
-            for key, c in cov.items():
-                add = torch.ones((), dtype=torch.float64) * w[k] if c is None else c * w[k]
-                den[key] = den[key] + add if key in den else add
-    else:
-        if population is None:
-            raise ValueError("denominator='expected' needs the population (its public budgets)")
-        pw = _weights(dp, population.num_examples, len(population.budgets), "population")
-        q = population.sample_rate
-        for b, wc in zip(population.budgets, pw, strict=True):
-            cov = _public_cover(name, g, b, None, head_score, False)
-            total += q * wc
-            for key, c in cov.items():
-                add = torch.ones((), dtype=torch.float64) * (q * wc) if c is None else c * (q * wc)
-                den[key] = den[key] + add if key in den else add
     # --- noise on the sums, divide, post-process
     ref = _reference(name, g, downloads, accepted)
     std = z * clip

@@ -56,6 +56,7 @@ __all__ = [
     "SECAGG_METHODS",
     "SECAGG_REFUSED",
     "Layout",
+    "SecAggAggregator",
     "check_secagg",
     "sum_from_workflow_mean",
     "tolerance",
@@ -82,8 +83,9 @@ def check_secagg(method: str, options: Mapping[str, Any] | None = None) -> str:
         raise ValueError(f"secure aggregation with {name!r} is refused: {SECAGG_REFUSED[name]}")
     if name not in SECAGG_METHODS:
         raise ValueError(f"secure aggregation with {name!r} is refused: no fixed layout for it")
-    weighting = (options or {}).get("weighting", "data")
-    if name == "hetlora" and weighting != "data":
+    from fedlora.privacy import _hetlora_weighting
+
+    if name == "hetlora" and _hetlora_weighting(options) != "data":
         raise ValueError(
             "secure aggregation with hetlora needs weighting='data': the sparsity weight is "
             "normalised over every client's own update"
@@ -258,3 +260,195 @@ def tolerance(
     is stochastically rounded to a step ``Δ = 2·clipping_range / quantization_range`` (error
     below ``Δ``), so ``n`` clients' sum is off by less than ``n·Δ``."""
     return num_clients * 2.0 * clipping_range / quantization_range
+
+
+#: purpose tag of the stochastic quantisation's seed rule (:func:`fedlora.seeding.key`)
+QUANT_TAG = 23
+
+
+class SecAggAggregator:
+    """A round of SecAgg+ in a simulation: the server step of :class:`fedlora.rounds.Server`
+    (``Server(..., dp=aggregator)``, the hook DP's :class:`fedlora.privacy.PrivateAggregator`
+    uses) for ``fedlora simulate --secagg``.
+
+    Every screened reply is packed by :meth:`Layout.pack` (against the client's real download,
+    clipped jointly to ``C`` under DP), then goes through the arithmetic of Flower's
+    ``secaggplus_mod`` as it is: the weight ratio ``num_examples / max_weight`` (1 here: the
+    weight is inside the vector), the clip to ``±clipping_range`` and the stochastic
+    quantisation to ``[0, quantization_range)`` (``flwr``'s own ``quantize``), the sum modulo
+    ``modulus_range``, and ``SecAggPlusWorkflow``'s dequantisation of the sum. The pairwise
+    and private masks are left out: they cancel exactly in the modular sum, so the server's
+    vector is the one it would unmask. :meth:`Layout.unpack` turns it into the new global (with
+    DP: Gaussian noise of std ``z·C`` on the sums, public denominators, the accountant stepped).
+    The result equals the method's plain rule within :func:`tolerance` per entry of the sum.
+
+    Args:
+        method: a method of :data:`SECAGG_METHODS` (:func:`check_secagg` runs here).
+        options: the run's options (``weighting`` for HetLoRA; ``head_score`` under DP).
+        max_examples: the example count of weight 1 without DP: client ``k`` packs with weight
+            ``n_k / max_examples`` (the largest count of the population gives the plain rule's
+            data weighting exactly). Ignored under DP (``dp.weights`` decides).
+        dp: a :class:`fedlora.privacy.DPConfig` with its noise multiplier set, or None.
+        sample_rate: ``q`` of the accountant (DP only).
+        population: every client's public budget (DP's ``denominator="expected"``).
+        seed: seeds the quantisation's rounding and DP's noise per round; None: OS entropy.
+        rounds_done: rounds already counted by the accountant (a resumed run).
+        clipping_range, quantization_range, modulus_range: ``SecAggPlusWorkflow``'s settings.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        options: Mapping[str, Any] | None = None,
+        max_examples: float = 1.0,
+        dp: Any = None,
+        sample_rate: float = 1.0,
+        population: Any = None,
+        seed: int | None = None,
+        rounds_done: int = 0,
+        clipping_range: float = 8.0,
+        quantization_range: int = 2**22,
+        modulus_range: int = 2**32,
+    ) -> None:
+        from fedlora import privacy
+
+        self.method = check_secagg(method, options)
+        self.options = dict(options or {})
+        if not (isinstance(clipping_range, (int, float)) and 0 < clipping_range < math.inf):
+            raise ValueError(f"clipping_range must be a positive number, got {clipping_range!r}")
+        for name, v in (
+            ("quantization_range", quantization_range),
+            ("modulus_range", modulus_range),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+                raise ValueError(f"{name} must be an int >= 2, got {v!r}")
+        if modulus_range <= quantization_range:
+            raise ValueError("modulus_range must be larger than quantization_range")
+        if not (isinstance(max_examples, (int, float)) and max_examples > 0):
+            raise ValueError(f"max_examples must be a positive number, got {max_examples!r}")
+        self.clipping_range, self.quantization_range = float(clipping_range), quantization_range
+        self.modulus_range, self.max_examples = modulus_range, float(max_examples)
+        self.seed = None if seed is None else int(seed)
+        self.dp, self.population, self.accountant = dp, population, None
+        if dp is not None:
+            privacy.check_dp_compatible(self.method, self.options)
+            if dp.noise_multiplier is None:
+                raise ValueError("dp.noise_multiplier is not set: use dp.resolved(rounds, q)")
+            if dp.clip > clipping_range:
+                raise ValueError(
+                    f"the DP clip norm {dp.clip} exceeds clipping_range {clipping_range}: the "
+                    "workflow would clip entries of clipped updates again"
+                )
+            if dp.denominator == "expected" and population is None:
+                raise ValueError("denominator='expected' needs population= (every client's budget)")
+            self.accountant = privacy.PrivacyAccountant.for_config(dp, sample_rate)
+            self.accountant.step(rounds_done)
+
+    @property
+    def epsilon(self) -> float | None:
+        """ε after the rounds counted so far (None without DP)."""
+        return None if self.accountant is None else self.accountant.epsilon
+
+    def _key(self, *parts: int) -> int:
+        import secrets
+
+        from fedlora.seeding import key
+
+        return key(self.seed, *parts) if self.seed is not None else secrets.randbits(63)
+
+    def skip(self, round_idx: int) -> dict[str, Any]:
+        """A round in which no reply reached the aggregation (under DP it still counts)."""
+        if self.accountant is None:
+            return {"clients_used": 0}
+        self.accountant.step()
+        return {"epsilon": self.accountant.epsilon, "clients_used": 0}
+
+    def quantized_sum(self, vectors: Sequence[np.ndarray], round_idx: int) -> np.ndarray:
+        """The SUM of ``vectors`` as ``SecAggPlusWorkflow`` reconstructs it (see the class
+        docstring): each vector clipped and stochastically quantised by ``flwr``'s
+        ``quantize`` (rounding seeded per round and client), summed modulo ``modulus_range``,
+        dequantised and shifted as the workflow does, times the number of vectors."""
+        from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+        n = len(vectors)
+        if n * self.quantization_range >= self.modulus_range:
+            raise ValueError(
+                f"{n} clients x quantization_range {self.quantization_range} overflow "
+                f"modulus_range {self.modulus_range}"
+            )
+        total = np.zeros(vectors[0].shape, dtype=np.int64)
+        state = np.random.get_state()  # flwr's rounding draws from numpy's global generator
+        try:
+            for k, v in enumerate(vectors):
+                np.random.seed(self._key(round_idx, k, QUANT_TAG) % 2**32)
+                (q,) = quantize([v], self.clipping_range, self.quantization_range)
+                total = (total + q.astype(np.int64)) % self.modulus_range
+        finally:
+            np.random.set_state(state)
+        (mean,) = dequantize([total], self.clipping_range, self.quantization_range)
+        mean = (mean - (n - 1) * self.clipping_range) / n  # the workflow's offset and ratio
+        return sum_from_workflow_mean([mean], n)
+
+    def aggregate(
+        self, server: Any, round_idx: int, replies: Sequence[Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The round's new global state and metrics from ``server`` (after
+        :meth:`~fedlora.rounds.Server.configure`) and its screened replies. A malformed upload
+        is rejected by its client before packing (named in ``rejected``); a non-finite one is
+        packed as zeros and counted in ``secagg_rejected`` (the server only sees the count)."""
+        from fedlora import privacy
+
+        g = server.global_state
+        layout = Layout(self.method, g, self.options)
+        budgets = [server.asked.get(r.client) or server.budget(r.client) for r in replies]
+        cache: dict[Any, dict[str, torch.Tensor]] = {}
+        clip = None if self.dp is None else float(self.dp.clip)
+        if self.dp is None:
+            weights = [min(1.0, float(r.weight or 0.0) / self.max_examples) for r in replies]
+        else:
+            counts = [r.weight if r.weight is not None else 0 for r in replies]
+            weights = privacy._weights(self.dp, counts, len(replies), "sampled clients'")
+        vectors: list[np.ndarray] = []
+        rejected: list[dict[str, Any]] = []
+        clipped = 0
+        for i, (r, b) in enumerate(zip(replies, budgets, strict=True)):
+            if b not in cache:
+                cache[b] = server.side.download(g, b)
+            try:
+                w = weights[i]
+                if not w > 0:
+                    raise ValueError(f"weight {w} is not positive (no examples)")
+                vec = layout.pack(cache[b], r.state or {}, r.meta, weight=min(w, 1.0), clip=clip)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:
+                rejected.append({"client": i, "reason": (str(exc).splitlines() or [""])[0][:200]})
+                continue
+            if vec[layout.rejected_index] > 0:
+                rejected.append({"client": i, "reason": "non-finite update (packed as zeros)"})
+            clipped += int((np.abs(vec) > self.clipping_range).sum())
+            vectors.append(vec)
+        if not vectors:
+            return dict(g), {**self.skip(round_idx), "rejected": rejected}
+        summed = self.quantized_sum(vectors, round_idx)
+        std, gen, den, total = 0.0, None, None, None
+        if self.dp is not None:
+            std = float(self.dp.noise_multiplier) * float(self.dp.clip)
+            gen = torch.Generator().manual_seed(self._key(round_idx, privacy.NOISE_TAG))
+            head_score = self.options.get("head_score", "weight")
+            # every sampled client counts, rejected or not (as in private_aggregate)
+            _, den, total = privacy.public_denominators(
+                self.method, g, self.dp, budgets, [r.meta for r in replies], weights,
+                population=self.population, head_score=head_score,
+            )  # fmt: skip
+        new, metrics = layout.unpack(
+            summed, noise_std=std, generator=gen, denominators=den, total=total
+        )
+        metrics["secagg_clients"] = len(vectors)
+        metrics["secagg_clipped_entries"] = clipped
+        metrics["rejected"] = rejected
+        metrics["clients_used"] = len(vectors) - metrics["secagg_rejected"]
+        if self.accountant is not None:
+            self.accountant.step()
+            metrics["epsilon"] = self.accountant.epsilon
+            metrics["dp_noise_multiplier"] = float(self.dp.noise_multiplier)
+        return new, metrics

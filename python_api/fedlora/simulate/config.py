@@ -41,6 +41,9 @@ REPORT_TO = ("none", "tensorboard")
 _LATER_FIELDS |= {"dp_clip": None, "dp_noise": None, "dp_epsilon": None, "dp_delta": 1e-5,
                   "dp_weights": "uniform", "dp_weight_cap": None, "dp_denominator": "expected",
                   "dp_accountant": "rdp"}  # fmt: skip
+# --- simulated secure aggregation: the same
+_LATER_FIELDS |= {"secagg": False, "secagg_clipping_range": 8.0,
+                  "secagg_quantization_range": 2**22}  # fmt: skip
 BUDGET_KEYS = ("rank", "heads", "components", "steps")
 MAX_SEED = 2**32 - 1  # numpy's and the per-round key's range
 MAX_COUNT = 10**6  # upper bound of every count option: far above any real run
@@ -149,6 +152,10 @@ class SimConfig:
     dp_weight_cap: float | None = None
     dp_denominator: str = "expected"
     dp_accountant: str = "rdp"
+    # --- simulated secure aggregation (fedlora.simulate.privacy_run; --secagg)
+    secagg: bool = False
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 2**22
 
     def __post_init__(self) -> None:
         if self.lr is None and isinstance(self.method, str) and self.method in names():

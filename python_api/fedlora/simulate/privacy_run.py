@@ -1,4 +1,5 @@
-"""Client-level DP in ``fedlora simulate`` / ``fedlora compare`` (:mod:`fedlora.privacy`).
+"""Client-level DP and simulated secure aggregation in ``fedlora simulate`` / ``fedlora compare``
+(:mod:`fedlora.privacy`, :mod:`fedlora.flower.secagg`).
 
 Everything the simulator needs for ``--dp-clip C --dp-noise z`` (or ``--dp-epsilon ε``), kept
 here so that the config, the CLI and the engine each call it in one delimited place:
@@ -12,7 +13,11 @@ here so that the config, the CLI and the engine each call it in one delimited pl
   ``q = clients_per_round / clients`` and the population's public budgets;
 - :func:`clip_uploads`: every client's :func:`fedlora.privacy.clip_update` after training;
 - :func:`row_fields` / :func:`progress`: ε (and the rejected count) for metrics.json/csv and the
-  progress line.
+  progress line;
+- ``--secagg``: every round aggregated as Flower's SecAgg+ would
+  (:class:`fedlora.flower.secagg.SecAggAggregator`: the fixed layout, flwr's quantisation, the
+  modular sum), with or without DP; refused in one line for the methods that need each
+  client's own factors.
 
 The accountant assumes Poisson sampling; the simulator samples exactly ``clients_per_round``
 clients per round (the usual approximation at ``q = m / N``). The noise is seeded by
@@ -41,8 +46,20 @@ DP_FIELDS: dict[str, Any] = {
     "dp_denominator": "expected",
     "dp_accountant": "rdp",
 }
-#: what a round row carries for DP (``dp_clip_fraction`` is left out: not privatised)
-ROW_FIELDS = ("epsilon", "dp_noise_multiplier", "dp_rejected")
+#: the SimConfig fields of simulated secure aggregation (SecAggPlusWorkflow's defaults)
+SECAGG_FIELDS: dict[str, Any] = {
+    "secagg": False,
+    "secagg_clipping_range": 8.0,
+    "secagg_quantization_range": 2**22,
+}
+#: what a round row carries for DP (``dp_clip_fraction`` is left out: not privatised) and SecAgg
+ROW_FIELDS = (
+    "epsilon",
+    "dp_noise_multiplier",
+    "dp_rejected",
+    "secagg_rejected",
+    "secagg_clipped_entries",
+)
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -86,6 +103,26 @@ def add_options(p: argparse.ArgumentParser) -> None:
         help="dp-accounting's accountant of ε: rdp (Rényi DP) or pld (privacy loss distributions)",
     )
 
+    s = p.add_argument_group("secure aggregation, simulated (fedlora.flower.secagg)")
+    s.add_argument(
+        "--secagg",
+        action="store_true",
+        help="aggregate every round as Flower's SecAgg+ would: fixed layout, quantisation, "
+        "modular sum (fedit, ffa, prelort, hetlora --hetlora-weighting data, ravan)",
+    )
+    s.add_argument(
+        "--secagg-clipping-range",
+        type=float,
+        default=SECAGG_FIELDS["secagg_clipping_range"],
+        help="SecAggPlusWorkflow's clipping_range: entries are clipped to it before quantising",
+    )
+    s.add_argument(
+        "--secagg-quantization-range",
+        type=int,
+        default=SECAGG_FIELDS["secagg_quantization_range"],
+        help="SecAggPlusWorkflow's quantization_range (integer levels of [-range, range])",
+    )
+
 
 def enabled(cfg: Any) -> bool:
     """Whether ``cfg`` runs under client-level DP."""
@@ -103,6 +140,11 @@ def _options(cfg: Any) -> dict[str, Any]:
     ``weighting`` when the config has one)."""
     opts = {"head_score": cfg.head_score, "hafl_mode": cfg.hafl_mode}
     weighting = getattr(cfg, "weighting", None)
+    if weighting is None and cfg.method == "hetlora":
+        try:  # the method option (--hetlora-weighting), its default when not given
+            weighting = cfg.option_values().get("hetlora_weighting")
+        except (ConfigError, ValueError):
+            weighting = None  # a bad option is reported by the config's own check
     if weighting is not None:
         opts["weighting"] = weighting
     return opts
@@ -164,21 +206,61 @@ def dp_config(cfg: Any) -> Any:
         raise ConfigError(f"--dp-clip: {err}") from None
     except ValueError as err:
         flag = "--dp-epsilon" if "target_epsilon" in str(err) else "--dp-clip"
-        raise ConfigError(f"{flag}: {' '.join(str(err).split())}") from None
+        hint = " (--hetlora-weighting data)" if "weighting=" in str(err) else ""
+        raise ConfigError(f"{flag}: {' '.join(str(err).split())}{hint}") from None
     return dp
 
 
 def check(cfg: Any) -> None:
-    """:meth:`SimConfig.validate`'s DP part (before anything is trained or written)."""
-    dp_config(cfg)
+    """:meth:`SimConfig.validate`'s DP and SecAgg part (before anything is trained or written)."""
+    dp = dp_config(cfg)
+    check_secagg(cfg, dp)
+
+
+def check_secagg(cfg: Any, dp: Any) -> None:
+    """``--secagg``'s settings: a method whose aggregate is a (segment-wise) weighted mean, flwr
+    installed, positive ranges, no overflow of the workflow's 2**32 modulus, and under DP a clip
+    norm within the clipping range. One-line :class:`ConfigError` otherwise."""
+    if not getattr(cfg, "secagg", False):
+        return
+    from fedlora.flower.secagg import check_secagg as refuse
+
+    try:
+        refuse(cfg.method, _options(cfg))
+    except ValueError as err:
+        flag = " (--hetlora-weighting data)" if "weighting" in str(err) else ""
+        raise ConfigError(f"--secagg: {err}{flag}") from None
+    try:
+        import flwr.common.secure_aggregation.quantization  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            '--secagg needs Flower\'s quantisation: pip install "fedlora-kernels[flower]"'
+        ) from None
+    cr, qr = cfg.secagg_clipping_range, cfg.secagg_quantization_range
+    if isinstance(cr, bool) or not isinstance(cr, (int, float)) or not (0 < cr < math.inf):
+        raise ConfigError(f"--secagg-clipping-range must be a positive number, got {cr!r}")
+    if isinstance(qr, bool) or not isinstance(qr, int) or qr < 2:
+        raise ConfigError(f"--secagg-quantization-range must be an integer >= 2, got {qr!r}")
+    per_round = min(cfg.clients_per_round or cfg.clients, cfg.clients)
+    if per_round * qr >= 2**32:
+        raise ConfigError(
+            f"--secagg: {per_round} clients per round x --secagg-quantization-range {qr} "
+            "overflow the workflow's 2**32 modulus"
+        )
+    if dp is not None and dp.clip > cr:
+        raise ConfigError(
+            f"--dp-clip {dp.clip:g} exceeds --secagg-clipping-range {cr:g}: the workflow would "
+            "clip entries of the clipped updates again"
+        )
 
 
 def aggregator(cfg: Any, budgets: list, num_examples: list[float], rounds_done: list[dict]) -> Any:
-    """The :class:`fedlora.privacy.PrivateAggregator` for ``Server(dp=...)``, or None without
-    DP. ``rounds_done``: the rows of a resumed run (its accountant starts after them; a
-    resumed run whose noise multiplier differs from the recorded one is refused)."""
+    """The server step for ``Server(dp=...)``: a :class:`fedlora.flower.secagg.SecAggAggregator`
+    with ``--secagg`` (DP inside it when on), else the :class:`fedlora.privacy.PrivateAggregator`
+    under DP, else None. ``rounds_done``: the rows of a resumed run (its accountant starts after
+    them; a resumed run whose noise multiplier differs from the recorded one is refused)."""
     dp = dp_config(cfg)
-    if dp is None:
+    if dp is None and not getattr(cfg, "secagg", False):
         return None
     from fedlora.privacy import Population, PrivateAggregator
 
@@ -190,7 +272,26 @@ def aggregator(cfg: Any, budgets: list, num_examples: list[float], rounds_done: 
         )
     q = sample_rate(cfg)
     counts = [int(n) for n in num_examples]
-    population = Population(list(budgets), q, counts if dp.weights == "capped" else None)
+    population = (
+        None
+        if dp is None
+        else Population(list(budgets), q, counts if dp.weights == "capped" else None)
+    )
+    if getattr(cfg, "secagg", False):
+        from fedlora.flower.secagg import SecAggAggregator
+
+        return SecAggAggregator(
+            cfg.method,
+            options=_options(cfg),
+            max_examples=max(num_examples),
+            dp=dp,
+            sample_rate=q,
+            population=population,
+            seed=cfg.seed,
+            rounds_done=len(rounds_done),
+            clipping_range=float(cfg.secagg_clipping_range),
+            quantization_range=int(cfg.secagg_quantization_range),
+        )
     return PrivateAggregator(
         cfg.method,
         dp,
@@ -223,4 +324,7 @@ def row_fields(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def progress(row: dict[str, Any]) -> str:
     """The progress line's DP part (``""`` without DP)."""
-    return f"  ε {row['epsilon']:.3g}" if "epsilon" in row else ""
+    text = f"  ε {row['epsilon']:.3g}" if "epsilon" in row else ""
+    if row.get("secagg_rejected"):
+        text += f"  secagg-rejected {row['secagg_rejected']}"
+    return text
