@@ -147,6 +147,26 @@ def test_compare_runs_with_dp(tiny_bert_dir, tmp_path):
         assert rows and all(r[-1]["epsilon"] > 0 for r in rows)
 
 
+def test_compare_under_dp_accounts_every_run_of_the_lr_grid_and_seeds(tiny_bert_dir, tmp_path):
+    """Tuning the learning rate on the clients' data spends privacy: results.json gives one
+    run's ε and ε of every run of the method composed (2 rates x 2 seeds of validation runs,
+    then 2 seeds of final runs: 6 runs of 2 rounds at q = 1/2), equal to the accountant's."""
+    common = ["--model", tiny_bert_dir, "--clients", "4", "--clients-per-round", "2", "--rounds",
+              "2", "--local-steps", "1", "--batch-size", "4", "--max-length", "16", "--max-test",
+              "8", "--rank", "2", "--target-modules", "query", "--no-progress", "--dp-clip", "1",
+              "--dp-noise", "1.5", "--lr-grid", "1e-3,1e-2", "--seeds", "2"]  # fmt: skip
+    out = tmp_path / "c"
+    assert main(["compare", "--methods", "fedit", "--out", str(out), *common]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["epsilon"] == pytest.approx(privacy.epsilon(2, 0.5, 1.5, 1e-5), rel=1e-12)
+    assert row["dp_runs_composed"] == 6
+    want = privacy.epsilon(12, 0.5, 1.5, 1e-5)
+    assert row["epsilon_with_tuning"] == pytest.approx(want, rel=1e-12)
+    assert want > 1.5 * row["epsilon"]
+    md = (out / "results.md").read_text()
+    assert f"6 runs composed: ε {want:.3g}" in md
+
+
 def test_the_clip_bound_holds_on_the_simulator_path(tiny_bert_dir, monkeypatch):
     """Every client's upload reaching the server is within C of its download (the client
     clipped it), and with one client per round and a negligible noise the global moves by at

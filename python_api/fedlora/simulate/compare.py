@@ -478,10 +478,14 @@ def _compare(
             print(
                 f"plan: {cfg.label()}: rank {cfg.rank}, budgets {cfg.budgets}, lr {lrs}, "
                 f"seeds {list(spec.seeds)}, {passes_per_round(cfg):g} fwd/bwd passes per round, "
-                f"{cfg.rounds} rounds; runs {out / cfg.method}/{{{', '.join(runs)}}}",
+                f"{cfg.rounds} rounds; runs {out / cfg.method}/{{{', '.join(runs)}}}"
+                + _dp_plan(cfg, spec),
                 flush=True,
             )
         return []
+    for cfg in configs:
+        if note := _dp_plan(cfg, spec):
+            print(f"== {cfg.method}:{note.removeprefix(';')}", flush=True)
     dataset = task.load_data(configs[0])
     tune, final = split_validation(dataset, spec.val_fraction) if spec.lr_grid else (None, dataset)
     probe_writable(out)
@@ -688,6 +692,7 @@ def _rows(
                 statistics.fmean(x["seconds"] for x in r.rounds) for r in results
             ),
         }
+        row |= _privacy_spent(cfg, results, spec)
         norms = [r.rounds[-1].get("segment_norms") for r in results]
         if all(isinstance(n, dict) and n for n in norms):  # prefix methods: final segment norms
             row["final_segment_norms"] = {
@@ -709,6 +714,55 @@ def _rows(
             row["vs_baseline"]["per_seed"] = diffs
         rows.append(row)
     return rows
+
+
+def runs_per_method(spec: CompareSpec) -> int:
+    """How many runs one method trains on the clients' data: every validation run of the
+    learning-rate grid (one per rate and seed) and every seed's final run."""
+    grid = len(spec.lr_grid) * len(spec.seeds) if spec.lr_grid else 0
+    return grid + len(spec.seeds)
+
+
+def _dp_plan(cfg: SimConfig, spec: CompareSpec) -> str:
+    """``"; DP: ..."`` (the privacy a method's runs spend together) or ``""`` without DP."""
+    spent = _privacy_spent(cfg, [], spec)
+    if not spent:
+        return ""
+    return (
+        f"; DP: {spent['dp_runs_composed']} runs on the same clients compose to ε "
+        f"{spent['epsilon_with_tuning']:.3g} at δ {spent['dp_delta']:g}"
+    )
+
+
+def _privacy_spent(cfg: SimConfig, results: list[Any], spec: CompareSpec) -> dict[str, Any]:
+    """Under DP: ``epsilon`` (one run's ε after its last round) and ``epsilon_with_tuning``
+    (every run of the method composed: the grid's validation runs and the seeds' final runs
+    all train on the same clients, and choosing a rate on their validation scores publishes
+    a function of all of them; dp-accounting composes ``runs × rounds`` rounds of the same
+    subsampled Gaussian). Empty without DP."""
+    from fedlora.simulate import privacy_run
+
+    if not privacy_run.enabled(cfg):
+        return {}
+    from fedlora import privacy
+
+    dp = privacy_run.dp_config(cfg)
+    eps = [r.rounds[-1].get("epsilon") for r in results if r.rounds]
+    total = privacy.epsilon(
+        cfg.rounds * runs_per_method(spec),
+        privacy_run.sample_rate(cfg),
+        float(dp.noise_multiplier),
+        float(dp.delta),
+        accountant=dp.accountant,
+    )
+    return {
+        "epsilon": max(e for e in eps if e is not None)
+        if any(e is not None for e in eps)
+        else None,
+        "epsilon_with_tuning": total,
+        "dp_runs_composed": runs_per_method(spec),
+        "dp_delta": float(dp.delta),
+    }
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -884,6 +938,17 @@ def _markdown(rep: _Report, command: str | None) -> str:
         for r in seg:
             cells = ", ".join(f"{k}: {v:.3g}" for k, v in r["final_segment_norms"].items())
             lines.append(f"- {r['label']}: {cells}")
+    dp_rows = [r for r in rep.rows if r.get("epsilon_with_tuning") is not None]
+    if dp_rows:
+        lines += ["", "Privacy spent (client-level DP, δ = "
+                  f"{dp_rows[0]['dp_delta']:g}): ε of one run, and of every run the method "
+                  "trained on the clients' data composed (learning-rate grid and seeds):", ""]  # fmt: skip
+        for r in dp_rows:
+            one = _fmt(r["epsilon"], ".3g") if r["epsilon"] is not None else "—"
+            lines.append(
+                f"- {r['label']}: ε {one} per run; {r['dp_runs_composed']} runs composed: "
+                f"ε {r['epsilon_with_tuning']:.3g}"
+            )
     if command:
         lines += ["", "Reproduce with:", "", "```bash", command, "```"]
     return "\n".join(lines) + "\n"
