@@ -311,17 +311,20 @@ def _set_slot(model, rank, scale_tail):
 
 
 def test_hetlora_self_pruning_prunes_exactly_by_its_rule():
-    """γ = 0.5, rank 4: the tail is components 2, 3. Round 1 records its norm; round 2's tail is
-    larger: kept; round 3's is smaller than round 2's: pruned to rank 2 (upload and later
-    downloads); without --hetlora-prune nothing is ever pruned."""
+    """γ = 0.5, rank 4: the tail is components 2, 3. Every round the client RECEIVES a tail of
+    scale 1. Round 1 trains it to 2 (larger than received: kept); round 2 to 1.5 (larger than
+    received: kept, although smaller than round 1's end, where a rule comparing with the
+    previous round would prune); round 3 to 0.5 (smaller: pruned to rank 2, in the upload and
+    later downloads). Without --hetlora-prune nothing is ever pruned."""
     budget = Budget(4, 1, 4, 1)
     opts = {"hetlora_prune": True, "hetlora_prune_gamma": 0.5, "hetlora_prune_lambda": 0.0}
     rule = hetlora.METHOD.client(ClientOptions(rank=4, method_options=opts), [budget])
     off = hetlora.METHOD.client(ClientOptions(rank=4), [budget])
     model = _net("hetlora", rule)
+    _set_slot(model, 4, 1.0)
     glob = get_adapter_state_dict(model, slot=0)
     ranks = []
-    for tail, other in ((1.0, off), (2.0, off), (0.5, off)):
+    for tail, other in ((2.0, off), (1.5, off), (0.5, off)):
         for r in (rule, other):
             r.prepare(model, 0, r.download(glob, budget), budget, seed=0)
             _set_slot(model, 4, tail)

@@ -23,13 +23,17 @@ variant is then labelled ``hetlora (hetlora_prune=True)``): with decay factor ``
 tail's norm is regularised: ``λ ‖B_tail A_tail‖_F`` is added to the loss (``--hetlora-prune-lambda``,
 default 0.01; its gradient ``λ B_t (A_t A_tᵀ) / n``, ``λ (B_tᵀ B_t) A_t / n`` with
 ``n = ‖B_t A_t‖_F`` from Gram matrices, added after every backward pass). After local training,
-if the tail's norm ``n`` (over all layers: the root of the sum of squares) is smaller than it
-was at the end of the client's previous round, the client prunes: it uploads the rank-``q``
-prefix (the tail is dropped, the server zero-pads it as any smaller rank) and trains at rank
-``q`` from then on; otherwise it keeps ``r``. A client's first round only records ``n``. The
-paper leaves ``λ`` and ``γ`` to tuning; the defaults here are this library's choices. The
-pruned ranks live in the client-side object (the simulator keeps it for the run; a client
-built afresh every round, as a Flower ClientApp, starts each round at its budget).
+if the tail's norm ``n`` (over all layers: the root of the sum of squares) is smaller than the
+tail's norm of the model the client RECEIVED this round (its download, measured before
+training), the client prunes: it uploads the rank-``q`` prefix (the tail is dropped, the server
+zero-pads it as any smaller rank) and trains at rank ``q`` from then on; otherwise it keeps
+``r``. (The paper's text was not available to us; this comparison follows the public
+re-implementations, e.g. FederatedScope-based FedLoRA baselines, which compare the updated
+tail with the received one. With ``B`` initialised to 0, the first round's received tail is 0,
+so nothing is pruned before the tail has grown.) The paper leaves ``λ`` and ``γ`` to tuning;
+the defaults here are this library's choices. The pruned ranks live in the client-side object
+(the simulator keeps it for the run; a client built afresh every round, as a Flower ClientApp,
+starts each round at its budget).
 """
 
 from __future__ import annotations
@@ -225,10 +229,10 @@ class HetLoRAClient(PrefixClient):
     def __init__(self, options: Any, budgets: Sequence[Budget]) -> None:
         super().__init__(options, budgets)
         #: per client (its Budget object, the same every round in the simulator): current rank
-        #: and the tail norm at the end of its last round
         self.ranks: dict[int, int] = {}
-        self.tail: dict[int, float] = {}
+        #: per slot: its budget, and the tail norm of the state it received this round
         self._slot_budget: dict[int, Budget] = {}
+        self._received: dict[int, float] = {}
 
     def rank(self, budget: Budget) -> int:
         """The client's current rank (its budget's, less what it pruned)."""
@@ -246,6 +250,9 @@ class HetLoRAClient(PrefixClient):
     def prepare(self, model: nn.Module, slot: int, state: State, budget: Budget, seed: int) -> None:
         super().prepare(model, slot, state, budget, seed)
         self._slot_budget[slot] = budget
+        if self.option("hetlora_prune"):
+            r = self.rank(budget)
+            self._received[slot] = tail_norm(model, slot, r, self.keep(r))
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module, slots: list[int]) -> None:
@@ -277,14 +284,9 @@ class HetLoRAClient(PrefixClient):
         r = self.rank(budget)
         if self.option("hetlora_prune"):
             q = self.keep(r)
-            if q < r:
-                n = tail_norm(model, slot, r, q)
-                prev = self.tail.get(id(budget))
-                if prev is not None and n < prev:
-                    self.ranks[id(budget)] = r = q  # pruned: the tail is not sent
-                    self.tail.pop(id(budget), None)
-                else:
-                    self.tail[id(budget)] = n
+            received = self._received.pop(slot, None)
+            if q < r and received is not None and tail_norm(model, slot, r, q) < received:
+                self.ranks[id(budget)] = r = q  # pruned: the tail is not sent
         state = get_adapter_state_dict(model, slot=slot)
         return prefix.truncate(state, r), {"rank": r}
 
