@@ -8,10 +8,10 @@ set-up and the check are tests/secagg_setup.py's, the same as tests/test_secagg_
 :class:`fedlora.flower.LocalGrid` in process.
 
 ``run_simulation`` runs the ServerApp in a thread of this process, so the strategy's history is
-read directly. Ray runs locally (2 CPUs, 1 per ClientApp, no GPU, no dashboard, usage stats
-off) and Flower's telemetry is off: nothing leaves the machine. Each method costs a Ray start,
-most of its time: measured on the project's shared 2-core CPU machine, 13.5-16 s per method (PreLort
-alone: 16 s of pytest wall time; all five: 73 s). So only :data:`SIM_DEFAULT` runs by default and
+read directly. Ray runs locally (2 CPUs, 1 per ClientApp, no GPU, no dashboard, usage stats off)
+and Flower's telemetry is off: nothing leaves the machine. Each method costs a Ray start, most of
+its time: measured on the project's shared 2-core CPU machine, 12-16 s per method (PreLort alone:
+16-20 s of pytest wall time; all five: 68-73 s). So only :data:`SIM_DEFAULT` runs by default and
 ``FEDLORA_FLOWER_SIM_ALL=1`` runs every method of ``secagg.SECAGG_METHODS`` (the convention of
 tests/test_flower_deployment.py's simulation-engine test).
 """
@@ -45,9 +45,11 @@ def _sim_methods() -> list:
 
 @pytest.fixture
 def offline_flower(monkeypatch):
-    """Flower's telemetry and update check off, Ray's usage stats off, a fresh local Ray
-    instance (no ``RAY_ADDRESS``); ``PYTHONPATH`` (which Flower's Ray backend overwrites with
-    this process's ``sys.path`` so that its workers import this test's modules) restored after."""
+    """Ray (skip without it), offline: Flower's telemetry and update check off, Ray's usage
+    stats off, a fresh local Ray instance (no ``RAY_ADDRESS``); ``PYTHONPATH`` (which Flower's
+    Ray backend overwrites with this process's ``sys.path`` so that its workers import this
+    test's modules) restored after, and Ray shut down."""
+    ray = pytest.importorskip("ray")
     import flwr.supercore.telemetry as telemetry
 
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
@@ -58,8 +60,6 @@ def offline_flower(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
     yield
-    import ray
-
     if ray.is_initialized():  # Flower shuts Ray down at the end of a run; after a failure too
         ray.shutdown()
 
@@ -69,7 +69,6 @@ def offline_flower(monkeypatch):
 def test_two_secaggplus_rounds_on_the_simulation_engine_equal_the_plain_aggregation(
     offline_flower, method
 ):
-    pytest.importorskip("ray")
     from flwr.server import ServerApp, ServerConfig
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
