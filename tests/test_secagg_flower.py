@@ -1,12 +1,15 @@
 """SecAgg+ over Flower, offline: 2 rounds of Flower's own ``SecAggPlusWorkflow`` (server) and
-``secaggplus_mod`` (ClientApp) on :class:`fedlora.flower.LocalGrid` (in process: Flower's
-simulation engine needs Ray and a process per node, far above this test's budget, while the
-grid delivers the same Messages through the same ClientApp dispatch and mods).
+``secaggplus_mod`` (ClientApp) on :class:`fedlora.flower.LocalGrid` (in process: the grid
+delivers the same Messages through the same ClientApp dispatch and mods as Flower's engines, in
+well under a second per method). tests/test_secagg_simulation.py runs the same set-up and check on
+Flower's simulation engine (Ray, a ClientApp per Ray actor), slow: one method by default,
+``FEDLORA_FLOWER_SIM_ALL=1`` for all five.
 
 Each round's new global must equal the method's plain rule (:func:`fedlora.aggregate`) on the
 same uploads up to SecAgg's quantisation: each entry of the unmasked sum is off by less than
 ``n·Δ`` (``Δ = 2·clipping_range / quantization_range``, :func:`fedlora.flower.secagg.tolerance`),
-so a mean ``S/D`` is off by at most ``n·Δ·(1 + |S/D|) / (D − n·Δ)``, plus float32 storage.
+so a mean ``S/D`` is off by at most ``n·Δ·(1 + |S/D|) / (D − n·Δ)``, plus float32 storage. The
+synthetic set-up and the check live in tests/secagg_setup.py, shared by both tests.
 """
 
 from __future__ import annotations
@@ -17,77 +20,25 @@ import numpy as np
 import pytest
 import torch
 
-import fedlora
-from fedlora.methods import prefix as prefix_mod
-
 pytest.importorskip("flwr")
 sf = pytest.importorskip("fedlora.flower.secagg_flower")
+from secagg_setup import (  # noqa: E402
+    CLIP_RANGE,
+    NODES,
+    QUANT,
+    check_rounds_equal_plain_aggregation,
+    client_app,
+    download,
+    initial,
+    train,
+)
+
 from fedlora.flower import secagg  # noqa: E402
-
-LORA = {"l0": (5, 7), "l1": (3, 4)}
-R, NODES = 4, 4
-RAVAN = {"r0": (4, 3)}
-RANKS = [1, 4, 2, 3]
-HEADS = [1, 4, 2, 3]
-CLIP_RANGE, QUANT = 8.0, 2**22
-
-
-def initial(method):
-    gen = torch.Generator().manual_seed(0)
-    g = {"head.weight": torch.randn(2, 3, generator=gen)}
-    if method == "ravan":
-        for p, (h, r) in RAVAN.items():
-            g[f"{p}.lora_H"] = torch.randn(h, r, r, generator=gen)
-            g[f"{p}.lora_s"] = torch.ones(h)
-    else:
-        for p, (o, i) in LORA.items():
-            g[f"{p}.lora_A.weight"] = torch.randn(R, i, generator=gen)
-            g[f"{p}.lora_B.weight"] = torch.randn(o, R, generator=gen)
-    return g
-
-
-def download(method, pid):
-    def fn(g):
-        if method in ("prelort", "hetlora"):
-            return prefix_mod.truncate(dict(g), RANKS[pid])
-        return {k: v.clone() for k, v in g.items()}
-
-    return fn
-
-
-def train(method, pid, rnd):
-    """A deterministic 'local training': a seeded step of size ~0.3 from the download."""
-
-    def fn(down):
-        gen = torch.Generator().manual_seed(100 * rnd + pid)
-        meta = {}
-        if method == "ravan":
-            up = {"head.weight": down["head.weight"] + 0.3 * torch.randn(2, 3, generator=gen)}
-            meta["heads"] = {}
-            for p, (h, r) in RAVAN.items():
-                heads = sorted(torch.randperm(h, generator=gen)[: HEADS[pid]].tolist())
-                folded = down[f"{p}.lora_H"] * down[f"{p}.lora_s"][:, None, None]
-                up[f"{p}.lora_H"] = folded[heads] + 0.3 * torch.randn(
-                    len(heads), r, r, generator=gen
-                )
-                meta["heads"][p] = heads
-            return up, meta
-        up = {k: v + 0.3 * torch.randn(v.shape, generator=gen) for k, v in down.items()}
-        if method == "ffa":
-            for p in LORA:
-                up[f"{p}.lora_A.weight"] = down[f"{p}.lora_A.weight"]
-        if method in ("prelort", "hetlora"):
-            meta["rank"] = RANKS[pid]
-        return up, meta
-
-    return fn
 
 
 @pytest.mark.parametrize("method", secagg.SECAGG_METHODS)
 def test_two_secaggplus_rounds_equal_the_plain_aggregation(method):
     from flwr.app import Context, RecordDict
-    from flwr.client import ClientApp, NumPyClient
-    from flwr.client.mod import secaggplus_mod
     from flwr.server import ServerConfig
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -97,22 +48,7 @@ def test_two_secaggplus_rounds_equal_the_plain_aggregation(method):
     g0 = initial(method)
     keys = list(g0)
     options = {"weighting": "data"}
-
-    class Client(NumPyClient):
-        def __init__(self, pid):
-            self.pid = pid
-
-        def fit(self, parameters, config):
-            rnd = int(config["round"])
-            return sf.secagg_fit_reply(
-                method, keys, parameters, train(method, self.pid, rnd),
-                download(method, self.pid), clip=CLIP_RANGE, options=options,
-            )  # fmt: skip
-
-    app = ClientApp(
-        client_fn=lambda ctx: Client(int(ctx.node_config["partition-id"])).to_client(),
-        mods=[secaggplus_mod],
-    )
+    app = client_app(method, keys, options=options)
     strategy = sf.SecAggStrategy(
         method, keys, initial_state=g0, options=options, fraction_fit=1.0,
         min_fit_clients=NODES, min_available_clients=NODES, fraction_evaluate=0.0,
@@ -126,33 +62,7 @@ def test_two_secaggplus_rounds_equal_the_plain_aggregation(method):
         fit_workflow=SecAggPlusWorkflow(num_shares=3, reconstruction_threshold=2)
     )
     workflow(grid, legacy)
-    assert len(strategy.history) == 3, "both rounds must aggregate"
-
-    tol = secagg.tolerance(NODES, CLIP_RANGE, QUANT)
-    for rnd in (1, 2):
-        g = strategy.history[rnd - 1]
-        ups = [train(method, pid, rnd)(download(method, pid)(g)) for pid in range(NODES)]
-        want, _ = fedlora.aggregate(
-            method, g, [u for u, _ in ups], [1.0] * NODES, [m for _, m in ups],
-            **({"weighting": "data"} if method == "hetlora" else {}),
-        )  # fmt: skip
-        got = strategy.history[rnd]
-        for k, w in want.items():
-            if method == "ravan" and k.endswith(".lora_H"):
-                s = want.get(k[: -len("H")] + "s")
-                w = w * s[:, None, None] if s is not None else w
-            ref = g[k].double()
-            if method == "ravan" and k.endswith(".lora_H"):
-                ref = ref * g[k[: -len("H")] + "s"].double()[:, None, None]
-            # a mean (S + d·ref)/D with |ΔS|, |Δd|, |ΔD| < tol and D ≥ 1 (one client of weight
-            # 1 covers every index): off by ≤ tol·(1 + |ref| + |mean|) / (1 − tol); plus the
-            # float32 storage of the new global
-            big = float(ref.abs().max()) + float(w.double().abs().max())
-            bound = tol * (1 + big) / (1 - tol) + 2**-23 * float(w.abs().max())
-            err = float((got[k].double() - w.double()).abs().max())
-            assert err <= bound, (rnd, k, err, bound)
-        assert not torch.equal(got[keys[0]], g[keys[0]])  # the round changed the global
-    np.testing.assert_equal(len(strategy.history), 3)
+    check_rounds_equal_plain_aggregation(method, strategy.history)
 
 
 def test_dp_and_secaggplus_together_noise_the_unmasked_sum_and_count_epsilon():
@@ -161,8 +71,6 @@ def test_dp_and_secaggplus_together_noise_the_unmasked_sum_and_count_epsilon():
     global is the layout's unpacking of the exact sum with the same noise, within the
     quantisation bound; ε is the accountant library's after 2 rounds."""
     from flwr.app import Context, RecordDict
-    from flwr.client import ClientApp, NumPyClient
-    from flwr.client.mod import secaggplus_mod
     from flwr.server import ServerConfig
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
@@ -175,21 +83,7 @@ def test_dp_and_secaggplus_together_noise_the_unmasked_sum_and_count_epsilon():
     g0 = initial(method)
     keys = list(g0)
 
-    class Client(NumPyClient):
-        def __init__(self, pid):
-            self.pid = pid
-
-        def fit(self, parameters, config):
-            rnd = int(config["round"])
-            return sf.secagg_fit_reply(
-                method, keys, parameters, train(method, self.pid, rnd),
-                download(method, self.pid), clip=C,
-            )  # fmt: skip
-
-    app = ClientApp(
-        client_fn=lambda ctx: Client(int(ctx.node_config["partition-id"])).to_client(),
-        mods=[secaggplus_mod],
-    )
+    app = client_app(method, keys, clip=C)
     dp = privacy.DPConfig(clip=C, noise_multiplier=z, denominator="sampled")
     acc = privacy.PrivacyAccountant.for_config(dp, 1.0)
     strategy = sf.SecAggStrategy(
