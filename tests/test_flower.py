@@ -625,6 +625,26 @@ def test_every_method_trains_two_rounds_over_flower(tiny_bert_dir, method, tmp_p
     assert saved["declared_budgets"] == {1: {"rank": 2, "components": 2}, 2: {"rank": 4}}
 
 
+def test_run_config_carries_method_options_and_training_knobs(tiny_bert_dir):
+    """Method options and training knobs are run-config keys, checked against the method:
+    one the method does not take is refused naming it, an unknown key too."""
+    local = _example()
+    from fedlora_flower.task import sim_config
+
+    base = {**SMALL, "model-path": tiny_bert_dir}
+    cfg = sim_config(local.run_config({**base, "method": "hetlora", "hetlora-prune": True,
+                                       "hetlora-prune-gamma": 0.5, "lr-scheduler": "cosine",
+                                       "grad-accum": 2}), 2)  # fmt: skip
+    values = cfg.option_values()
+    assert values["hetlora_prune"] is True and values["hetlora_prune_gamma"] == 0.5
+    assert cfg.lr_scheduler == "cosine" and cfg.grad_accum == 2
+    assert cfg.label() == "hetlora (hetlora_prune=True, hetlora_prune_gamma=0.5)"
+    with pytest.raises(ValueError, match="hetlora-prune"):
+        sim_config(local.run_config({**base, "method": "fedit", "hetlora-prune": True}), 2)
+    with pytest.raises(ValueError, match="unknown run-config key 'no-such-key'"):
+        sim_config({**local.run_config(base), "no-such-key": 1}, 2)
+
+
 def test_from_arrayrecord_reads_every_npy_layout_like_flower():
     """The in-place decoder equals Flower's own ``Array.numpy()`` for every layout it may get:
     C and Fortran order, big-endian, integer, 0-d and empty arrays (the unusual ones through

@@ -249,3 +249,18 @@ def test_hafl_truncation_round2_download_follows_the_server_scores(
     assert round2 == uploads["sim"][(1, 0)]["indices"]
     assert any(idx != [0, 1] for idx in round2.values()), round2
     assert uploads["flower"][(0, 0)]["indices"] == uploads["sim"][(0, 0)]["indices"]
+
+
+def test_training_knobs_and_method_options_reach_the_flower_client(tiny_llm_dir, tmp_path):
+    """Run-config training knobs and method options (a cosine schedule with warmup, gradient
+    accumulation and clipping, PreLort's sampled truncation) give the Flower run exactly the
+    simulator's global state, which differs from the run without them (they took effect)."""
+    knobs = {"lr-scheduler": "cosine", "warmup-steps": 1, "grad-accum": 2, "max-grad-norm": 0.5,
+             "prelort-training": "sampled"}  # fmt: skip
+    config = run_config("prelort", tiny_llm_dir, **knobs)
+    cfg = sim_cfg(config)
+    assert cfg.grad_accum == 2 and cfg.option_values()["prelort_training"] == "sampled"
+    sim, _ = via_simulate(cfg, tmp_path / "sim")
+    plain, _ = via_simulate(sim_cfg(run_config("prelort", tiny_llm_dir)), tmp_path / "plain")
+    assert any(not torch.equal(sim[k], plain[k]) for k in sim), "the knobs changed nothing"
+    assert_equal_states(via_flower(config, "prelort", tmp_path), sim, "Flower vs simulate")

@@ -65,6 +65,7 @@ def train(msg: Message, context: Context) -> Message:
         weight_decay=cfg.weight_decay,
         options=cfg.client_options(),
         side=side,
+        **cfg.train_options(),  # lr-scheduler, grad-accum, ... as fedlora simulate's
     )
     steps = side.pre_steps(budget) + budget.steps
     batches = sample_batches(setup.parts[pid], cfg.batch_size, steps, cfg.seed, round_idx, pid)

@@ -8,7 +8,9 @@ it, so a method gives the same numbers over Flower as in the simulator for the s
   all-MiniLM-L6-v2 on the standard-library topics, accuracy) or ``task = "sft"`` (instruction
   tuning of a causal LM, by default the embedded SmolLM2-135M-Instruct on the built-in
   ``arithmetic`` set; ROUGE-L, exact match and perplexity); a key left at ``""`` or 0 takes the
-  task's default;
+  task's default; every training knob of ``fedlora simulate`` is a key (``lr-scheduler``,
+  ``grad-accum``, ...), and so is every method option (``hetlora-prune = true``,
+  ``prelort-training = "flat"``, ``hafl-aggregation = "zeropad"``: checked against the method);
 - :func:`fedlora.simulate.setup_run` builds the model (adapters at their seeded
   initialisation), the encoded splits and the Dirichlet partition over ``num-partitions``
   clients (each node's ``partition-id`` is its client id);
@@ -30,7 +32,7 @@ from torch import nn
 
 import fedlora
 from fedlora.local import route_segments
-from fedlora.methods import Budget, prefix
+from fedlora.methods import Budget, option_owners, prefix
 from fedlora.methods import get as get_method
 from fedlora.rounds import full_budget
 from fedlora.simulate import SimConfig, setup_run
@@ -51,20 +53,36 @@ RENAMED = {"model-path": "model"}
 NOT_SET = ("rounds", "clients", "engine", "clients_per_round")
 #: fields whose "" or 0 in the run config means "the task's default" (None)
 OPTIONAL = ("lr", "max_length", "max_test", "target_modules", "model", "data",
-            "max_train_per_client")  # fmt: skip
+            "max_train_per_client", "max_grad_norm", "system_prompt")  # fmt: skip
 
 
 def sim_config(run_config: dict[str, Any], num_partitions: int = 1) -> SimConfig:
     """The run config as a checked :class:`fedlora.simulate.SimConfig` of ``num_partitions``
     clients (``ValueError`` naming the key for a bad value; unknown keys are refused)."""
     fields = {f.name: f for f in dataclasses.fields(SimConfig)}
+    method_opts = option_owners()  # method options (hetlora-prune, prelort-training, ...)
     kwargs: dict[str, Any] = {}
+    own: dict[str, Any] = {}
     for key, value in run_config.items():
         if key in APP_KEYS:
             continue
         name = RENAMED.get(key, key.replace("-", "_"))
-        if name not in fields or name in NOT_SET:
-            known = sorted([*APP_KEYS, *(k.replace("_", "-") for k in fields if k not in NOT_SET)])
+        if name in method_opts and name not in fields:
+            opt = method_opts[name][0]
+            if opt.kind == "ints" and isinstance(value, str):  # "4,8" in a run config
+                value = [int(v) for v in value.split(",") if v.strip()] if value.strip() else ()
+            try:  # a key left at the option's default is not "given" (any method may run)
+                given = opt.check(value) != opt.default
+            except (TypeError, ValueError):
+                given = True  # SimConfig.validate names the flag and what it expects
+            if given:
+                own[name] = value
+            continue
+        if name not in fields or name in NOT_SET or name == "method_options":
+            known = sorted(
+                [*APP_KEYS, *(k.replace("_", "-") for k in fields if k not in NOT_SET)]
+                + [k.replace("_", "-") for k in method_opts if k not in fields]
+            )
             raise ValueError(f"unknown run-config key {key!r}; known: {known}")
         if name in OPTIONAL and value in ("", 0, 0.0):
             continue
@@ -80,6 +98,8 @@ def sim_config(run_config: dict[str, Any], num_partitions: int = 1) -> SimConfig
         if kwargs.get("budgets", "uniform") != "uniform":
             raise ValueError("give per-node budgets by 'budgets' or 'client-ranks/heads', not both")
         kwargs["budgets"] = ";".join(specs)
+    if own:
+        kwargs["method_options"] = own
     cfg = SimConfig(**kwargs, clients=num_partitions, rounds=1, engine="sequential")
     return cfg.validate()
 
