@@ -124,6 +124,33 @@ def test_target_epsilon_is_reached_and_the_progress_line_shows_it(tiny_bert_dir,
             "head_score 'random' or 'weight'",
         ),
         (["--dp-clip", "1", "--dp-noise", "1", "--dp-weights", "capped"], "weight_cap"),
+        (
+            [
+                "--dp-clip",
+                "1",
+                "--dp-noise",
+                "1",
+                "--method",
+                "prelort",
+                "--prelort-aggregation",
+                "zeropad",
+            ],
+            "prelort_aggregation='segment'",
+        ),
+        (
+            [
+                "--dp-clip",
+                "1",
+                "--dp-noise",
+                "1",
+                "--method",
+                "hetlora",
+                "--hetlora-weighting",
+                "data",
+                "--hetlora-prune",
+            ],
+            "refuses hetlora_prune",
+        ),
     ],
 )
 def test_cli_dp_bad_input_exits_2_with_one_line(tiny_bert_dir, tmp_path, capsys, argv, words):

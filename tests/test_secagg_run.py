@@ -197,8 +197,14 @@ def _argv(tiny_bert_dir, out, *extra):
         (["--method", "hafl"], "refused: HAFL"),
         (["--method", "hetlora"], "--hetlora-weighting data"),
         (["--method", "fedit", "--secagg-clipping-range", "-1"], "--secagg-clipping-range"),
-        (["--method", "fedit", "--secagg-quantization-range", str(2**31)], "overflow"),
+        (["--method", "fedit", "--secagg-quantization-range", str(2**31 - 1)], "overflow"),
+        (["--method", "fedit", "--secagg-quantization-range", str(2**31)], "[2, 2**31)"),
         (["--method", "fedit", "--dp-clip", "9", "--dp-noise", "1"], "exceeds"),
+        (["--method", "prelort", "--prelort-aggregation", "zeropad"], "aggregation='segment'"),
+        (
+            ["--method", "hetlora", "--hetlora-weighting", "data", "--hetlora-prune"],
+            "refuses hetlora_prune",
+        ),
     ],
 )
 def test_cli_refuses_in_one_line_with_exit_2(tiny_bert_dir, tmp_path, capsys, extra, says):
@@ -206,6 +212,41 @@ def test_cli_refuses_in_one_line_with_exit_2(tiny_bert_dir, tmp_path, capsys, ex
     err = capsys.readouterr().err.strip()
     assert says in err and "\n" not in err
     assert not (tmp_path / "metrics.json").exists()  # nothing trained or written
+
+
+def test_cli_secagg_ranges_need_secagg(tiny_bert_dir, tmp_path, capsys):
+    assert main(_argv(tiny_bert_dir, tmp_path, "--secagg-clipping-range", "4")) == 2
+    assert "needs --secagg" in capsys.readouterr().err
+
+
+def test_a_client_off_its_public_budget_or_without_examples(tmp_path):
+    """Under SecAgg+DP an upload whose rank is not its public budget's is rejected (as by
+    ``private_aggregate``); a client of capped weight 0 contributes nothing and is not
+    rejected."""
+    from fedlora import privacy
+    from fedlora.methods import Budget
+
+    method = "prelort"
+    g0 = initial(method)
+    layout = secagg.Layout(method, g0)
+    down = {k: v if k == "head.weight" else (v[:1] if k.endswith("A.weight") else v[:, :1])
+            for k, v in g0.items()}  # fmt: skip
+    up, meta = local_update(method, down, {"rank": 1}, 7)
+    layout.pack(down, up, meta)  # a rank-1 upload of a rank-1 download fits the layout
+    with pytest.raises(ValueError, match="budget"):  # but not a client whose budget is rank 3
+        layout.pack(down, up, meta, budget=Budget(rank=3, heads=1, components=3, steps=1))
+    budgets = dict(enumerate(BUDGETS[method]))
+    capped = privacy.DPConfig(clip=0.5, noise_multiplier=0.7, denominator="sampled",
+                              weights="capped", weight_cap=5.0)  # fmt: skip
+    agg = secagg.SecAggAggregator(method, dp=capped, seed=5)
+    server = Server(method, g0, options=ClientOptions(rank=R), budgets=budgets, dp=agg)
+    downloads = server.configure(0, list(range(NODES)))
+    replies = []
+    for c in range(NODES):
+        up, meta = local_update(method, dict(downloads[c].state), budgets[c], 100 + c)
+        replies.append(Reply(c, up, 0.0 if c == 0 else EXAMPLES[c], meta))
+    out = server.aggregate(0, replies)
+    assert out.rejected == [] and out.metrics["clients_used"] == NODES
 
 
 def test_cli_secagg_round_matches_the_plain_round(tiny_bert_dir, tmp_path):
@@ -226,11 +267,20 @@ def test_cli_secagg_round_matches_the_plain_round(tiny_bert_dir, tmp_path):
     n = json.loads((tmp_path / "p" / "metrics.json").read_text())["data"]["clients"]
     d_min = min(n) / max(n)
     tol = secagg.tolerance(3)
+    # the round's reference: the initial global of the same seeded set-up
+    from fedlora import get_adapter_state_dict
+    from fedlora.simulate import SimConfig, setup_run
+
+    cfg = SimConfig(model=tiny_bert_dir, clients=3, rounds=1, local_steps=1, batch_size=4,
+                    max_length=16, max_test=8, rank=2, target_modules=["query"],
+                    method="prelort", budgets="rank=1,2")  # fmt: skip
+    g0 = get_adapter_state_dict(setup_run(cfg, log=lambda s: None, num_slots=1).model, slot=0)
     diffs = []
     for k, v in b.items():
         if not v.dtype.is_floating_point or k not in a:
             continue
-        big = 2 * float(v.double().abs().max()) + 1
+        ref = float(g0[k].double().abs().max()) if k in g0 else float(v.double().abs().max())
+        big = 1 + ref + float(v.double().abs().max())
         bound = tol * big / (d_min - tol) + 2**-23 * float(v.abs().max())
         diffs.append(float((a[k].double() - v.double()).abs().max()))
         assert diffs[-1] <= bound, (k, diffs[-1], bound)

@@ -230,6 +230,18 @@ def _option(options: Any, name: str, default: Any) -> Any:
     raise TypeError(f"options must be a mapping or a ClientOptions, got {type(options).__name__}")
 
 
+def _method_option(options: Mapping[str, Any] | ClientOptions | None, name: str) -> Any:
+    """The method option ``name`` in ``options`` (a mapping holding it, or a ClientOptions /
+    mapping with ``method_options``), else the owning method's default."""
+    from fedlora.methods import option_owners
+
+    given = options.get(name) if isinstance(options, Mapping) else None
+    own = _option(options, "method_options", None)
+    if given is None and isinstance(own, Mapping):
+        given = own.get(name)
+    return option_owners()[name][0].default if given is None else given
+
+
 def _hetlora_weighting(options: Mapping[str, Any] | ClientOptions | None) -> str:
     """HetLoRA's aggregation weighting in ``options`` (``weighting``, or the method option
     ``hetlora_weighting`` of a ClientOptions / simulate config); missing: the method's default
@@ -264,6 +276,16 @@ def check_dp_compatible(
         )
     if entry.status == "refused":
         raise ValueError(f"DP with method {impl.name!r} is refused: {entry.reason}")
+    if impl.name == "prelort" and _method_option(options, "prelort_aggregation") != "segment":
+        raise ValueError(
+            "DP with prelort needs prelort_aggregation='segment': the public denominators are "
+            "the segment-wise ones (--prelort-aggregation segment)"
+        )
+    if impl.name == "hetlora" and _method_option(options, "hetlora_prune"):
+        raise ValueError(
+            "DP with hetlora refuses hetlora_prune: pruning is decided from the client's own "
+            "data and moves its rank off the public budget the denominators rest on"
+        )
     if impl.name == "hetlora" and _hetlora_weighting(options) != "data":
         raise ValueError(
             "DP with hetlora needs weighting='data': the sparsity weight ‖B_k A_k‖ is computed "

@@ -83,8 +83,18 @@ def check_secagg(method: str, options: Mapping[str, Any] | None = None) -> str:
         raise ValueError(f"secure aggregation with {name!r} is refused: {SECAGG_REFUSED[name]}")
     if name not in SECAGG_METHODS:
         raise ValueError(f"secure aggregation with {name!r} is refused: no fixed layout for it")
-    from fedlora.privacy import _hetlora_weighting
+    from fedlora.privacy import _hetlora_weighting, _method_option
 
+    if name == "prelort" and _method_option(options, "prelort_aggregation") != "segment":
+        raise ValueError(
+            "secure aggregation with prelort needs prelort_aggregation='segment': the layout "
+            "computes the segment-wise mean (--prelort-aggregation segment)"
+        )
+    if name == "hetlora" and _method_option(options, "hetlora_prune"):
+        raise ValueError(
+            "secure aggregation with hetlora refuses hetlora_prune: a pruned client's rank "
+            "leaves its public budget, which the layout's coverage counts assume"
+        )
     if name == "hetlora" and _hetlora_weighting(options) != "data":
         raise ValueError(
             "secure aggregation with hetlora needs weighting='data': the sparsity weight is "
@@ -163,17 +173,28 @@ class Layout:
         *,
         weight: float = 1.0,
         clip: float | None = None,
+        budget: Any = None,
     ) -> np.ndarray:
         """One client's vector (float64, length :attr:`size`): ``[w·δ, w·coverage, w,
         rejected]``. ``weight``: the client's bounded weight in (0, 1] (e.g. ``min(n_k, cap) /
-        cap``); ``clip``: the DP clip norm (None: no clipping). A malformed upload raises
-        ``ValueError``; a non-finite one packs zeros with ``rejected = 1``."""
+        cap``); ``clip``: the DP clip norm (None: no clipping); ``budget``: the client's PUBLIC
+        budget (:class:`fedlora.methods.Budget`), which the upload's rank must match (as
+        :func:`fedlora.privacy.private_aggregate` requires). A malformed upload (the method's
+        own client check included) raises ``ValueError``; a non-finite one packs zeros with
+        ``rejected = 1``."""
         from fedlora import privacy
+        from fedlora.methods import ClientRejected
 
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= 1:
             raise ValueError(f"weight must be in (0, 1], got {weight!r}")
         meta = dict(meta or {})
-        delta = privacy.client_delta(self.method, self.global_state, download, upload, meta)
+        impl = get_method(self.method)
+        if impl.check_client is not None:
+            try:
+                impl.check_client(self.global_state, upload, meta)
+            except ClientRejected as exc:
+                raise ValueError(str(exc)) from None
+        delta = privacy.client_delta(self.method, self.global_state, download, upload, meta, budget)
         values = delta.values
         if clip is not None:
             values, norm = privacy.clip_delta(values, clip)
@@ -206,7 +227,7 @@ class Layout:
         ``reference + (Σ w·δ + noise) / Σ w·cover`` (HetLoRA: the zero-padded mean over the
         total weight). ``noise_std``: DP's ``z·C`` (0 without DP); ``denominators`` /
         ``total``: public ones (DP's expected denominators) instead of the securely summed
-        coverage counts. Returns ``(state, metrics)`` with ``secagg_clients`` (the summed
+        coverage counts. Returns ``(state, metrics)`` with ``secagg_weight`` (the summed
         total weight) and ``secagg_rejected`` (the summed rejected count)."""
         from fedlora import privacy
 
@@ -325,6 +346,8 @@ class SecAggAggregator:
                 raise ValueError(f"{name} must be an int >= 2, got {v!r}")
         if modulus_range <= quantization_range:
             raise ValueError("modulus_range must be larger than quantization_range")
+        if quantization_range >= 2**31:  # flwr's stochastic rounding casts to int32
+            raise ValueError(f"quantization_range must be below 2**31, got {quantization_range}")
         if not (isinstance(max_examples, (int, float)) and max_examples > 0):
             raise ValueError(f"max_examples must be a positive number, got {max_examples!r}")
         self.clipping_range, self.quantization_range = float(clipping_range), quantization_range
@@ -362,7 +385,12 @@ class SecAggAggregator:
         if self.accountant is None:
             return {"clients_used": 0}
         self.accountant.step()
-        return {"epsilon": self.accountant.epsilon, "clients_used": 0}
+        return {
+            "epsilon": self.accountant.epsilon,
+            "dp_rounds": self.accountant.rounds,
+            "dp_noise_multiplier": float(self.dp.noise_multiplier),
+            "clients_used": 0,
+        }
 
     def quantized_sum(self, vectors: Sequence[np.ndarray], round_idx: int) -> np.ndarray:
         """The SUM of ``vectors`` as ``SecAggPlusWorkflow`` reconstructs it (see the class
@@ -396,7 +424,8 @@ class SecAggAggregator:
         """The round's new global state and metrics from ``server`` (after
         :meth:`~fedlora.rounds.Server.configure`) and its screened replies. A malformed upload
         is rejected by its client before packing (named in ``rejected``); a non-finite one is
-        packed as zeros and counted in ``secagg_rejected`` (the server only sees the count)."""
+        packed as zeros and counted in ``secagg_rejected`` (a real server only sees the count;
+        the simulation also names the client in ``rejected`` for its bookkeeping)."""
         from fedlora import privacy
 
         g = server.global_state
@@ -411,15 +440,21 @@ class SecAggAggregator:
             weights = privacy._weights(self.dp, counts, len(replies), "sampled clients'")
         vectors: list[np.ndarray] = []
         rejected: list[dict[str, Any]] = []
+        zero = 0
         clipped = 0
         for i, (r, b) in enumerate(zip(replies, budgets, strict=True)):
             if b not in cache:
                 cache[b] = server.side.download(g, b)
+            w = weights[i]
+            if w == 0:  # capped weights, no examples: contributes nothing (as under plain DP)
+                zero += 1
+                continue
             try:
-                w = weights[i]
                 if not w > 0:
-                    raise ValueError(f"weight {w} is not positive (no examples)")
-                vec = layout.pack(cache[b], r.state or {}, r.meta, weight=min(w, 1.0), clip=clip)
+                    raise ValueError(f"weight {w} is not positive")
+                vec = layout.pack(
+                    cache[b], r.state or {}, r.meta, weight=min(w, 1.0), clip=clip, budget=b
+                )
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 rejected.append({"client": i, "reason": (str(exc).splitlines() or [""])[0][:200]})
                 continue
@@ -446,7 +481,7 @@ class SecAggAggregator:
         metrics["secagg_clients"] = len(vectors)
         metrics["secagg_clipped_entries"] = clipped
         metrics["rejected"] = rejected
-        metrics["clients_used"] = len(vectors) - metrics["secagg_rejected"]
+        metrics["clients_used"] = len(vectors) + zero - metrics["secagg_rejected"]
         if self.accountant is not None:
             self.accountant.step()
             metrics["epsilon"] = self.accountant.epsilon

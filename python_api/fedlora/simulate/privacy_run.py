@@ -138,13 +138,13 @@ def sample_rate(cfg: Any) -> float:
 def _options(cfg: Any) -> dict[str, Any]:
     """The options :func:`fedlora.privacy.check_dp_compatible` reads (a method-owned
     ``weighting`` when the config has one)."""
-    opts = {"head_score": cfg.head_score, "hafl_mode": cfg.hafl_mode}
-    weighting = getattr(cfg, "weighting", None)
-    if weighting is None and cfg.method == "hetlora":
-        try:  # the method option (--hetlora-weighting), its default when not given
-            weighting = cfg.option_values().get("hetlora_weighting")
-        except (ConfigError, ValueError):
-            weighting = None  # a bad option is reported by the config's own check
+    opts: dict[str, Any] = {"head_score": cfg.head_score, "hafl_mode": cfg.hafl_mode}
+    try:  # the method's own options (--hetlora-weighting, --prelort-aggregation, ...)
+        values = cfg.option_values()
+    except (ConfigError, ValueError):
+        values = {}  # a bad option is reported by the config's own check
+    opts.update({k: v for k, v in values.items() if k not in opts})
+    weighting = getattr(cfg, "weighting", None) or values.get("hetlora_weighting")
     if weighting is not None:
         opts["weighting"] = weighting
     return opts
@@ -222,13 +222,20 @@ def check_secagg(cfg: Any, dp: Any) -> None:
     installed, positive ranges, no overflow of the workflow's 2**32 modulus, and under DP a clip
     norm within the clipping range. One-line :class:`ConfigError` otherwise."""
     if not getattr(cfg, "secagg", False):
+        changed = [
+            n
+            for n in ("secagg_clipping_range", "secagg_quantization_range")
+            if getattr(cfg, n, SECAGG_FIELDS[n]) != SECAGG_FIELDS[n]
+        ]
+        if changed:
+            raise ConfigError(f"--{changed[0].replace('_', '-')} needs --secagg (SecAgg is off)")
         return
     from fedlora.flower.secagg import check_secagg as refuse
 
     try:
         refuse(cfg.method, _options(cfg))
     except ValueError as err:
-        flag = " (--hetlora-weighting data)" if "weighting" in str(err) else ""
+        flag = " (--hetlora-weighting data)" if "weighting=" in str(err) else ""
         raise ConfigError(f"--secagg: {err}{flag}") from None
     try:
         import flwr.common.secure_aggregation.quantization  # noqa: F401
@@ -239,8 +246,10 @@ def check_secagg(cfg: Any, dp: Any) -> None:
     cr, qr = cfg.secagg_clipping_range, cfg.secagg_quantization_range
     if isinstance(cr, bool) or not isinstance(cr, (int, float)) or not (0 < cr < math.inf):
         raise ConfigError(f"--secagg-clipping-range must be a positive number, got {cr!r}")
-    if isinstance(qr, bool) or not isinstance(qr, int) or qr < 2:
-        raise ConfigError(f"--secagg-quantization-range must be an integer >= 2, got {qr!r}")
+    if isinstance(qr, bool) or not isinstance(qr, int) or not 2 <= qr < 2**31:
+        raise ConfigError(
+            f"--secagg-quantization-range must be an integer in [2, 2**31), got {qr!r}"
+        )
     per_round = min(cfg.clients_per_round or cfg.clients, cfg.clients)
     if per_round * qr >= 2**32:
         raise ConfigError(
