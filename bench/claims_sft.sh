@@ -9,6 +9,13 @@
 #   DRY_RUN=1 bash bench/claims_sft.sh        # print every command and the estimate, run nothing
 #   OUT=/tmp/c SEEDS=2 ROUNDS=10 bash bench/claims_sft.sh   # any knob below, from the environment
 #
+# The CPU protocol of bench/results/claims-sft.md (each method at its registry rate, no grid):
+#   LR_GRID=none SETTINGS=noniid CLIENTS=8 STEPS=2 BATCH=4 MAXLEN=48 MAX_TEST=32 MAX_GENERATE=0 \
+#     bash bench/claims_sft.sh
+# Knobs: SEEDS ROUNDS CLIENTS STEPS BATCH MAXLEN RANKS R (the rank mix), LR_GRID (a comma list,
+# or none), SETTINGS (noniid,iid), MAX_TEST, MAX_GENERATE (0: no generation; the comparison is
+# then ranked by the test loss), MODEL, EXTRA (more compare flags), OUT, FEDLORA.
+#
 # The claims (each a `fedlora compare` run; bench/claims_table.py --sft writes the verdicts):
 # - PreLort (prelort-*): PreLort vs HetLoRA and FlexLoRA, on the model EACH CLIENT RANK RECEIVES
 #   from the final global (compare's received-model evaluation) and on the global;
@@ -31,7 +38,11 @@ SEEDS=${SEEDS:-3}
 ROUNDS=${ROUNDS:-10}
 CLIENTS=${CLIENTS:-8}
 STEPS=${STEPS:-4}
+BATCH=${BATCH:-8}
 MAXLEN=${MAXLEN:-64}
+MAX_TEST=${MAX_TEST:-64}
+MAX_GENERATE=${MAX_GENERATE:-16}
+SETTINGS=${SETTINGS:-noniid,iid}
 RANKS=${RANKS:-4,8,16,32}
 R=${R:-32}
 LR_GRID=${LR_GRID:-1e-3,3e-3,1e-2,3e-2}
@@ -40,7 +51,7 @@ MODEL=${MODEL:-}
 EXTRA=${EXTRA:-}
 FEDLORA=${FEDLORA:-fedlora}
 DRY_RUN=${DRY_RUN:-0}
-for knob in SEEDS ROUNDS CLIENTS STEPS MAXLEN R SECONDS_PER_ROUND; do
+for knob in SEEDS ROUNDS CLIENTS STEPS BATCH MAXLEN R SECONDS_PER_ROUND; do
   case ${!knob} in
     '' | *[!0-9]* | 0)
       echo "claims_sft.sh: $knob must be a positive integer, got '${!knob}'" >&2
@@ -48,16 +59,34 @@ for knob in SEEDS ROUNDS CLIENTS STEPS MAXLEN R SECONDS_PER_ROUND; do
       ;;
   esac
 done
+for tag in $(echo "$SETTINGS" | tr ',' ' '); do
+  case $tag in
+    noniid | iid) ;;
+    *)
+      echo "claims_sft.sh: SETTINGS takes noniid and/or iid, got '$tag'" >&2
+      exit 2
+      ;;
+  esac
+done
 [ -f .venv/bin/activate ] && . .venv/bin/activate
 
 COMMON="--task sft --seeds $SEEDS --rounds $ROUNDS --clients $CLIENTS --local-steps $STEPS"
-COMMON="$COMMON --max-length $MAXLEN --no-progress"
+COMMON="$COMMON --batch-size $BATCH --max-length $MAXLEN --max-test $MAX_TEST"
+COMMON="$COMMON --max-generate $MAX_GENERATE --no-progress"
 [ -n "$MODEL" ] && COMMON="$COMMON --model $MODEL"
 HET="--rank $R --budgets rank=$RANKS"
 HAFL_BUDGETS="--rank $R --budgets rank=$RANKS;components=$RANKS"
 RUNS=0
 NMETHODS() { echo "$1" | tr ',' '\n' | grep -c .; }
-NGRID=$(echo "$LR_GRID" | tr ',' '\n' | grep -c .)
+# LR_GRID=none: no grid, every method at its registry default rate for the task
+# (fedlora.methods.<m>.METHOD.default_lr; the tuning behind Ravan's is lr-tuning-sft.md)
+if [ "$LR_GRID" = none ]; then
+  NGRID=0
+  GRID=""
+else
+  NGRID=$(echo "$LR_GRID" | tr ',' '\n' | grep -c .)
+  GRID="--lr-grid $LR_GRID"
+fi
 
 run() { # run NAME METHODS [ARGS...]: one fedlora compare into $OUT/NAME
   name=$1
@@ -89,21 +118,31 @@ except (OSError, StopIteration, KeyError, ValueError):
 EOF
 }
 
-for a in 0.3 inf; do
-  tag=$([ "$a" = inf ] && echo iid || echo noniid)
-  D="--dirichlet-alpha $a --lr-grid $LR_GRID"
+for tag in $(echo "$SETTINGS" | tr ',' ' '); do
+  a=$([ "$tag" = iid ] && echo inf || echo 0.3)
+  D="--dirichlet-alpha $a $GRID"
   run "prelort-$tag" hetlora,flexlora,prelort --baseline hetlora $HET $D
-  run "hafl-$tag" hetlora,hafl --baseline hetlora "$HAFL_BUDGETS" $D
-  run "haflt-$tag" hetlora,hafl --baseline hetlora "$HAFL_BUDGETS" --hafl-mode truncate $D
-  lr=$([ "$DRY_RUN" = 1 ] && echo 1e-3 || chosen_lr "hafl-$tag" hafl)
-  lr=${lr:-1e-3}
-  run "haflagg-$tag" hafl "$HAFL_BUDGETS" --dirichlet-alpha $a --lr "$lr"
-  run "haflzp-$tag" hafl "$HAFL_BUDGETS" --dirichlet-alpha $a --lr "$lr" \
-    --hafl-aggregation zeropad
-  run "ravan-$tag" fedit,ravan --baseline fedit --match comm --rank 8 --heads 4 $D
+  if [ "$NGRID" = 0 ]; then
+    # no grid: freezing's run is also adaptive aggregation's (same rate, same client side)
+    run "hafl-$tag" hafl "$HAFL_BUDGETS" $D
+    [ "$DRY_RUN" = 1 ] || ln -sfn "hafl-$tag" "$OUT/haflagg-$tag"
+    run "haflt-$tag" hafl "$HAFL_BUDGETS" --hafl-mode truncate $D
+    run "haflzp-$tag" hafl "$HAFL_BUDGETS" --hafl-aggregation zeropad $D
+  else
+    run "hafl-$tag" hetlora,hafl --baseline hetlora "$HAFL_BUDGETS" $D
+    run "haflt-$tag" hetlora,hafl --baseline hetlora "$HAFL_BUDGETS" --hafl-mode truncate $D
+    lr=$([ "$DRY_RUN" = 1 ] && echo 1e-3 || chosen_lr "hafl-$tag" hafl)
+    lr=${lr:-1e-3}
+    run "haflagg-$tag" hafl "$HAFL_BUDGETS" --dirichlet-alpha $a --lr "$lr"
+    run "haflzp-$tag" hafl "$HAFL_BUDGETS" --dirichlet-alpha $a --lr "$lr" \
+      --hafl-aggregation zeropad
+  fi
+  # Ravan and FLoRA-NA against one FedIT (FLoRA-NA uploads what FedIT does: --match comm
+  # leaves it at FedIT's rank); FLoRA-NA's error beside FlexLoRA's SVD on the same uploads
+  run "ravan-$tag" fedit,ravan,florana --baseline fedit --match comm --rank 8 --heads 4 \
+    --florana-svd-error $D
+  [ "$DRY_RUN" = 1 ] || ln -sfn "ravan-$tag" "$OUT/florana-$tag"
 done
-run florana-noniid fedit,florana,flexlora --baseline fedit --rank 8 --florana-svd-error \
-  --dirichlet-alpha 0.3 --lr-grid "$LR_GRID"
 
 HOURS=$((RUNS * ROUNDS * SECONDS_PER_ROUND / 3600))
 echo "estimate: $RUNS training runs x $ROUNDS rounds x ${SECONDS_PER_ROUND} s = ~$HOURS hours"
