@@ -445,3 +445,22 @@ def test_budgets_that_cannot_be_matched_are_refused():
     wide = SimConfig(method="ravan", task="sft", rank=1, heads=2000)  # 2000 cores of 1 > 1152
     with pytest.raises(ConfigError, match="--match comm: ravan cannot send about FedIT's 1152"):
         matched(wide, "comm")
+
+
+def test_every_methods_client_side_declares_the_methods_options():
+    """A method option marked ``server`` reaches ``aggregate`` through the client side's
+    ``server_options`` (read from ``Client.OPTIONS``): a client class without the method's
+    options silently drops them (FLoRA-NA's ``svd_error`` once did)."""
+    for name in fedlora.methods.names():
+        m = fedlora.methods.get(name)
+        assert {o.name for o in m.client.OPTIONS} == {o.name for o in m.options}, name
+
+
+def test_florana_svd_error_option_reaches_the_round_rows(tiny_bert_dir, tmp_path):
+    from fedlora.simulate import SimConfig, run
+
+    cfg = SimConfig(method="florana", model=tiny_bert_dir, clients=2, rounds=1, local_steps=1,
+                    batch_size=4, max_length=16, max_test=8, rank=2, target_modules=["query"],
+                    method_options={"florana_svd_error": True})  # fmt: skip
+    row = run(cfg, tmp_path, progress=False, log=lambda s: None).rounds[-1]
+    assert row["svd_error"] >= 0 and row["florana_fit_error"] <= row["fedit_error"] + 1e-12

@@ -34,7 +34,7 @@ from fedlora.methods._common import (
     linear_combination,
     lora_paths,
 )
-from fedlora.methods._protocol import Method, Option
+from fedlora.methods._protocol import Client, Method, Option
 from fedlora.metrics import relative_error
 
 
@@ -250,21 +250,32 @@ def truncated_svd_error(
     return (cut / total) ** 0.5 if total > 0 else 0.0
 
 
+OPTIONS = (
+    Option(
+        "florana_svd_error",
+        "bool",
+        False,
+        "FLoRA-NA: also log, on the same uploads, "
+        "the error of FlexLoRA's truncated SVD of the exact sum",
+        server="svd_error",
+    ),
+)
+
+
+class FloraNAClient(Client):
+    """FLoRA-NA's client side: FedIT's, plus the method's options (its server option
+    ``svd_error`` reaches :func:`aggregate` through :meth:`Client.server_options`)."""
+
+    OPTIONS = OPTIONS
+
+
 METHOD = Method(
     name="florana",
     layer="lora",
     ranks="equal",
     aggregate=aggregate,
+    client=FloraNAClient,
     summary="FLoRA-NA: server-fitted per-client coefficients, error never above FedIT's",
-    options=(
-        Option(
-            "florana_svd_error",
-            "bool",
-            False,
-            "FLoRA-NA: also log, on the same uploads, "
-            "the error of FlexLoRA's truncated SVD of the exact sum",
-            server="svd_error",
-        ),
-    ),
+    options=OPTIONS,
     logged=("fedit_error", "florana_fit_error", "svd_error"),
 )
