@@ -79,12 +79,15 @@ __all__ = [
     "Population",
     "PrivacyAccountant",
     "PrivateAggregator",
+    "bounded_weights",
     "check_dp_compatible",
     "client_delta",
     "clip_delta",
     "clip_update",
     "combine_sums",
     "epsilon",
+    "hetlora_weighting",
+    "method_option",
     "noise_for_epsilon",
     "private_aggregate",
     "public_denominators",
@@ -230,7 +233,7 @@ def _option(options: Any, name: str, default: Any) -> Any:
     raise TypeError(f"options must be a mapping or a ClientOptions, got {type(options).__name__}")
 
 
-def _method_option(options: Mapping[str, Any] | ClientOptions | None, name: str) -> Any:
+def method_option(options: Mapping[str, Any] | ClientOptions | None, name: str) -> Any:
     """The method option ``name`` in ``options`` (a mapping holding it, or a ClientOptions /
     mapping with ``method_options``), else the owning method's default."""
     from fedlora.methods import option_owners
@@ -242,7 +245,7 @@ def _method_option(options: Mapping[str, Any] | ClientOptions | None, name: str)
     return option_owners()[name][0].default if given is None else given
 
 
-def _hetlora_weighting(options: Mapping[str, Any] | ClientOptions | None) -> str:
+def hetlora_weighting(options: Mapping[str, Any] | ClientOptions | None) -> str:
     """HetLoRA's aggregation weighting in ``options`` (``weighting``, or the method option
     ``hetlora_weighting`` of a ClientOptions / simulate config); missing: the method's default
     (``sparsity``, the paper's), never silently ``data``."""
@@ -276,17 +279,17 @@ def check_dp_compatible(
         )
     if entry.status == "refused":
         raise ValueError(f"DP with method {impl.name!r} is refused: {entry.reason}")
-    if impl.name == "prelort" and _method_option(options, "prelort_aggregation") != "segment":
+    if impl.name == "prelort" and method_option(options, "prelort_aggregation") != "segment":
         raise ValueError(
             "DP with prelort needs prelort_aggregation='segment': the public denominators are "
             "the segment-wise ones (--prelort-aggregation segment)"
         )
-    if impl.name == "hetlora" and _method_option(options, "hetlora_prune"):
+    if impl.name == "hetlora" and method_option(options, "hetlora_prune"):
         raise ValueError(
             "DP with hetlora refuses hetlora_prune: pruning is decided from the client's own "
             "data and moves its rank off the public budget the denominators rest on"
         )
-    if impl.name == "hetlora" and _hetlora_weighting(options) != "data":
+    if impl.name == "hetlora" and hetlora_weighting(options) != "data":
         raise ValueError(
             "DP with hetlora needs weighting='data': the sparsity weight ‖B_k A_k‖ is computed "
             "from the client's own update (data-dependent, unbounded)"
@@ -837,7 +840,11 @@ class Population:
             )
 
 
-def _weights(dp: DPConfig, num_examples: Sequence[int] | None, n: int, what: str) -> list[float]:
+def bounded_weights(
+    dp: DPConfig, num_examples: Sequence[int] | None, n: int, what: str = "clients'"
+) -> list[float]:
+    """The clients' bounded weights under ``dp``: 1 each (``uniform``) or ``min(n_k, cap) / cap``
+    (``capped``); ``ValueError`` naming ``what`` for missing or bad counts."""
     if dp.weights == "uniform":
         return [1.0] * n
     if num_examples is None or len(num_examples) != n:
@@ -1078,7 +1085,7 @@ def public_denominators(
     else:
         if population is None:
             raise ValueError("denominator='expected' needs the population (its public budgets)")
-        pw = _weights(dp, population.num_examples, len(population.budgets), "population")
+        pw = bounded_weights(dp, population.num_examples, len(population.budgets), "population")
         q = population.sample_rate
         for b, wc in zip(population.budgets, pw, strict=True):
             cov = _public_cover(name, g, b, None, head_score, False)
@@ -1167,7 +1174,7 @@ def private_aggregate(
 
         generator = torch.Generator().manual_seed(secrets.randbits(63))
 
-    w = _weights(dp, num_examples, n, "sampled clients'")
+    w = bounded_weights(dp, num_examples, n, "sampled clients'")
     # --- clip every client's delta (the server never trusts a client's own clipping)
     rejected: list[dict[str, Any]] = []
     accepted: list[int] = []
@@ -1316,13 +1323,7 @@ class PrivateAggregator:
         :func:`fedlora.aggregate`'s do, plus :func:`private_aggregate`'s ``dp_*`` and
         ``epsilon``."""
         g = server.global_state
-        budgets = [server.asked.get(r.client) or server.budget(r.client) for r in replies]
-        cache: dict[Budget, dict[str, torch.Tensor]] = {}
-        downloads = []
-        for b in budgets:
-            if b not in cache:
-                cache[b] = server.side.download(g, b)
-            downloads.append(cache[b])
+        budgets, downloads = server.sent(replies)
         counts = [r.weight if r.weight is not None else 0 for r in replies]
         new, metrics = private_aggregate(
             self.method,

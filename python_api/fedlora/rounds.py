@@ -278,6 +278,17 @@ class Server:
         self.round_idx: int | None = None
 
     # ---------------------------------------------------------------- budgets and downloads
+    def sent(self, replies: Sequence[Reply]) -> tuple[list[Budget], list[dict[str, torch.Tensor]]]:
+        """Per reply, the client's budget this round and the download it was sent (recomputed
+        from :attr:`global_state`, once per distinct budget): what a server step that works on
+        deltas (DP, secure aggregation) needs."""
+        budgets = [self.asked.get(r.client) or self.budget(r.client) for r in replies]
+        cache: dict[Budget, dict[str, torch.Tensor]] = {}
+        for b in budgets:
+            if b not in cache:
+                cache[b] = self.side.download(self.global_state, b)
+        return budgets, [cache[b] for b in budgets]
+
     def budget(self, client: Any) -> Budget:
         """The budget of ``client`` (its entry in ``budgets``, completed with the run's
         defaults)."""

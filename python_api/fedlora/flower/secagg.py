@@ -83,19 +83,19 @@ def check_secagg(method: str, options: Mapping[str, Any] | None = None) -> str:
         raise ValueError(f"secure aggregation with {name!r} is refused: {SECAGG_REFUSED[name]}")
     if name not in SECAGG_METHODS:
         raise ValueError(f"secure aggregation with {name!r} is refused: no fixed layout for it")
-    from fedlora.privacy import _hetlora_weighting, _method_option
+    from fedlora.privacy import hetlora_weighting, method_option
 
-    if name == "prelort" and _method_option(options, "prelort_aggregation") != "segment":
+    if name == "prelort" and method_option(options, "prelort_aggregation") != "segment":
         raise ValueError(
             "secure aggregation with prelort needs prelort_aggregation='segment': the layout "
             "computes the segment-wise mean (--prelort-aggregation segment)"
         )
-    if name == "hetlora" and _method_option(options, "hetlora_prune"):
+    if name == "hetlora" and method_option(options, "hetlora_prune"):
         raise ValueError(
             "secure aggregation with hetlora refuses hetlora_prune: a pruned client's rank "
             "leaves its public budget, which the layout's coverage counts assume"
         )
-    if name == "hetlora" and _hetlora_weighting(options) != "data":
+    if name == "hetlora" and hetlora_weighting(options) != "data":
         raise ValueError(
             "secure aggregation with hetlora needs weighting='data': the sparsity weight is "
             "normalised over every client's own update"
@@ -430,21 +430,18 @@ class SecAggAggregator:
 
         g = server.global_state
         layout = Layout(self.method, g, self.options)
-        budgets = [server.asked.get(r.client) or server.budget(r.client) for r in replies]
-        cache: dict[Any, dict[str, torch.Tensor]] = {}
+        budgets, downloads = server.sent(replies)
         clip = None if self.dp is None else float(self.dp.clip)
         if self.dp is None:
             weights = [min(1.0, float(r.weight or 0.0) / self.max_examples) for r in replies]
         else:
             counts = [r.weight if r.weight is not None else 0 for r in replies]
-            weights = privacy._weights(self.dp, counts, len(replies), "sampled clients'")
+            weights = privacy.bounded_weights(self.dp, counts, len(replies), "sampled clients'")
         vectors: list[np.ndarray] = []
         rejected: list[dict[str, Any]] = []
         zero = 0
         clipped = 0
         for i, (r, b) in enumerate(zip(replies, budgets, strict=True)):
-            if b not in cache:
-                cache[b] = server.side.download(g, b)
             w = weights[i]
             if w == 0:  # capped weights, no examples: contributes nothing (as under plain DP)
                 zero += 1
@@ -453,7 +450,7 @@ class SecAggAggregator:
                 if not w > 0:
                     raise ValueError(f"weight {w} is not positive")
                 vec = layout.pack(
-                    cache[b], r.state or {}, r.meta, weight=min(w, 1.0), clip=clip, budget=b
+                    downloads[i], r.state or {}, r.meta, weight=min(w, 1.0), clip=clip, budget=b
                 )
             except (ValueError, TypeError, KeyError, IndexError) as exc:
                 rejected.append({"client": i, "reason": (str(exc).splitlines() or [""])[0][:200]})
